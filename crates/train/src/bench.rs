@@ -1,0 +1,397 @@
+//! `efformer bench`: forward and forward+backward time and peak memory of attention variants
+//! across sequence lengths.
+//!
+//! Each case (variant, mode, length, pass) runs in its **own process** (`efformer bench-case`,
+//! hidden), so its peak memory is that process's peak resident set (`VmHWM` in
+//! `/proc/self/status`) minus its resident set after the inputs were created. Time: one
+//! warm-up call, then `reps` timed calls, the device synchronised before each timer stops;
+//! the median and the spread (min, max) are reported.
+//!
+//! Cases whose score matrix would exceed the memory budget are skipped with a note instead of
+//! being run into the out-of-memory killer.
+
+use std::process::Command;
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor};
+use efficient_attn::rng::SeededRng;
+use efficient_attn::{
+    AttentionConfig, AttentionCore, AttentionMode, AttnInput, HeadDims, LinformerAttentionConfig,
+    SynthesizerAttentionConfig,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::device::DeviceChoice;
+
+/// Which computation a case times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pass {
+    /// The attention forward only (no autodiff).
+    Forward,
+    /// Forward on an autodiff device, then `out.sum().backward()`.
+    ForwardBackward,
+}
+
+impl Pass {
+    /// Name in tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::ForwardBackward => "forward_backward",
+        }
+    }
+}
+
+/// One measured (or skipped) case.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchRecord {
+    /// Variant kind.
+    pub variant: String,
+    /// Mode.
+    pub mode: String,
+    /// Sequence length.
+    pub n: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Head width.
+    pub d_head: usize,
+    /// `forward` or `forward_backward`.
+    pub pass: Pass,
+    /// Median time in milliseconds (`None` if skipped).
+    pub median_ms: Option<f64>,
+    /// Fastest repetition.
+    pub min_ms: Option<f64>,
+    /// Slowest repetition.
+    pub max_ms: Option<f64>,
+    /// Timed repetitions.
+    pub reps: usize,
+    /// Peak resident memory above the process baseline after the inputs were created.
+    pub peak_bytes: Option<u64>,
+    /// Tokens (batch · n) per second at the median.
+    pub tokens_per_s: Option<f64>,
+    /// Median time over full attention's at the same length, mode and pass.
+    pub ratio_to_full: Option<f64>,
+    /// Device.
+    pub device: String,
+    /// Why a case was skipped or failed.
+    pub note: Option<String>,
+}
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchSettings {
+    /// Variant kinds.
+    pub variants: Vec<String>,
+    /// Sequence lengths.
+    pub lengths: Vec<usize>,
+    /// Batch size.
+    pub batch: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Head width.
+    pub d_head: usize,
+    /// Mode.
+    pub mode: AttentionMode,
+    /// Passes to time.
+    pub passes: Vec<Pass>,
+    /// Device.
+    pub device: DeviceChoice,
+    /// Timed repetitions per case.
+    pub reps: usize,
+    /// Memory budget in bytes for one case.
+    pub budget_bytes: u64,
+}
+
+/// The variant's default config, adapted to length `n` where the variant is sized by a maximum
+/// length (Linformer, Synthesizer).
+pub fn config_for_length(kind: &str, n: usize) -> Result<AttentionConfig, String> {
+    let config = AttentionConfig::from_kind(kind).ok_or_else(|| {
+        let kinds: Vec<&str> = AttentionConfig::all_defaults()
+            .iter()
+            .map(|c| c.info().kind)
+            .collect();
+        format!(
+            "unknown variant `{kind}`: expected one of {}",
+            kinds.join(", ")
+        )
+    })?;
+    Ok(match config {
+        AttentionConfig::Linformer(c) => LinformerAttentionConfig { max_len: n, ..c }.into(),
+        AttentionConfig::Synthesizer(c) => SynthesizerAttentionConfig { max_len: n, ..c }.into(),
+        other => other,
+    })
+}
+
+/// A rough upper bound of a case's peak memory for variants whose cost is quadratic, used to
+/// skip cases beyond the budget; `None` for sub-quadratic variants.
+pub fn quadratic_estimate(
+    kind: &str,
+    n: usize,
+    batch: usize,
+    heads: usize,
+    pass: Pass,
+) -> Option<u64> {
+    let matrix = (batch * heads * n * n * 4) as u64;
+    match (kind, pass) {
+        // Burn's fused op and our streaming form are O(N) in the forward; autodiff stores the
+        // probabilities (and their gradient) of every block.
+        ("full" | "memory-efficient", Pass::ForwardBackward) => Some(4 * matrix),
+        ("synthesizer", Pass::Forward) => Some(3 * matrix),
+        ("synthesizer", Pass::ForwardBackward) => Some(6 * matrix),
+        _ => None,
+    }
+}
+
+/// Resident set and its peak, in bytes, from `/proc/self/status` (Linux).
+pub fn memory_status() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// One case in this process (what `efformer bench-case` runs).
+#[allow(clippy::too_many_arguments)]
+pub fn run_case(
+    kind: &str,
+    mode: AttentionMode,
+    n: usize,
+    batch: usize,
+    heads: usize,
+    d_head: usize,
+    pass: Pass,
+    device: &Device,
+    reps: usize,
+) -> Result<BenchRecord, String> {
+    let device = match pass {
+        Pass::Forward => device.clone(),
+        Pass::ForwardBackward => device.clone().autodiff(),
+    };
+    let config = config_for_length(kind, n)?;
+    let core = config
+        .init(mode, HeadDims::new(heads, d_head), &device)
+        .map_err(|e| e.to_string())?;
+    let mut rng = SeededRng::new(0);
+    let shape = [batch, heads, n, d_head];
+    let q = rng.normal_tensor(shape, 1.0, &device);
+    let k = rng.normal_tensor(shape, 1.0, &device);
+    let v = rng.normal_tensor(shape, 1.0, &device);
+    device.sync().map_err(|e| format!("{e:?}"))?;
+    let baseline = memory_status().map(|(rss, _)| rss);
+
+    let once = || -> Result<f64, String> {
+        let start = Instant::now();
+        match pass {
+            Pass::Forward => {
+                let out = core.attend(AttnInput::new(q.clone(), k.clone(), v.clone()));
+                // Reading one value forces lazy backends to finish.
+                let _ = out.narrow(2, 0, 1).sum().into_scalar::<f32>();
+            }
+            Pass::ForwardBackward => {
+                let (q, k, v) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                );
+                let out = core.attend(AttnInput::new(q.clone(), k.clone(), v.clone()));
+                let grads = out.sum().backward();
+                let gq: Option<Tensor<4>> = q.grad(&grads);
+                let _ = gq.map(|g| g.narrow(2, 0, 1).sum().into_scalar::<f32>());
+            }
+        }
+        device.sync().map_err(|e| format!("{e:?}"))?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    once()?; // warm-up (kernel compilation, autotuning, allocator growth)
+    let mut times = (0..reps.max(1))
+        .map(|_| once())
+        .collect::<Result<Vec<_>, _>>()?;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let peak = match (baseline, memory_status()) {
+        (Some(base), Some((_, hwm))) => Some(hwm.saturating_sub(base)),
+        _ => None,
+    };
+    Ok(BenchRecord {
+        variant: kind.to_string(),
+        mode: mode.name().to_string(),
+        n,
+        batch,
+        heads,
+        d_head,
+        pass,
+        median_ms: Some(median),
+        min_ms: times.first().copied(),
+        max_ms: times.last().copied(),
+        reps: times.len(),
+        peak_bytes: peak,
+        tokens_per_s: Some((batch * n) as f64 / (median / 1e3)),
+        ratio_to_full: None,
+        device: format!("{device:?}"),
+        note: None,
+    })
+}
+
+/// Runs every case of `settings`, each in a child process, printing progress to stderr.
+pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the efformer binary: {e}"))?;
+    let mut records = Vec::new();
+    let total = settings.variants.len() * settings.lengths.len() * settings.passes.len();
+    let mut done = 0;
+    for &n in &settings.lengths {
+        for variant in &settings.variants {
+            for &pass in &settings.passes {
+                done += 1;
+                let skipped = |note: String| BenchRecord {
+                    variant: variant.clone(),
+                    mode: settings.mode.name().to_string(),
+                    n,
+                    batch: settings.batch,
+                    heads: settings.heads,
+                    d_head: settings.d_head,
+                    pass,
+                    median_ms: None,
+                    min_ms: None,
+                    max_ms: None,
+                    reps: 0,
+                    peak_bytes: None,
+                    tokens_per_s: None,
+                    ratio_to_full: None,
+                    device: settings.device.to_string(),
+                    note: Some(note),
+                };
+                let config = config_for_length(variant, n)?;
+                if !config.info().supports(settings.mode) {
+                    eprintln!(
+                        "[{done}/{total}] {variant} n={n} {}: no {} mode, skipped",
+                        pass.name(),
+                        settings.mode
+                    );
+                    continue;
+                }
+                if let Some(bytes) =
+                    quadratic_estimate(variant, n, settings.batch, settings.heads, pass)
+                    && bytes > settings.budget_bytes
+                {
+                    let note = format!(
+                        "skipped: needs about {:.1} GiB, budget {:.1} GiB",
+                        bytes as f64 / (1u64 << 30) as f64,
+                        settings.budget_bytes as f64 / (1u64 << 30) as f64
+                    );
+                    eprintln!("[{done}/{total}] {variant} n={n} {}: {note}", pass.name());
+                    records.push(skipped(note));
+                    continue;
+                }
+                eprint!("[{done}/{total}] {variant} n={n} {} ... ", pass.name());
+                let output = Command::new(&exe)
+                    .args([
+                        "bench-case",
+                        "--variant",
+                        variant,
+                        "--mode",
+                        settings.mode.name(),
+                        "--n",
+                        &n.to_string(),
+                        "--batch",
+                        &settings.batch.to_string(),
+                        "--heads",
+                        &settings.heads.to_string(),
+                        "--d-head",
+                        &settings.d_head.to_string(),
+                        "--pass",
+                        pass.name(),
+                        "--device",
+                        &settings.device.to_string(),
+                        "--reps",
+                        &settings.reps.to_string(),
+                    ])
+                    .output()
+                    .map_err(|e| format!("cannot run a bench case: {e}"))?;
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                match stdout
+                    .lines()
+                    .rev()
+                    .find_map(|l| serde_json::from_str::<BenchRecord>(l).ok())
+                {
+                    Some(record) if output.status.success() => {
+                        eprintln!(
+                            "{:.2} ms, peak {:.0} MiB",
+                            record.median_ms.unwrap_or(f64::NAN),
+                            record.peak_bytes.unwrap_or(0) as f64 / (1u64 << 20) as f64
+                        );
+                        records.push(record);
+                    }
+                    _ => {
+                        let stderr = String::from_utf8_lossy(&output.stderr);
+                        let last = stderr.lines().last().unwrap_or("no output").to_string();
+                        eprintln!("failed ({}): {last}", output.status);
+                        records.push(skipped(format!("failed ({}): {last}", output.status)));
+                    }
+                }
+            }
+        }
+    }
+    fill_ratios(&mut records);
+    Ok(records)
+}
+
+/// Sets `ratio_to_full` from the `full` record with the same length, mode and pass.
+pub fn fill_ratios(records: &mut [BenchRecord]) {
+    let full: Vec<(usize, String, Pass, f64)> = records
+        .iter()
+        .filter(|r| r.variant == "full")
+        .filter_map(|r| Some((r.n, r.mode.clone(), r.pass, r.median_ms?)))
+        .collect();
+    for r in records.iter_mut() {
+        r.ratio_to_full = full
+            .iter()
+            .find(|(n, mode, pass, _)| *n == r.n && *mode == r.mode && *pass == r.pass)
+            .and_then(|(_, _, _, base)| Some(r.median_ms? / base));
+    }
+}
+
+/// A table for the terminal.
+pub fn table(records: &[BenchRecord]) -> String {
+    let mut out = format!(
+        "{:<20} {:>6} {:<17} {:>11} {:>17} {:>10} {:>12} {:>9}\n",
+        "variant", "n", "pass", "median ms", "spread ms", "peak MiB", "tokens/s", "vs full"
+    );
+    for r in records {
+        match r.median_ms {
+            Some(median) => out.push_str(&format!(
+                "{:<20} {:>6} {:<17} {:>11.2} {:>17} {:>10.0} {:>12.0} {:>9}\n",
+                r.variant,
+                r.n,
+                r.pass.name(),
+                median,
+                format!(
+                    "{:.1}–{:.1}",
+                    r.min_ms.unwrap_or(median),
+                    r.max_ms.unwrap_or(median)
+                ),
+                r.peak_bytes.unwrap_or(0) as f64 / (1u64 << 20) as f64,
+                r.tokens_per_s.unwrap_or(0.0),
+                r.ratio_to_full
+                    .map_or("-".to_string(), |x| format!("{x:.2}x")),
+            )),
+            None => out.push_str(&format!(
+                "{:<20} {:>6} {:<17} {}\n",
+                r.variant,
+                r.n,
+                r.pass.name(),
+                r.note.as_deref().unwrap_or("skipped")
+            )),
+        }
+    }
+    out
+}

@@ -1,0 +1,252 @@
+//! `efformer`: the command-line front end.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use efficient_attn::AttentionConfig;
+use efficient_attn::AttentionMode;
+use train::attention_cmd::{DemoSettings, demo, list_json, list_table};
+use train::bench::{BenchSettings, Pass, run_all, run_case, table};
+use train::device::DeviceChoice;
+
+/// Efficient transformers in Rust: every attention of the survey, trained from TOML.
+#[derive(Parser)]
+#[command(name = "efformer", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect the attention variants.
+    Attention {
+        #[command(subcommand)]
+        command: AttentionCommand,
+    },
+    /// Time and measure the memory of attention variants across sequence lengths.
+    Bench {
+        /// Variants (comma-separated kinds); default: all.
+        #[arg(long, value_delimiter = ',')]
+        variants: Vec<String>,
+        /// Sequence lengths.
+        #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024, 4096, 16384])]
+        lengths: Vec<usize>,
+        /// Batch size.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Heads.
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        /// Width of one head.
+        #[arg(long = "d-head", default_value_t = 64)]
+        d_head: usize,
+        /// Mode: bidirectional, causal or cross.
+        #[arg(long, default_value = "bidirectional", value_parser = parse_mode)]
+        mode: AttentionMode,
+        /// Also time forward+backward.
+        #[arg(long)]
+        backward: bool,
+        /// Device: flex, wgpu, wgpu-cpu, cuda, cuda:N, ndarray.
+        #[arg(long, default_value = "flex")]
+        device: DeviceChoice,
+        /// Timed repetitions per case (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Memory budget of one case in GiB; larger cases are skipped with a note.
+        #[arg(long = "budget-gib", default_value_t = 16.0)]
+        budget_gib: f64,
+        /// Write one JSON record per case to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// One benchmark case in this process (used by `bench`; prints one JSON record).
+    #[command(hide = true)]
+    BenchCase {
+        #[arg(long)]
+        variant: String,
+        #[arg(long, value_parser = parse_mode)]
+        mode: AttentionMode,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        heads: usize,
+        #[arg(long = "d-head")]
+        d_head: usize,
+        #[arg(long, value_parser = parse_pass)]
+        pass: Pass,
+        #[arg(long)]
+        device: DeviceChoice,
+        #[arg(long)]
+        reps: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum AttentionCommand {
+    /// Print every variant with its modes, complexity and exactness.
+    List {
+        /// Print a JSON array of objects with keys name, modes, complexity, exact.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run every variant on one random input and compare it with full attention.
+    Demo {
+        /// Device: flex, wgpu, wgpu-cpu, cuda, cuda:N, ndarray.
+        #[arg(long, default_value = "flex")]
+        device: DeviceChoice,
+        /// Mode: bidirectional, causal or cross.
+        #[arg(long, default_value = "bidirectional", value_parser = parse_mode)]
+        mode: AttentionMode,
+        /// Sequence length.
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        /// Batch size.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Heads.
+        #[arg(long, default_value_t = 8)]
+        heads: usize,
+        /// Width of one head.
+        #[arg(long = "d-head", default_value_t = 64)]
+        d_head: usize,
+    },
+}
+
+fn parse_pass(s: &str) -> Result<Pass, String> {
+    match s {
+        "forward" => Ok(Pass::Forward),
+        "forward_backward" => Ok(Pass::ForwardBackward),
+        _ => Err(format!(
+            "unknown pass `{s}`: expected forward or forward_backward"
+        )),
+    }
+}
+
+fn parse_mode(s: &str) -> Result<AttentionMode, String> {
+    AttentionMode::ALL
+        .into_iter()
+        .find(|m| m.name() == s)
+        .ok_or_else(|| format!("unknown mode `{s}`: expected bidirectional, causal or cross"))
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Attention { command } => match command {
+            AttentionCommand::List { json } => {
+                println!("{}", if json { list_json() } else { list_table() });
+                Ok(())
+            }
+            AttentionCommand::Demo {
+                device,
+                mode,
+                seq,
+                batch,
+                heads,
+                d_head,
+            } => {
+                let dev = device.device()?;
+                println!(
+                    "attention demo on {device}: batch {batch}, heads {heads}, seq {seq}, d_head {d_head}, {mode}"
+                );
+                let settings = DemoSettings {
+                    mode,
+                    batch,
+                    heads,
+                    seq,
+                    d_head,
+                };
+                println!(
+                    "{:<20} {:>12} {:>22}",
+                    "kind", "forward ms", "max |diff| vs full"
+                );
+                demo(&settings, &dev, |row| {
+                    println!(
+                        "{:<20} {:>12.2} {:>22.2e}",
+                        row.kind, row.millis, row.max_abs_diff
+                    )
+                })?;
+                Ok(())
+            }
+        },
+        Command::Bench {
+            variants,
+            lengths,
+            batch,
+            heads,
+            d_head,
+            mode,
+            backward,
+            device,
+            reps,
+            budget_gib,
+            json,
+        } => {
+            let variants = if variants.is_empty() {
+                AttentionConfig::all_defaults()
+                    .iter()
+                    .map(|c| c.info().kind.to_string())
+                    .collect()
+            } else {
+                variants
+            };
+            let mut passes = vec![Pass::Forward];
+            if backward {
+                passes.push(Pass::ForwardBackward);
+            }
+            let settings = BenchSettings {
+                variants,
+                lengths,
+                batch,
+                heads,
+                d_head,
+                mode,
+                passes,
+                device,
+                reps,
+                budget_bytes: (budget_gib * (1u64 << 30) as f64) as u64,
+            };
+            let records = run_all(&settings)?;
+            println!("{}", table(&records));
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
+                std::fs::write(&path, text)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::BenchCase {
+            variant,
+            mode,
+            n,
+            batch,
+            heads,
+            d_head,
+            pass,
+            device,
+            reps,
+        } => {
+            let dev = device.device()?;
+            let mut record = run_case(&variant, mode, n, batch, heads, d_head, pass, &dev, reps)?;
+            record.device = device.to_string();
+            println!(
+                "{}",
+                serde_json::to_string(&record).map_err(|e| e.to_string())?
+            );
+            Ok(())
+        }
+    }
+}
