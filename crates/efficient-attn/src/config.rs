@@ -16,6 +16,7 @@ use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Device, Tensor};
 
+use crate::decoding::DecodeCache;
 use crate::full::{FullAttention, FullAttentionConfig};
 use crate::interface::{AttentionCore, AttentionMode, AttnInput, HeadDims, VariantInfo};
 use crate::linear_transformer::{LinearTransformerAttention, LinearTransformerAttentionConfig};
@@ -254,5 +255,19 @@ impl AttentionCore for Attention {
 
     fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
         self.as_core().pattern(input)
+    }
+
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        self.as_core().decode_cache(batch, dims, max_len, device)
+    }
+
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        self.as_core().decode_step(cache, input)
     }
 }

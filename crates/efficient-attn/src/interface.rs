@@ -7,8 +7,9 @@
 use std::fmt;
 
 use burn::serde::{Deserialize, Serialize};
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 
+use crate::decoding::{DecodeCache, KvCache};
 use crate::mask::DenseMask;
 
 /// The masking regime an attention layer runs in, fixed when the layer is built.
@@ -316,5 +317,48 @@ pub trait AttentionCore {
     fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
         let _ = input;
         None
+    }
+
+    /// The state for incremental decoding of up to `max_len` positions, if this instance
+    /// decodes incrementally. The default: a [`KvCache`] in causal mode, none otherwise.
+    /// Variants with a cheaper state (kernel attention's recurrence) override it together with
+    /// [`decode_step`](Self::decode_step).
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        self.mode()
+            .is_causal()
+            .then(|| DecodeCache::KeyValue(KvCache::new(batch, dims, max_len, device)))
+    }
+
+    /// Attends `t` new positions given the cache of the earlier ones, and adds them to it.
+    /// The result equals the last `t` rows of a causal [`attend`](Self::attend) over the whole
+    /// sequence. Padding masks of the input are not supported (decode unpadded sequences).
+    ///
+    /// The default serves [`DecodeCache::KeyValue`]: append, then attend over the prefix
+    /// (bottom-right causal alignment makes the new queries see exactly the past).
+    ///
+    /// # Shapes
+    /// - input: q `[batch, heads, t, d_k]`, k `[batch, heads, t, d_k]`, v `[batch, heads, t, d_v]`
+    /// - output: `[batch, heads, t, d_v]`
+    ///
+    /// # Panics
+    /// If the cache is not the kind this variant made.
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        match cache {
+            DecodeCache::KeyValue(kv) => {
+                kv.append(input.key, input.value);
+                self.attend(AttnInput::new(input.query, kv.keys(), kv.values()))
+            }
+            DecodeCache::Recurrent(_) => {
+                panic!(
+                    "this attention variant decodes with a key/value cache, not a recurrent state"
+                )
+            }
+        }
     }
 }

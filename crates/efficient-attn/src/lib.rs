@@ -16,6 +16,7 @@
 //! Masks follow Burn: `true` means *masked out*.
 
 pub mod config;
+pub mod decoding;
 pub mod full;
 pub mod interface;
 pub mod kernels;
@@ -34,6 +35,7 @@ pub mod synthesizer;
 pub mod testing;
 
 pub use crate::config::{Attention, AttentionConfig, ConfigError};
+pub use crate::decoding::{DecodeCache, KvCache};
 pub use crate::full::{FullAttention, FullAttentionConfig};
 pub use crate::interface::{
     AttentionCore, AttentionMode, AttnInput, Exactness, GlobalTokens, Grid, HeadDims, VariantInfo,
@@ -42,7 +44,10 @@ pub use crate::linear_transformer::{LinearTransformerAttention, LinearTransforme
 pub use crate::linformer::{LinformerAttention, LinformerAttentionConfig, LinformerSharing};
 pub use crate::mask::DenseMask;
 pub use crate::memory_efficient::{MemoryEfficientAttention, MemoryEfficientAttentionConfig};
-pub use crate::mha::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
+pub use crate::mha::{
+    MhaCache, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig, ProjectedContext,
+    RotaryConfig,
+};
 pub use crate::nystromformer::{NystromformerAttention, NystromformerAttentionConfig};
 pub use crate::performer::{
     FeatureDraw, PerformerAttention, PerformerAttentionConfig, PerformerKernel,

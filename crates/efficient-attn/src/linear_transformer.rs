@@ -5,7 +5,7 @@
 //! - Computation: `out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j)` over the keys query `i`
 //!   may see, through the shared engine in [`kernels::prefix_sum`](crate::kernels::prefix_sum):
 //!   one state for bidirectional/cross, chunked prefix sums for causal, and a recurrent
-//!   [`step`](LinearTransformerAttention::step) for decoding with constant memory per token.
+//!   [`decode_step`](crate::AttentionCore::decode_step) for decoding with constant memory per token.
 //! - Cost: O(N·d·d_v) time; memory O(d·d_v) bidirectional, O(N/C · d · d_v + N·C) causal
 //!   (chunk C), O(d·d_v) per decoded token.
 //! - Exact: no: a different similarity (the elu+1 kernel) than softmax; it equals its own
@@ -22,8 +22,9 @@ use burn::tensor::activation::elu;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::ConfigError;
+use crate::decoding::{self, DecodeCache};
 use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
-use crate::kernels::prefix_sum::{self, KernelState};
+use crate::kernels::prefix_sum;
 
 /// Configuration of [`LinearTransformerAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,26 +86,6 @@ impl LinearTransformerAttention {
     pub fn features(&self, x: Tensor<4>) -> Tensor<4> {
         elu(x, 1.0).add_scalar(1.0)
     }
-
-    /// An empty decoding state.
-    pub fn empty_state(&self, batch: usize, dims: HeadDims, device: &Device) -> KernelState {
-        KernelState::new(batch, dims.heads, dims.d_k, dims.d_v, device)
-    }
-
-    /// One decoding step (causal recurrence): adds token `t` to the state, returns its output.
-    ///
-    /// # Shapes
-    /// - q, k: `[batch, heads, 1, d_k]`, v: `[batch, heads, 1, d_v]`
-    /// - output: `[batch, heads, 1, d_v]`
-    pub fn step(
-        &self,
-        state: &mut KernelState,
-        q: Tensor<4>,
-        k: Tensor<4>,
-        v: Tensor<4>,
-    ) -> Tensor<4> {
-        state.step(self.features(q), self.features(k), v)
-    }
 }
 
 impl AttentionCore for LinearTransformerAttention {
@@ -127,5 +108,25 @@ impl AttentionCore for LinearTransformerAttention {
 
     fn mode(&self) -> AttentionMode {
         self.mode
+    }
+
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        let _ = max_len;
+        decoding::recurrent_cache(self.mode.is_causal(), batch, dims, dims.d_k, device)
+    }
+
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        decoding::recurrent_step(
+            cache,
+            self.features(input.query),
+            self.features(input.key),
+            input.value,
+        )
     }
 }

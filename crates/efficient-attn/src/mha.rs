@@ -2,11 +2,14 @@
 //! [`AttentionCore`].
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Linear, LinearConfig, RotaryEncoding, RotaryEncodingConfig,
+};
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, Tensor};
 
 use crate::config::{Attention, AttentionConfig, ConfigError};
+use crate::decoding::DecodeCache;
 use crate::interface::{AttentionCore, AttentionMode, AttnInput, GlobalTokens, Grid, HeadDims};
 
 /// Configuration of [`MultiHeadAttention`].
@@ -27,8 +30,30 @@ pub struct MultiHeadAttentionConfig {
     pub bias: bool,
     /// Mode the layer runs in.
     pub mode: AttentionMode,
+    /// Rotary position embedding of queries and keys (RoFormer, Su et al. 2021,
+    /// arXiv:2104.09864), applied after projection and before the core; `None` for none.
+    pub rotary: Option<RotaryConfig>,
     /// The attention variant.
     pub attention: AttentionConfig,
+}
+
+/// Rotary position embedding settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", default, deny_unknown_fields)]
+pub struct RotaryConfig {
+    /// Base of the frequencies (paper: θ = 10000).
+    pub theta: f64,
+    /// Longest sequence (including decoded positions) the table covers.
+    pub max_len: usize,
+}
+
+impl Default for RotaryConfig {
+    fn default() -> Self {
+        Self {
+            theta: 10000.0,
+            max_len: 4096,
+        }
+    }
 }
 
 impl Default for MultiHeadAttentionConfig {
@@ -41,6 +66,7 @@ impl Default for MultiHeadAttentionConfig {
             dropout: 0.1,
             bias: true,
             mode: AttentionMode::Bidirectional,
+            rotary: None,
             attention: AttentionConfig::default(),
         }
     }
@@ -99,6 +125,28 @@ impl MultiHeadAttentionConfig {
         }
         let d_k = self.head_dim();
         ConfigError::check_nonzero("d_k", d_k)?;
+        let rotary = match &self.rotary {
+            None => None,
+            Some(_) if self.mode == AttentionMode::Cross => {
+                return Err(ConfigError::InvalidField {
+                    field: "rotary",
+                    expected: "no rotary embedding in cross mode (queries and keys come from different sequences)".into(),
+                    got: "a rotary table".into(),
+                });
+            }
+            Some(_) if d_k % 2 == 1 => {
+                return Err(ConfigError::InvalidField {
+                    field: "rotary",
+                    expected: "an even head width for rotary embeddings".into(),
+                    got: format!("d_k = {d_k}"),
+                });
+            }
+            Some(r) => Some(
+                RotaryEncodingConfig::new(r.max_len, d_k)
+                    .with_theta(r.theta as f32)
+                    .init(device),
+            ),
+        };
         let inner = d_k * self.n_heads;
         let d_context = self.d_context.unwrap_or(self.d_model);
         let linear = |d_in, d_out| {
@@ -115,6 +163,7 @@ impl MultiHeadAttentionConfig {
             core: self
                 .attention
                 .init(self.mode, HeadDims::new(self.n_heads, d_k), device)?,
+            rotary,
             n_heads: self.n_heads,
             d_k,
         })
@@ -139,8 +188,31 @@ pub struct MultiHeadAttention {
     pub dropout: Dropout,
     /// The attention variant.
     pub core: Attention,
+    /// Rotary position table, if configured.
+    pub rotary: Option<RotaryEncoding>,
     n_heads: usize,
     d_k: usize,
+}
+
+/// A layer's state for incremental decoding: the variant's cache and the next position.
+#[derive(Clone, Debug)]
+pub struct MhaCache {
+    /// The attention variant's cache.
+    pub attention: DecodeCache,
+    /// Positions decoded so far (the rotary offset of the next token).
+    pub position: usize,
+}
+
+/// Keys and values of a cross-attention context, projected once and reused for every decoded
+/// token.
+#[derive(Clone, Debug)]
+pub struct ProjectedContext {
+    /// `[batch, heads, seq_k, d_k]`.
+    pub key: Tensor<4>,
+    /// `[batch, heads, seq_k, d_k]`.
+    pub value: Tensor<4>,
+    /// `[batch, seq_k]`, `true` = padding.
+    pub mask_pad: Option<Tensor<2, Bool>>,
 }
 
 /// Input of [`MultiHeadAttention::forward`].
@@ -158,6 +230,7 @@ pub struct MhaInput {
     mask_pad_context: Option<Tensor<2, Bool>>,
     global: Option<GlobalTokens>,
     grid: Option<Grid>,
+    shared_projection: Option<Tensor<2>>,
 }
 
 impl MhaInput {
@@ -170,6 +243,7 @@ impl MhaInput {
             mask_pad_context: None,
             global: None,
             grid: None,
+            shared_projection: None,
         }
     }
 
@@ -204,6 +278,12 @@ impl MhaInput {
         self.grid = Some(grid);
         self
     }
+
+    /// A projection shared by every layer (Linformer's layerwise sharing), `[k, max_len]`.
+    pub fn with_shared_projection(mut self, projection: Tensor<2>) -> Self {
+        self.shared_projection = Some(projection);
+        self
+    }
 }
 
 impl MultiHeadAttention {
@@ -228,11 +308,11 @@ impl MultiHeadAttention {
             }
             _ => {}
         }
-        let [b, lq, _] = input.x.dims();
         let source = input.context.clone().unwrap_or_else(|| input.x.clone());
         let q = self.split_heads(self.query.forward(input.x)); // [batch, heads, seq_q, d_k]
         let k = self.split_heads(self.key.forward(source.clone())); // [batch, heads, seq_k, d_k]
         let v = self.split_heads(self.value.forward(source)); // [batch, heads, seq_k, d_k]
+        let (q, k) = self.rotate(q, k, 0);
 
         let mut attn = AttnInput::new(q, k, v);
         let key_pad = match mode {
@@ -243,16 +323,85 @@ impl MultiHeadAttention {
         attn.mask_pad_k = key_pad;
         attn.global = input.global;
         attn.grid = input.grid;
+        attn.shared_projection = input.shared_projection;
+        self.merge_heads(self.core.attend(attn))
+    }
 
-        let out = self.core.attend(attn); // [batch, heads, seq_q, d_k]
-        let out = out
-            .swap_dims(1, 2)
-            .reshape([b, lq, self.n_heads * self.d_k]); // [batch, seq_q, heads * d_k]
-        self.dropout.forward(self.output.forward(out))
+    /// A decoding cache for up to `max_len` positions, if the layer's variant decodes
+    /// incrementally (causal mode).
+    pub fn init_cache(&self, batch: usize, max_len: usize, device: &Device) -> Option<MhaCache> {
+        let dims = HeadDims::new(self.n_heads, self.d_k);
+        self.core
+            .decode_cache(batch, dims, max_len, device)
+            .map(|attention| MhaCache {
+                attention,
+                position: 0,
+            })
+    }
+
+    /// Attends `t` new positions of a causal layer given the cache of the earlier ones; equal to
+    /// the last `t` rows of [`forward`](Self::forward) over the whole sequence.
+    ///
+    /// # Shapes
+    /// - x: `[batch, t, d_model]` → `[batch, t, d_model]`
+    pub fn forward_step(&self, x: Tensor<3>, cache: &mut MhaCache) -> Tensor<3> {
+        let t = x.dims()[1];
+        let q = self.split_heads(self.query.forward(x.clone())); // [batch, heads, t, d_k]
+        let k = self.split_heads(self.key.forward(x.clone())); // [batch, heads, t, d_k]
+        let v = self.split_heads(self.value.forward(x)); // [batch, heads, t, d_k]
+        let (q, k) = self.rotate(q, k, cache.position);
+        let out = self
+            .core
+            .decode_step(&mut cache.attention, AttnInput::new(q, k, v));
+        cache.position += t;
+        self.merge_heads(out)
+    }
+
+    /// Projects a cross-attention context once (keys and values), for
+    /// [`forward_context`](Self::forward_context).
+    ///
+    /// # Shapes
+    /// - context: `[batch, seq_k, d_context]`, mask_pad: `[batch, seq_k]`
+    pub fn project_context(
+        &self,
+        context: Tensor<3>,
+        mask_pad: Option<Tensor<2, Bool>>,
+    ) -> ProjectedContext {
+        ProjectedContext {
+            key: self.split_heads(self.key.forward(context.clone())),
+            value: self.split_heads(self.value.forward(context)),
+            mask_pad,
+        }
+    }
+
+    /// Cross-attention from `x` to an already projected context: equal to
+    /// [`forward`](Self::forward) with [`MhaInput::cross`].
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq_q, d_model]` → `[batch, seq_q, d_model]`
+    pub fn forward_context(&self, x: Tensor<3>, context: &ProjectedContext) -> Tensor<3> {
+        let q = self.split_heads(self.query.forward(x)); // [batch, heads, seq_q, d_k]
+        let mut attn = AttnInput::new(q, context.key.clone(), context.value.clone());
+        attn.mask_pad_k = context.mask_pad.clone();
+        self.merge_heads(self.core.attend(attn))
+    }
+
+    fn rotate(&self, q: Tensor<4>, k: Tensor<4>, start: usize) -> (Tensor<4>, Tensor<4>) {
+        match &self.rotary {
+            Some(rope) => (rope.apply(q, start), rope.apply(k, start)),
+            None => (q, k),
+        }
     }
 
     fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
         let [b, l, _] = x.dims();
         x.reshape([b, l, self.n_heads, self.d_k]).swap_dims(1, 2)
+    }
+
+    /// `[batch, heads, seq, d_k]` → output projection and dropout → `[batch, seq, d_model]`.
+    fn merge_heads(&self, x: Tensor<4>) -> Tensor<3> {
+        let [b, _, l, _] = x.dims();
+        let x = x.swap_dims(1, 2).reshape([b, l, self.n_heads * self.d_k]); // [batch, seq, heads * d_k]
+        self.dropout.forward(self.output.forward(x))
     }
 }

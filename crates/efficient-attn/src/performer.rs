@@ -32,8 +32,9 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::config::ConfigError;
+use crate::decoding::{self, DecodeCache};
 use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
-use crate::kernels::prefix_sum::{self, KernelState};
+use crate::kernels::prefix_sum;
 use crate::rng::SeededRng;
 
 /// The kernel FAVOR estimates.
@@ -296,29 +297,6 @@ impl PerformerAttention {
         }
     }
 
-    /// An empty decoding state.
-    pub fn empty_state(&self, batch: usize, dims: HeadDims, device: &Device) -> KernelState {
-        KernelState::new(batch, dims.heads, self.num_features(), dims.d_v, device)
-    }
-
-    /// One decoding step (causal mode's recurrence).
-    ///
-    /// # Shapes
-    /// - q, k: `[batch, heads, 1, d_k]`, v: `[batch, heads, 1, d_v]`
-    /// - output: `[batch, heads, 1, d_v]`
-    pub fn step(
-        &self,
-        state: &mut KernelState,
-        q: Tensor<4>,
-        k: Tensor<4>,
-        v: Tensor<4>,
-    ) -> Tensor<4> {
-        let input = AttnInput::new(q.clone(), k.clone(), v.clone());
-        let phi_q = self.features(q, Side::Query, &input);
-        let phi_k = self.features(k, Side::Key, &input);
-        state.step(phi_q, phi_k, v)
-    }
-
     /// The features of queries and keys for `input` (for reference computations in tests).
     ///
     /// # Shapes
@@ -356,5 +334,27 @@ impl AttentionCore for PerformerAttention {
 
     fn mode(&self) -> AttentionMode {
         self.mode
+    }
+
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        let _ = max_len;
+        decoding::recurrent_cache(
+            self.mode.is_causal(),
+            batch,
+            dims,
+            self.num_features(),
+            device,
+        )
+    }
+
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        let (phi_q, phi_k) = self.feature_maps(&input);
+        decoding::recurrent_step(cache, phi_q, phi_k, input.value)
     }
 }

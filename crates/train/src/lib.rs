@@ -3,4 +3,10 @@
 
 pub mod attention_cmd;
 pub mod bench;
+pub mod config;
+pub mod data;
 pub mod device;
+pub mod experiment;
+pub mod metrics_log;
+pub mod plot;
+pub mod tasks;

@@ -1,5 +1,6 @@
 //! `efformer`: the command-line front end.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -8,6 +9,7 @@ use efficient_attn::AttentionMode;
 use train::attention_cmd::{DemoSettings, demo, list_json, list_table};
 use train::bench::{BenchSettings, Pass, run_all, run_case, table};
 use train::device::DeviceChoice;
+use train::experiment::TrainOptions;
 
 /// Efficient transformers in Rust: every attention of the survey, trained from TOML.
 #[derive(Parser)]
@@ -19,6 +21,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model from an experiment file.
+    Train {
+        /// The experiment file (TOML).
+        config: PathBuf,
+        /// Override a setting: `--set train.epochs=2` (repeatable).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        /// Device: flex, wgpu, wgpu-cpu, cuda, cuda:N, ndarray.
+        #[arg(long, default_value = "flex")]
+        device: DeviceChoice,
+        /// Several devices, trained data-parallel by burn-train (e.g. `cuda:0,cuda:1`).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<DeviceChoice>,
+        /// Continue the run in the output directory from its last complete checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Run directory (default: runs/<config file name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Evaluate a checkpoint on the test (and validation) split.
+    Eval {
+        /// The experiment file the checkpoint was trained with.
+        config: PathBuf,
+        /// A model checkpoint (`<run>/checkpoint/model-<epoch>.bpk`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Override a setting (as for `train`).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        /// Device.
+        #[arg(long, default_value = "flex")]
+        device: DeviceChoice,
+    },
     /// Inspect the attention variants.
     Attention {
         #[command(subcommand)]
@@ -144,6 +180,70 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Train {
+            config,
+            sets,
+            device,
+            devices,
+            resume,
+            out,
+        } => {
+            let devices = if devices.is_empty() {
+                vec![device]
+            } else {
+                devices
+            };
+            let opts = TrainOptions {
+                config,
+                sets,
+                devices,
+                resume,
+                out,
+            };
+            let report = train::experiment::train(&opts)?;
+            if let Some(test) = report.test {
+                println!(
+                    "test accuracy {:.2}% (majority class {:.2}%), loss {:.4}, after {} epochs in {:.0} s",
+                    100.0 * test.accuracy,
+                    100.0 * report.majority_baseline.unwrap_or(0.0),
+                    test.loss,
+                    report.epochs,
+                    report.wall_seconds
+                );
+            }
+            Ok(())
+        }
+        Command::Eval {
+            config,
+            checkpoint,
+            sets,
+            device,
+        } => {
+            let (first, valid) = train::experiment::eval(&config, &sets, &checkpoint, device)?;
+            match valid {
+                Some(v) => {
+                    println!(
+                        "test:  loss {:.4}, accuracy {:.2}% ({} examples)",
+                        first.loss,
+                        100.0 * first.accuracy,
+                        first.count
+                    );
+                    println!(
+                        "valid: loss {:.4}, accuracy {:.2}% ({} examples)",
+                        v.loss,
+                        100.0 * v.accuracy,
+                        v.count
+                    );
+                }
+                None => println!(
+                    "valid: loss {:.4}, token accuracy {:.2}% ({} tokens)",
+                    first.loss,
+                    100.0 * first.accuracy,
+                    first.count
+                ),
+            }
+            Ok(())
+        }
         Command::Attention { command } => match command {
             AttentionCommand::List { json } => {
                 println!("{}", if json { list_json() } else { list_table() });

@@ -1,35 +1,56 @@
-//! An efficient attention layer inside a user's own Burn model.
+//! Efficient attention inside a user's own Burn model.
 //!
-//! The model is ordinary Burn code; the only efformer types are `MultiHeadAttention` (built
-//! from a `MultiHeadAttentionConfig` whose `attention` came from TOML) and `MhaInput`.
+//! `TinyClassifier` is ordinary Burn code. It uses two efformer pieces:
+//! - an encoder stack from `models` whose attention variant comes from TOML, and
+//! - a `MultiHeadAttention` from `efficient-attn` in cross mode, pooling the sequence with one
+//!   learned query (attention pooling, as in Set Transformer's PMA).
+//!
+//! It trains for a few steps on Flex on a toy task and prints the loss.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use efficient_attn::mask::padding_mask;
-use efficient_attn::{AttentionConfig, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
+use efficient_attn::{AttentionMode, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
+use models::{EmbeddingSettings, Encoder, EncoderConfig, EncoderInput, StackConfig};
 
-/// The user's model: tokens → embedding → attention → mean over unpadded tokens → logits.
+const D_MODEL: usize = 32;
+
+/// The user's model: tokens → efformer encoder → attention pooling → logits.
 #[derive(Module, Debug)]
 struct TinyClassifier {
-    embedding: Embedding,
-    attention: MultiHeadAttention,
+    encoder: Encoder,
+    pool_query: Param<Tensor<3>>,
+    pool: MultiHeadAttention,
     head: Linear,
 }
 
 impl TinyClassifier {
-    fn new(attention: AttentionConfig, device: &Device) -> Self {
-        let d_model = 32;
+    fn new(stack: StackConfig, device: &Device) -> Self {
+        let encoder = EncoderConfig {
+            embedding: EmbeddingSettings {
+                vocab_size: 16,
+                max_len: 64,
+                dropout: 0.0,
+                ..Default::default()
+            },
+            stack,
+        };
         Self {
-            embedding: EmbeddingConfig::new(16, d_model).init(device),
-            attention: MultiHeadAttentionConfig::new(d_model, 4)
-                .with_attention(attention)
+            encoder: encoder.init(device).expect("a valid encoder config"),
+            pool_query: Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            }
+            .init([1, 1, D_MODEL], device),
+            pool: MultiHeadAttentionConfig::new(D_MODEL, 4)
+                .with_mode(AttentionMode::Cross)
                 .with_dropout(0.0)
                 .init(device)
                 .expect("a valid attention config"),
-            head: LinearConfig::new(d_model, 2).init(device),
+            head: LinearConfig::new(D_MODEL, 2).init(device),
         }
     }
 
@@ -38,22 +59,36 @@ impl TinyClassifier {
     /// - output: `[batch, 2]`
     fn forward(&self, tokens: Tensor<2, Int>, lengths: &[usize]) -> Tensor<2> {
         let [batch, seq] = tokens.dims();
-        let device = tokens.device();
-        let pad = padding_mask(lengths, seq, &device); // [batch, seq]
-        let x = self.embedding.forward(tokens); // [batch, seq, d_model]
+        let pad = padding_mask(lengths, seq, &tokens.device()); // [batch, seq]
         let h = self
-            .attention
-            .forward(MhaInput::self_attn(x).mask_pad(pad.clone()));
-        let keep = pad.bool_not().float().reshape([batch, seq, 1]); // [batch, seq, 1]
-        let pooled = h.mul(keep.clone()).sum_dim(1).div(keep.sum_dim(1)); // [batch, 1, d_model]
-        self.head.forward(pooled.reshape([batch, 32]))
+            .encoder
+            .forward(EncoderInput::new(tokens).mask_pad(pad.clone())); // [batch, seq, d_model]
+        let query = self.pool_query.val().expand([batch, 1, D_MODEL]); // [batch, 1, d_model]
+        let pooled = self
+            .pool
+            .forward(MhaInput::cross(query, h).mask_pad_context(pad)); // [batch, 1, d_model]
+        self.head.forward(pooled.reshape([batch, D_MODEL]))
     }
 }
 
 fn main() {
     let device = Device::flex().autodiff();
-    let attention: AttentionConfig = toml_attention("kind = \"memory-efficient\"\nkey_block = 8\n");
-    let mut model = TinyClassifier::new(attention, &device);
+    // The part of the user's config file that picks the attention.
+    let stack: StackConfig = toml::from_str(
+        r#"
+        n_layers = 2
+        d_model = 32
+        n_heads = 4
+        d_ff = 64
+        dropout = 0.0
+        [attention]
+        kind = "performer"
+        features = 32
+        "#,
+    )
+    .unwrap_or_else(|e| panic!("bad stack config: {e}"));
+    let mut model = TinyClassifier::new(stack, &device);
+    println!("parameters: {}", model.num_params());
     let mut optim = AdamConfig::new().init();
 
     // Task: is token 1 present? Sequences of length 24 with padding.
@@ -83,9 +118,4 @@ fn main() {
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-2, model, grads);
     }
-}
-
-/// Parses the `[attention]` table a user would keep in their own config file.
-fn toml_attention(text: &str) -> AttentionConfig {
-    toml::from_str(text).unwrap_or_else(|e| panic!("bad attention config: {e}"))
 }

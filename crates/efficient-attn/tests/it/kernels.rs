@@ -51,7 +51,9 @@ fn linear_transformer_parallel_chunked_and_recurrent_forms_agree() {
         assert!(diff < 1e-5, "chunked vs quadratic ({lq}, {lk}): {diff:e}");
 
         // The recurrence, token by token (the memory first, its outputs ignored).
-        let mut state = core.empty_state(2, dims, &device);
+        let mut cache = core
+            .decode_cache(2, dims, lk, &device)
+            .expect("causal mode decodes");
         let mut outs = Vec::new();
         for t in 0..lk {
             let at = |x: &Tensor<4>, t| x.clone().narrow(2, t, 1);
@@ -60,7 +62,10 @@ fn linear_transformer_parallel_chunked_and_recurrent_forms_agree() {
             } else {
                 at(&x.key, t)
             };
-            let out = core.step(&mut state, q_t, at(&x.key, t), at(&x.value, t));
+            let out = core.decode_step(
+                &mut cache,
+                AttnInput::new(q_t, at(&x.key, t), at(&x.value, t)),
+            );
             if t >= lk - lq {
                 outs.push(out);
             }
@@ -69,7 +74,11 @@ fn linear_transformer_parallel_chunked_and_recurrent_forms_agree() {
         let diff = max_abs_diff(recurrent, quadratic);
         assert!(diff < 1e-5, "recurrent vs quadratic ({lq}, {lk}): {diff:e}");
         // The state's size does not depend on the sequence length.
-        assert_eq!(state.kv.dims(), [2, 2, 8, 8]);
+        let efficient_attn::DecodeCache::Recurrent(r) = cache else {
+            panic!("linear attention decodes with a recurrent state")
+        };
+        assert_eq!(r.state.kv.dims(), [2, 2, 8, 8]);
+        assert_eq!(r.len, lk);
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod broken;
 mod config;
+mod decoding;
 mod kernels;
 mod mha;
 

@@ -1,0 +1,164 @@
+//! Incremental (token-by-token) causal decoding: the per-layer state each variant keeps.
+//!
+//! A variant chooses its cache in [`AttentionCore::decode_cache`](crate::AttentionCore):
+//! - [`DecodeCache::KeyValue`]: keys and values of every position so far, preallocated to the
+//!   maximum length and filled in place; new queries attend over the filled prefix (exact and
+//!   pattern variants). A step costs O(t·d) for position t; nothing is re-projected.
+//! - [`DecodeCache::Recurrent`]: a fixed-size state (kernel attention: Linear Transformer,
+//!   Performer). A step costs O(m·d_v) whatever the position.
+
+use burn::tensor::{Device, Tensor};
+
+use crate::interface::HeadDims;
+use crate::kernels::prefix_sum::KernelState;
+
+/// Keys and values of the positions decoded so far, in buffers preallocated to `max_len`.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for up to `max_len` positions.
+    pub fn new(batch: usize, dims: HeadDims, max_len: usize, device: &Device) -> Self {
+        Self {
+            keys: Tensor::zeros([batch, dims.heads, max_len, dims.d_k], device),
+            values: Tensor::zeros([batch, dims.heads, max_len, dims.d_v], device),
+            len: 0,
+        }
+    }
+
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is stored yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Capacity.
+    pub fn max_len(&self) -> usize {
+        self.keys.dims()[2]
+    }
+
+    /// Appends the keys and values of `t` new positions (in place when the buffers are not
+    /// shared).
+    ///
+    /// # Shapes
+    /// - keys: `[batch, heads, t, d_k]`, values: `[batch, heads, t, d_v]`
+    ///
+    /// # Panics
+    /// If the cache would exceed its `max_len`.
+    pub fn append(&mut self, keys: Tensor<4>, values: Tensor<4>) {
+        let [b, h, t, dk] = keys.dims();
+        let dv = values.dims()[3];
+        let end = self.len + t;
+        assert!(
+            end <= self.max_len(),
+            "decoding cache full: {} positions + {t} new > max_len {}",
+            self.len,
+            self.max_len()
+        );
+        let device = self.keys.device();
+        let placeholder = || Tensor::<4>::zeros([1, 1, 1, 1], &device);
+        let k = std::mem::replace(&mut self.keys, placeholder());
+        let v = std::mem::replace(&mut self.values, placeholder());
+        self.keys = k.slice_assign([0..b, 0..h, self.len..end, 0..dk], keys);
+        self.values = v.slice_assign([0..b, 0..h, self.len..end, 0..dv], values);
+        self.len = end;
+    }
+
+    /// The stored keys, `[batch, heads, len, d_k]`.
+    pub fn keys(&self) -> Tensor<4> {
+        self.keys.clone().narrow(2, 0, self.len)
+    }
+
+    /// The stored values, `[batch, heads, len, d_v]`.
+    pub fn values(&self) -> Tensor<4> {
+        self.values.clone().narrow(2, 0, self.len)
+    }
+}
+
+/// A layer's decoding state, chosen by its attention variant.
+#[derive(Clone, Debug)]
+pub enum DecodeCache {
+    /// Every key and value so far.
+    KeyValue(KvCache),
+    /// A fixed-size recurrent state.
+    Recurrent(RecurrentState),
+}
+
+/// The recurrent state of kernel attention and how many positions it has absorbed.
+#[derive(Clone, Debug)]
+pub struct RecurrentState {
+    /// `Σ φ(k) vᵀ` and `Σ φ(k)`.
+    pub state: KernelState,
+    /// Positions absorbed.
+    pub len: usize,
+}
+
+impl DecodeCache {
+    /// Positions decoded so far.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::KeyValue(c) => c.len(),
+            Self::Recurrent(r) => r.len,
+        }
+    }
+
+    /// Whether nothing has been decoded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The recurrent decode step shared by kernel variants: absorbs each new position in order.
+///
+/// # Shapes
+/// - phi_q, phi_k: `[batch, heads, t, m]` (features of the new positions), v: `[batch, heads, t, d_v]`
+/// - output: `[batch, heads, t, d_v]`
+///
+/// # Panics
+/// If `cache` is not a recurrent state.
+pub fn recurrent_step(
+    cache: &mut DecodeCache,
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
+) -> Tensor<4> {
+    let DecodeCache::Recurrent(r) = cache else {
+        panic!("kernel attention decodes with a recurrent state, not a key/value cache")
+    };
+    let t = phi_q.dims()[2];
+    let outs: Vec<Tensor<4>> = (0..t)
+        .map(|i| {
+            r.len += 1;
+            r.state.step(
+                phi_q.clone().narrow(2, i, 1),
+                phi_k.clone().narrow(2, i, 1),
+                v.clone().narrow(2, i, 1),
+            )
+        })
+        .collect();
+    Tensor::cat(outs, 2)
+}
+
+/// An empty recurrent cache with `features` features per head (causal mode only).
+pub fn recurrent_cache(
+    causal: bool,
+    batch: usize,
+    dims: HeadDims,
+    features: usize,
+    device: &Device,
+) -> Option<DecodeCache> {
+    causal.then(|| {
+        DecodeCache::Recurrent(RecurrentState {
+            state: KernelState::new(batch, dims.heads, features, dims.d_v, device),
+            len: 0,
+        })
+    })
+}

@@ -1,0 +1,271 @@
+//! The pieces of a transformer layer: normalisation, feed-forward, and the encoder and decoder
+//! layers that combine them with attention from `efficient-attn`.
+
+use burn::module::Module;
+use burn::nn::{
+    Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm,
+    RmsNormConfig,
+};
+use burn::tensor::activation::{gelu, relu, silu};
+use burn::tensor::{Bool, Device, Tensor};
+use efficient_attn::{
+    AttentionConfig, AttentionMode, GlobalTokens, Grid, MhaCache, MhaInput, MultiHeadAttention,
+    MultiHeadAttentionConfig, ProjectedContext, RotaryConfig,
+};
+
+use crate::config::{FeedForwardKind, ModelConfigError, NormKind, NormPlacement, StackConfig};
+
+/// LayerNorm or RMSNorm.
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Norm {
+    /// LayerNorm.
+    Layer(LayerNorm),
+    /// RMSNorm.
+    Rms(RmsNorm),
+}
+
+impl Norm {
+    /// A norm of width `d_model`.
+    pub fn new(kind: NormKind, d_model: usize, eps: f64, device: &Device) -> Self {
+        match kind {
+            NormKind::LayerNorm => {
+                Self::Layer(LayerNormConfig::new(d_model).with_epsilon(eps).init(device))
+            }
+            NormKind::RmsNorm => {
+                Self::Rms(RmsNormConfig::new(d_model).with_epsilon(eps).init(device))
+            }
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[..., d_model]` → `[..., d_model]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Layer(n) => n.forward(x),
+            Self::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+/// The position-wise feed-forward block: `W₂ act(W₁ x)` or SwiGLU `W₂ (SiLU(W₁ x) ⊙ W₃ x)`.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    /// W₁.
+    pub linear_inner: Linear,
+    /// W₃ (the gate's value branch), for SwiGLU only.
+    pub linear_gate: Option<Linear>,
+    /// W₂.
+    pub linear_outer: Linear,
+    /// Dropout after the activation.
+    pub dropout: Dropout,
+    #[module(skip)]
+    kind: FeedForwardKind,
+}
+
+impl FeedForward {
+    /// A block `d_model → d_ff → d_model`.
+    pub fn new(
+        kind: FeedForwardKind,
+        d_model: usize,
+        d_ff: usize,
+        dropout: f64,
+        device: &Device,
+    ) -> Self {
+        Self {
+            linear_inner: LinearConfig::new(d_model, d_ff).init(device),
+            linear_gate: (kind == FeedForwardKind::Swiglu)
+                .then(|| LinearConfig::new(d_model, d_ff).init(device)),
+            linear_outer: LinearConfig::new(d_ff, d_model).init(device),
+            dropout: DropoutConfig::new(dropout).init(),
+            kind,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.linear_inner.forward(x.clone());
+        let h = match (self.kind, &self.linear_gate) {
+            (FeedForwardKind::Gelu, _) => gelu(h),
+            (FeedForwardKind::Relu, _) => relu(h),
+            (FeedForwardKind::Swiglu, Some(gate)) => silu(h).mul(gate.forward(x)),
+            (FeedForwardKind::Swiglu, None) => unreachable!("SwiGLU has a gate"),
+        };
+        self.linear_outer.forward(self.dropout.forward(h))
+    }
+}
+
+/// What every self-attention layer of a stack receives besides its input.
+#[derive(Clone, Debug, Default)]
+pub struct LayerContext {
+    /// Padding, `[batch, seq]`, `true` = padded.
+    pub mask_pad: Option<Tensor<2, Bool>>,
+    /// Global tokens (Longformer, ETC, BigBird).
+    pub global: Option<GlobalTokens>,
+    /// 2-D layout (Image Transformer, Axial).
+    pub grid: Option<Grid>,
+    /// A projection shared by every layer (Linformer's layerwise sharing).
+    pub shared_projection: Option<Tensor<2>>,
+}
+
+impl LayerContext {
+    fn input(&self, x: Tensor<3>) -> MhaInput {
+        let mut input = MhaInput::self_attn(x);
+        if let Some(m) = &self.mask_pad {
+            input = input.mask_pad(m.clone());
+        }
+        if let Some(g) = &self.global {
+            input = input.with_global(g.clone());
+        }
+        if let Some(g) = self.grid {
+            input = input.with_grid(g);
+        }
+        if let Some(p) = &self.shared_projection {
+            input = input.with_shared_projection(p.clone());
+        }
+        input
+    }
+}
+
+/// Self-attention (+ optional cross-attention) + feed-forward, each a residual branch.
+#[derive(Module, Debug)]
+pub struct TransformerLayer {
+    /// Self-attention.
+    pub self_attention: MultiHeadAttention,
+    /// Cross-attention to an encoder's output (encoder-decoder decoders only).
+    pub cross_attention: Option<MultiHeadAttention>,
+    /// Feed-forward.
+    pub feed_forward: FeedForward,
+    /// Norm of the self-attention branch.
+    pub norm_attention: Norm,
+    /// Norm of the cross-attention branch.
+    pub norm_cross: Option<Norm>,
+    /// Norm of the feed-forward branch.
+    pub norm_feed_forward: Norm,
+    /// Dropout on the feed-forward output.
+    pub dropout: Dropout,
+    #[module(skip)]
+    placement: NormPlacement,
+}
+
+/// Builds one layer.
+pub(crate) struct LayerSpec<'a> {
+    pub stack: &'a StackConfig,
+    pub attention: &'a AttentionConfig,
+    pub mode: AttentionMode,
+    pub rotary: Option<RotaryConfig>,
+    pub cross: Option<&'a AttentionConfig>,
+    pub d_context: usize,
+}
+
+impl TransformerLayer {
+    pub(crate) fn new(
+        spec: LayerSpec<'_>,
+        path: &str,
+        device: &Device,
+    ) -> Result<Self, ModelConfigError> {
+        let s = spec.stack;
+        let mha = |attention: &AttentionConfig,
+                   mode: AttentionMode,
+                   rotary: Option<RotaryConfig>,
+                   d_context| {
+            MultiHeadAttentionConfig {
+                d_model: s.d_model,
+                n_heads: s.n_heads,
+                d_k: None,
+                d_context,
+                dropout: s.dropout,
+                bias: true,
+                mode,
+                rotary,
+                attention: attention.clone(),
+            }
+            .init(device)
+        };
+        let self_attention = mha(spec.attention, spec.mode, spec.rotary.clone(), None)
+            .map_err(|e| ModelConfigError::attention(format!("{path}.attention"), e))?;
+        let cross_attention = match spec.cross {
+            Some(c) => Some(
+                mha(c, AttentionMode::Cross, None, Some(spec.d_context)).map_err(|e| {
+                    ModelConfigError::attention(format!("{path}.cross_attention"), e)
+                })?,
+            ),
+            None => None,
+        };
+        let norm = || Norm::new(s.norm, s.d_model, s.norm_eps, device);
+        Ok(Self {
+            self_attention,
+            norm_cross: cross_attention.as_ref().map(|_| norm()),
+            cross_attention,
+            feed_forward: FeedForward::new(s.feed_forward, s.d_model, s.d_ff, s.dropout, device),
+            norm_attention: norm(),
+            norm_feed_forward: norm(),
+            dropout: DropoutConfig::new(s.dropout).init(),
+            placement: s.placement,
+        })
+    }
+
+    /// One residual branch: pre-norm `x + f(norm(x))` or post-norm `norm(x + f(x))`.
+    fn branch(
+        &self,
+        x: Tensor<3>,
+        norm: &Norm,
+        f: impl FnOnce(Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
+        match self.placement {
+            NormPlacement::Pre => x.clone().add(f(norm.forward(x))),
+            NormPlacement::Post => norm.forward(x.clone().add(f(x))),
+        }
+    }
+
+    fn feed_forward_branch(&self, x: Tensor<3>) -> Tensor<3> {
+        self.branch(x, &self.norm_feed_forward, |h| {
+            self.dropout.forward(self.feed_forward.forward(h))
+        })
+    }
+
+    fn cross_branch(&self, x: Tensor<3>, context: Option<&ProjectedContext>) -> Tensor<3> {
+        match (&self.cross_attention, &self.norm_cross, context) {
+            (Some(cross), Some(norm), Some(context)) => {
+                self.branch(x, norm, |h| cross.forward_context(h, context))
+            }
+            (Some(_), _, None) => {
+                panic!("a decoder layer with cross-attention needs the encoder output")
+            }
+            _ => x,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &LayerContext,
+        context: Option<&ProjectedContext>,
+    ) -> Tensor<3> {
+        let x = self.branch(x, &self.norm_attention, |h| {
+            self.self_attention.forward(ctx.input(h))
+        });
+        let x = self.cross_branch(x, context);
+        self.feed_forward_branch(x)
+    }
+
+    /// Incremental decoding: `t` new positions given the layer's cache.
+    ///
+    /// # Shapes
+    /// - x: `[batch, t, d_model]` → `[batch, t, d_model]`
+    pub fn forward_step(
+        &self,
+        x: Tensor<3>,
+        cache: &mut MhaCache,
+        context: Option<&ProjectedContext>,
+    ) -> Tensor<3> {
+        let x = self.branch(x, &self.norm_attention, |h| {
+            self.self_attention.forward_step(h, cache)
+        });
+        let x = self.cross_branch(x, context);
+        self.feed_forward_branch(x)
+    }
+}

@@ -1,0 +1,602 @@
+//! Complete models: encoder, sequence and token classifiers, decoder-only language model and
+//! encoder-decoder sequence-to-sequence model.
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::serde::{Deserialize, Serialize};
+use burn::tensor::{Bool, Device, Int, Tensor};
+use efficient_attn::{
+    AttentionConfig, AttentionMode, GlobalTokens, Grid, MhaCache, ProjectedContext,
+};
+
+use crate::block::LayerContext;
+use crate::config::{ModelConfigError, StackConfig};
+use crate::embedding::{EmbeddingSettings, TokenEmbedding};
+use crate::stack::{Stack, StackSpec};
+
+/// What an encoder reads.
+///
+/// # Shapes
+/// - tokens, token_types: `[batch, seq]`; mask_pad: `[batch, seq]`, `true` = padding
+#[derive(Clone, Debug)]
+pub struct EncoderInput {
+    /// Token ids.
+    pub tokens: Tensor<2, Int>,
+    /// Padding.
+    pub mask_pad: Option<Tensor<2, Bool>>,
+    /// Token types (BERT segments).
+    pub token_types: Option<Tensor<2, Int>>,
+    /// Global tokens, for variants that have them.
+    pub global: Option<GlobalTokens>,
+    /// 2-D layout, for image variants.
+    pub grid: Option<Grid>,
+}
+
+impl EncoderInput {
+    /// Tokens without padding.
+    pub fn new(tokens: Tensor<2, Int>) -> Self {
+        Self {
+            tokens,
+            mask_pad: None,
+            token_types: None,
+            global: None,
+            grid: None,
+        }
+    }
+
+    /// Sets the padding mask.
+    pub fn mask_pad(mut self, mask: Tensor<2, Bool>) -> Self {
+        self.mask_pad = Some(mask);
+        self
+    }
+
+    /// Sets global tokens.
+    pub fn with_global(mut self, global: GlobalTokens) -> Self {
+        self.global = Some(global);
+        self
+    }
+
+    /// Sets the token types.
+    pub fn with_token_types(mut self, types: Tensor<2, Int>) -> Self {
+        self.token_types = Some(types);
+        self
+    }
+}
+
+/// Configuration of an [`Encoder`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", default, deny_unknown_fields)]
+pub struct EncoderConfig {
+    /// Embeddings.
+    pub embedding: EmbeddingSettings,
+    /// Layers (bidirectional self-attention).
+    pub stack: StackConfig,
+}
+
+impl EncoderConfig {
+    /// Builds the encoder.
+    pub fn init(&self, device: &Device) -> Result<Encoder, ModelConfigError> {
+        Ok(Encoder {
+            embedding: self
+                .embedding
+                .init(self.stack.d_model, "embedding", device)?,
+            stack: Stack::new(
+                StackSpec {
+                    config: &self.stack,
+                    name: "encoder",
+                    mode: AttentionMode::Bidirectional,
+                    rotary: self.embedding.rotary(),
+                    cross: None,
+                    d_context: self.stack.d_model,
+                },
+                device,
+            )?,
+        })
+    }
+}
+
+/// Embeddings and a bidirectional stack.
+#[derive(Module, Debug)]
+pub struct Encoder {
+    /// Embeddings.
+    pub embedding: TokenEmbedding,
+    /// Layers.
+    pub stack: Stack,
+}
+
+impl Encoder {
+    /// # Shapes
+    /// - input: see [`EncoderInput`]
+    /// - output: `[batch, seq, d_model]`
+    pub fn forward(&self, input: EncoderInput) -> Tensor<3> {
+        let x = self.embedding.forward(input.tokens, input.token_types, 0);
+        let ctx = LayerContext {
+            mask_pad: input.mask_pad,
+            global: input.global,
+            grid: input.grid,
+            shared_projection: None,
+        };
+        self.stack.forward(x, &ctx, &[])
+    }
+}
+
+/// How a sequence classifier reduces the sequence to one vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", rename_all = "kebab-case")]
+pub enum Pooling {
+    /// The first position (a CLS token the data pipeline prepends; LRA, BERT).
+    #[default]
+    Cls,
+    /// The mean over unpadded positions.
+    Mean,
+}
+
+/// Configuration of a [`SequenceClassifier`] or [`TokenClassifier`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", default, deny_unknown_fields)]
+pub struct ClassifierConfig {
+    /// The encoder.
+    pub encoder: EncoderConfig,
+    /// Number of classes.
+    pub n_classes: usize,
+    /// Pooling (sequence classification only).
+    pub pooling: Pooling,
+    /// Dropout before the output layer.
+    pub dropout: f64,
+}
+
+impl Default for ClassifierConfig {
+    fn default() -> Self {
+        Self {
+            encoder: EncoderConfig::default(),
+            n_classes: 2,
+            pooling: Pooling::Cls,
+            dropout: 0.1,
+        }
+    }
+}
+
+impl ClassifierConfig {
+    fn check(&self) -> Result<(), ModelConfigError> {
+        if self.n_classes < 2 {
+            return Err(ModelConfigError::new("n_classes", "at least 2 classes"));
+        }
+        Ok(())
+    }
+
+    /// Builds a sequence classifier.
+    pub fn init_sequence(&self, device: &Device) -> Result<SequenceClassifier, ModelConfigError> {
+        self.check()?;
+        Ok(SequenceClassifier {
+            encoder: self.encoder.init(device)?,
+            dropout: DropoutConfig::new(self.dropout).init(),
+            output: LinearConfig::new(self.encoder.stack.d_model, self.n_classes).init(device),
+            pooling: self.pooling,
+        })
+    }
+
+    /// Builds a token classifier.
+    pub fn init_token(&self, device: &Device) -> Result<TokenClassifier, ModelConfigError> {
+        self.check()?;
+        Ok(TokenClassifier {
+            encoder: self.encoder.init(device)?,
+            dropout: DropoutConfig::new(self.dropout).init(),
+            output: LinearConfig::new(self.encoder.stack.d_model, self.n_classes).init(device),
+        })
+    }
+}
+
+/// Encoder, pooling and a linear layer: one label per sequence.
+#[derive(Module, Debug)]
+pub struct SequenceClassifier {
+    /// The encoder.
+    pub encoder: Encoder,
+    /// Dropout before the output layer.
+    pub dropout: Dropout,
+    /// Output layer.
+    pub output: Linear,
+    #[module(skip)]
+    pooling: Pooling,
+}
+
+/// The mean of `h` over unpadded positions.
+///
+/// # Shapes
+/// - h: `[batch, seq, d]`, mask_pad: `[batch, seq]` → `[batch, d]`
+pub fn mean_pool(h: Tensor<3>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<2> {
+    let [b, n, d] = h.dims();
+    match mask_pad {
+        None => h.mean_dim(1).reshape([b, d]),
+        Some(mask) => {
+            let keep = mask.bool_not().float().reshape([b, n, 1]); // [batch, seq, 1]
+            let count = keep.clone().sum_dim(1).clamp_min(1.0); // [batch, 1, 1]
+            h.mul(keep).sum_dim(1).div(count).reshape([b, d])
+        }
+    }
+}
+
+impl SequenceClassifier {
+    /// # Shapes
+    /// - input: see [`EncoderInput`]
+    /// - output: `[batch, n_classes]` logits
+    pub fn forward(&self, input: EncoderInput) -> Tensor<2> {
+        let mask = input.mask_pad.clone();
+        let h = self.encoder.forward(input); // [batch, seq, d_model]
+        let [b, _, d] = h.dims();
+        let pooled = match self.pooling {
+            Pooling::Cls => h.narrow(1, 0, 1).reshape([b, d]),
+            Pooling::Mean => mean_pool(h, mask),
+        };
+        self.output.forward(self.dropout.forward(pooled))
+    }
+}
+
+/// Encoder and a linear layer: one label per token.
+#[derive(Module, Debug)]
+pub struct TokenClassifier {
+    /// The encoder.
+    pub encoder: Encoder,
+    /// Dropout before the output layer.
+    pub dropout: Dropout,
+    /// Output layer.
+    pub output: Linear,
+}
+
+impl TokenClassifier {
+    /// # Shapes
+    /// - input: see [`EncoderInput`]
+    /// - output: `[batch, seq, n_classes]` logits
+    pub fn forward(&self, input: EncoderInput) -> Tensor<3> {
+        self.output
+            .forward(self.dropout.forward(self.encoder.forward(input)))
+    }
+}
+
+/// The language-model head: a linear layer, or the token embedding transposed (tied).
+#[derive(Module, Debug)]
+pub struct LmHead {
+    /// Untied output layer (`None` when tied to the token embedding).
+    pub output: Option<Linear>,
+}
+
+impl LmHead {
+    fn new(tied: bool, d_model: usize, vocab: usize, device: &Device) -> Self {
+        Self {
+            output: (!tied).then(|| {
+                LinearConfig::new(d_model, vocab)
+                    .with_bias(false)
+                    .init(device)
+            }),
+        }
+    }
+
+    /// # Shapes
+    /// - h: `[batch, seq, d_model]` → `[batch, seq, vocab]`
+    pub fn forward(&self, h: Tensor<3>, embedding: &TokenEmbedding) -> Tensor<3> {
+        match &self.output {
+            Some(linear) => linear.forward(h),
+            None => {
+                let table = embedding.tokens.weight.val(); // [vocab, d_model]
+                let [b, n, d] = h.dims();
+                let v = table.dims()[0];
+                h.reshape([b * n, d])
+                    .matmul(table.transpose())
+                    .reshape([b, n, v])
+            }
+        }
+    }
+}
+
+/// Configuration of a decoder-only [`LanguageModel`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", default, deny_unknown_fields)]
+pub struct LanguageModelConfig {
+    /// Embeddings.
+    pub embedding: EmbeddingSettings,
+    /// Layers (causal self-attention: every variant must have a causal mode).
+    pub stack: StackConfig,
+    /// Tie the output layer to the token embedding (Press & Wolf 2017).
+    pub tie_embeddings: bool,
+}
+
+impl LanguageModelConfig {
+    /// Builds the model.
+    pub fn init(&self, device: &Device) -> Result<LanguageModel, ModelConfigError> {
+        Ok(LanguageModel {
+            embedding: self
+                .embedding
+                .init(self.stack.d_model, "embedding", device)?,
+            stack: Stack::new(
+                StackSpec {
+                    config: &self.stack,
+                    name: "decoder",
+                    mode: AttentionMode::Causal,
+                    rotary: self.embedding.rotary(),
+                    cross: None,
+                    d_context: self.stack.d_model,
+                },
+                device,
+            )?,
+            head: LmHead::new(
+                self.tie_embeddings,
+                self.stack.d_model,
+                self.embedding.vocab_size,
+                device,
+            ),
+        })
+    }
+}
+
+/// A decoder-only language model.
+#[derive(Module, Debug)]
+pub struct LanguageModel {
+    /// Embeddings.
+    pub embedding: TokenEmbedding,
+    /// Causal layers.
+    pub stack: Stack,
+    /// Output head.
+    pub head: LmHead,
+}
+
+/// The decoding state of a model: one cache per layer.
+#[derive(Clone, Debug)]
+pub struct DecodeState {
+    /// Per-layer caches.
+    pub layers: Vec<MhaCache>,
+    /// Positions decoded so far.
+    pub position: usize,
+}
+
+impl LanguageModel {
+    /// Next-token logits for every position.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`, mask_pad: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, tokens: Tensor<2, Int>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<3> {
+        let x = self.embedding.forward(tokens, None, 0);
+        let ctx = LayerContext {
+            mask_pad,
+            ..Default::default()
+        };
+        self.head
+            .forward(self.stack.forward(x, &ctx, &[]), &self.embedding)
+    }
+
+    /// An empty decoding state for `batch` sequences of up to `max_len` positions, or an error
+    /// naming a layer whose variant cannot decode incrementally.
+    pub fn init_state(
+        &self,
+        batch: usize,
+        max_len: usize,
+        device: &Device,
+    ) -> Result<DecodeState, String> {
+        let layers = self
+            .stack
+            .init_caches(batch, max_len.min(self.embedding.max_len()), device)
+            .ok_or("a layer's attention variant has no incremental decoding cache")?;
+        Ok(DecodeState {
+            layers,
+            position: 0,
+        })
+    }
+
+    /// Logits for `t` new tokens given the state of the earlier ones; equal to the last `t`
+    /// rows of [`forward`](Self::forward) over the whole sequence.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, t]` → `[batch, t, vocab]`
+    pub fn step(&self, tokens: Tensor<2, Int>, state: &mut DecodeState) -> Tensor<3> {
+        let t = tokens.dims()[1];
+        let x = self.embedding.forward(tokens, None, state.position);
+        state.position += t;
+        let h = self.stack.forward_step(x, &mut state.layers, &[]);
+        self.head.forward(h, &self.embedding)
+    }
+
+    /// Continues `prompt` by `max_new` tokens with `sampler`, decoding incrementally.
+    ///
+    /// # Shapes
+    /// - prompt: `[batch, p]` → `[batch, p + max_new]`
+    pub fn generate(
+        &self,
+        prompt: Tensor<2, Int>,
+        max_new: usize,
+        sampler: &mut crate::generate::Sampler,
+    ) -> Result<Tensor<2, Int>, String> {
+        let [b, p] = prompt.dims();
+        let device = prompt.device();
+        let mut state = self.init_state(b, p + max_new, &device)?;
+        let mut logits = self.step(prompt.clone(), &mut state);
+        let mut out = vec![prompt];
+        for _ in 0..max_new {
+            let n = logits.dims()[1];
+            let next = sampler.sample(logits.narrow(1, n - 1, 1));
+            out.push(next.clone());
+            logits = self.step(next, &mut state);
+        }
+        Ok(Tensor::cat(out, 1))
+    }
+}
+
+/// Configuration of a [`Seq2Seq`] encoder-decoder model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", default, deny_unknown_fields)]
+pub struct Seq2SeqConfig {
+    /// Embeddings shared by source and target.
+    pub embedding: EmbeddingSettings,
+    /// Encoder layers.
+    pub encoder: StackConfig,
+    /// Decoder layers (causal self-attention).
+    pub decoder: StackConfig,
+    /// Decoder-to-encoder attention (full by default).
+    pub cross_attention: AttentionConfig,
+    /// Tie the output layer to the token embedding.
+    pub tie_embeddings: bool,
+}
+
+impl Default for Seq2SeqConfig {
+    fn default() -> Self {
+        Self {
+            embedding: EmbeddingSettings::default(),
+            encoder: StackConfig::default(),
+            decoder: StackConfig::default(),
+            cross_attention: AttentionConfig::default(),
+            tie_embeddings: true,
+        }
+    }
+}
+
+impl Seq2SeqConfig {
+    /// Builds the model.
+    pub fn init(&self, device: &Device) -> Result<Seq2Seq, ModelConfigError> {
+        if self.encoder.d_model != self.decoder.d_model {
+            return Err(ModelConfigError::new(
+                "decoder.d_model",
+                format!(
+                    "the encoder's width {} (embeddings are shared)",
+                    self.encoder.d_model
+                ),
+            ));
+        }
+        let rotary = self.embedding.rotary();
+        Ok(Seq2Seq {
+            embedding: self
+                .embedding
+                .init(self.encoder.d_model, "embedding", device)?,
+            encoder: Stack::new(
+                StackSpec {
+                    config: &self.encoder,
+                    name: "encoder",
+                    mode: AttentionMode::Bidirectional,
+                    rotary: rotary.clone(),
+                    cross: None,
+                    d_context: self.encoder.d_model,
+                },
+                device,
+            )?,
+            decoder: Stack::new(
+                StackSpec {
+                    config: &self.decoder,
+                    name: "decoder",
+                    mode: AttentionMode::Causal,
+                    rotary,
+                    cross: Some(&self.cross_attention),
+                    d_context: self.encoder.d_model,
+                },
+                device,
+            )?,
+            head: LmHead::new(
+                self.tie_embeddings,
+                self.decoder.d_model,
+                self.embedding.vocab_size,
+                device,
+            ),
+        })
+    }
+}
+
+/// An encoder-decoder model with cross-attention.
+#[derive(Module, Debug)]
+pub struct Seq2Seq {
+    /// Shared embeddings.
+    pub embedding: TokenEmbedding,
+    /// Encoder.
+    pub encoder: Stack,
+    /// Decoder.
+    pub decoder: Stack,
+    /// Output head.
+    pub head: LmHead,
+}
+
+impl Seq2Seq {
+    /// Encodes the source and projects it for every decoder layer's cross-attention.
+    ///
+    /// # Shapes
+    /// - source, mask_pad: `[batch, seq_src]`
+    pub fn encode(
+        &self,
+        source: Tensor<2, Int>,
+        mask_pad: Option<Tensor<2, Bool>>,
+    ) -> Vec<ProjectedContext> {
+        let x = self.embedding.forward(source, None, 0);
+        let ctx = LayerContext {
+            mask_pad: mask_pad.clone(),
+            ..Default::default()
+        };
+        let memory = self.encoder.forward(x, &ctx, &[]);
+        self.decoder.project_contexts(memory, mask_pad)
+    }
+
+    /// Teacher-forced logits.
+    ///
+    /// # Shapes
+    /// - source, source_pad: `[batch, seq_src]`; target, target_pad: `[batch, seq_tgt]`
+    /// - output: `[batch, seq_tgt, vocab]`
+    pub fn forward(
+        &self,
+        source: Tensor<2, Int>,
+        source_pad: Option<Tensor<2, Bool>>,
+        target: Tensor<2, Int>,
+        target_pad: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
+        let contexts = self.encode(source, source_pad);
+        let x = self.embedding.forward(target, None, 0);
+        let ctx = LayerContext {
+            mask_pad: target_pad,
+            ..Default::default()
+        };
+        self.head
+            .forward(self.decoder.forward(x, &ctx, &contexts), &self.embedding)
+    }
+
+    /// Generates up to `max_len` target tokens after `bos`, stopping a sequence at `eos`
+    /// (later positions repeat `eos`).
+    ///
+    /// # Shapes
+    /// - source, source_pad: `[batch, seq_src]` → `[batch, 1 + generated]`
+    pub fn generate(
+        &self,
+        source: Tensor<2, Int>,
+        source_pad: Option<Tensor<2, Bool>>,
+        bos: usize,
+        eos: Option<usize>,
+        max_len: usize,
+        sampler: &mut crate::generate::Sampler,
+    ) -> Result<Tensor<2, Int>, String> {
+        let [b, _] = source.dims();
+        let device = source.device();
+        let contexts = self.encode(source, source_pad);
+        let mut caches = self
+            .decoder
+            .init_caches(b, max_len + 1, &device)
+            .ok_or("a decoder layer's attention variant has no incremental decoding cache")?;
+        let mut token = Tensor::<2, Int>::full([b, 1], bos as i64, &device);
+        let mut out = vec![token.clone()];
+        let mut done = vec![false; b];
+        for position in 0..max_len {
+            let x = self.embedding.forward(token, None, position);
+            let h = self.decoder.forward_step(x, &mut caches, &contexts);
+            let next = sampler.sample(self.head.forward(h, &self.embedding));
+            let mut ids: Vec<i64> = next
+                .to_data()
+                .convert::<i64>()
+                .try_to_vec()
+                .map_err(|e| format!("{e:?}"))?;
+            if let Some(eos) = eos {
+                for (i, id) in ids.iter_mut().enumerate() {
+                    if done[i] {
+                        *id = eos as i64;
+                    }
+                    done[i] |= *id == eos as i64;
+                }
+            }
+            token = Tensor::from_data(burn::tensor::TensorData::new(ids, [b, 1]), &device);
+            out.push(token.clone());
+            if done.iter().all(|d| *d) {
+                break;
+            }
+        }
+        Ok(Tensor::cat(out, 1))
+    }
+}

@@ -1,0 +1,141 @@
+//! Stacks of layers: encoder (bidirectional), decoder (causal, optionally with cross-attention),
+//! each with the final norm pre-norm stacks need.
+
+use burn::module::Module;
+use burn::tensor::{Bool, Device, Tensor};
+use efficient_attn::{AttentionConfig, AttentionMode, MhaCache, ProjectedContext, RotaryConfig};
+
+use crate::block::{LayerContext, LayerSpec, Norm, TransformerLayer};
+use crate::config::{ModelConfigError, NormPlacement, StackConfig};
+
+/// A stack of [`TransformerLayer`]s.
+#[derive(Module, Debug)]
+pub struct Stack {
+    /// The layers.
+    pub layers: Vec<TransformerLayer>,
+    /// Norm after the last layer (pre-norm stacks only).
+    pub final_norm: Option<Norm>,
+}
+
+/// How a stack is built.
+pub struct StackSpec<'a> {
+    /// Its configuration.
+    pub config: &'a StackConfig,
+    /// `encoder` or `decoder`, for error paths.
+    pub name: &'static str,
+    /// Self-attention mode of every layer.
+    pub mode: AttentionMode,
+    /// Rotary positions, if the model uses them.
+    pub rotary: Option<RotaryConfig>,
+    /// Cross-attention to an encoder (decoders of encoder-decoder models).
+    pub cross: Option<&'a AttentionConfig>,
+    /// Width of the encoder output cross-attention reads.
+    pub d_context: usize,
+}
+
+impl Stack {
+    /// Builds the stack; a variant without the stack's mode is an error naming the layer.
+    pub fn new(spec: StackSpec<'_>, device: &Device) -> Result<Self, ModelConfigError> {
+        let per_layer = spec.config.check(spec.name, spec.mode)?;
+        if let Some(cross) = spec.cross
+            && !cross.info().supports(AttentionMode::Cross)
+        {
+            return Err(ModelConfigError::new(
+                format!("{}.cross_attention", spec.name),
+                format!("attention kind \"{}\" has no cross mode", cross.info().kind),
+            ));
+        }
+        let layers = per_layer
+            .iter()
+            .enumerate()
+            .map(|(i, attention)| {
+                TransformerLayer::new(
+                    LayerSpec {
+                        stack: spec.config,
+                        attention,
+                        mode: spec.mode,
+                        rotary: spec.rotary.clone(),
+                        cross: spec.cross,
+                        d_context: spec.d_context,
+                    },
+                    &format!("{}.layers[{i}]", spec.name),
+                    device,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let c = spec.config;
+        Ok(Self {
+            layers,
+            final_norm: (c.placement == NormPlacement::Pre)
+                .then(|| Norm::new(c.norm, c.d_model, c.norm_eps, device)),
+        })
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    /// - `contexts`: one projected encoder output per layer (cross-attention), or empty
+    pub fn forward(
+        &self,
+        mut x: Tensor<3>,
+        ctx: &LayerContext,
+        contexts: &[ProjectedContext],
+    ) -> Tensor<3> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, ctx, contexts.get(i));
+        }
+        self.finish(x)
+    }
+
+    /// Incremental decoding of `t` new positions (causal stacks).
+    ///
+    /// # Shapes
+    /// - x: `[batch, t, d_model]` → `[batch, t, d_model]`
+    pub fn forward_step(
+        &self,
+        mut x: Tensor<3>,
+        caches: &mut [MhaCache],
+        contexts: &[ProjectedContext],
+    ) -> Tensor<3> {
+        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+            x = layer.forward_step(x, cache, contexts.get(i));
+        }
+        self.finish(x)
+    }
+
+    fn finish(&self, x: Tensor<3>) -> Tensor<3> {
+        match &self.final_norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        }
+    }
+
+    /// One decoding cache per layer for up to `max_len` positions, or `None` if a layer's
+    /// variant cannot decode incrementally.
+    pub fn init_caches(
+        &self,
+        batch: usize,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<Vec<MhaCache>> {
+        self.layers
+            .iter()
+            .map(|l| l.self_attention.init_cache(batch, max_len, device))
+            .collect()
+    }
+
+    /// Projects an encoder output once for every layer's cross-attention.
+    ///
+    /// # Shapes
+    /// - memory: `[batch, seq_src, d_model]`, mask_pad: `[batch, seq_src]`
+    pub fn project_contexts(
+        &self,
+        memory: Tensor<3>,
+        mask_pad: Option<Tensor<2, Bool>>,
+    ) -> Vec<ProjectedContext> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.cross_attention.as_ref())
+            .map(|c| c.project_context(memory.clone(), mask_pad.clone()))
+            .collect()
+    }
+}

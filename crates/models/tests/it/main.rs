@@ -1,0 +1,409 @@
+//! Whole-model tests on tiny shapes: padding invariance of an encoder, causality of a decoder,
+//! cross-attention masking, incremental decoding, per-layer attention, config errors, presets.
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use efficient_attn::mask::padding_mask;
+use efficient_attn::{
+    AttentionConfig, LinearTransformerAttentionConfig, LinformerAttentionConfig,
+    MemoryEfficientAttentionConfig, PerformerAttentionConfig, SynthesizerAttentionConfig,
+};
+use models::{
+    ClassifierConfig, EmbeddingSettings, EncoderConfig, EncoderInput, FeedForwardKind,
+    LanguageModelConfig, NormKind, NormPlacement, Pooling, PositionKind, Sampler, Seq2SeqConfig,
+    StackConfig,
+};
+
+fn tokens(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
+    let n = rows[0].len();
+    let data: Vec<i64> = rows.iter().flatten().copied().collect();
+    Tensor::from_data(TensorData::new(data, [rows.len(), n]), device)
+}
+
+fn stack(attention: impl Into<AttentionConfig>) -> StackConfig {
+    StackConfig {
+        n_layers: 2,
+        d_model: 16,
+        n_heads: 2,
+        d_ff: 32,
+        dropout: 0.0,
+        ..Default::default()
+    }
+    .with_attention(attention)
+}
+
+fn embedding(positions: PositionKind) -> EmbeddingSettings {
+    EmbeddingSettings {
+        vocab_size: 20,
+        max_len: 32,
+        positions,
+        dropout: 0.0,
+        ..Default::default()
+    }
+}
+
+fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    a.sub(b).abs().max().into_scalar::<f32>()
+}
+
+#[test]
+fn encoder_outputs_ignore_padded_tokens() {
+    let device = Device::flex();
+    for placement in [NormPlacement::Pre, NormPlacement::Post] {
+        for norm in [NormKind::LayerNorm, NormKind::RmsNorm] {
+            let mut s = stack(MemoryEfficientAttentionConfig {
+                key_block: 3,
+                ..Default::default()
+            });
+            s.placement = placement;
+            s.norm = norm;
+            s.feed_forward = FeedForwardKind::Swiglu;
+            let encoder = EncoderConfig {
+                embedding: embedding(PositionKind::Learned),
+                stack: s,
+            }
+            .init(&device)
+            .unwrap();
+            let mask = padding_mask(&[7, 4], 7, &device);
+            let a = tokens(
+                &[vec![1, 2, 3, 4, 5, 6, 7], vec![3, 4, 5, 6, 0, 0, 0]],
+                &device,
+            );
+            let b = tokens(
+                &[vec![1, 2, 3, 4, 5, 6, 7], vec![3, 4, 5, 6, 9, 8, 7]],
+                &device,
+            );
+            let ha = encoder.forward(EncoderInput::new(a).mask_pad(mask.clone()));
+            let hb = encoder.forward(EncoderInput::new(b).mask_pad(mask));
+            let d = max_diff(ha.narrow(1, 0, 4), hb.narrow(1, 0, 4));
+            assert!(d < 1e-5, "{placement:?} {norm:?}: {d}");
+        }
+    }
+}
+
+#[test]
+fn decoder_logits_never_see_the_future() {
+    let device = Device::flex();
+    for attention in [
+        AttentionConfig::default(),
+        LinearTransformerAttentionConfig { chunk: 2 }.into(),
+    ] {
+        let lm = LanguageModelConfig {
+            embedding: embedding(PositionKind::Rotary),
+            stack: stack(attention.clone()),
+            tie_embeddings: true,
+        }
+        .init(&device)
+        .unwrap();
+        let a = lm.forward(tokens(&[vec![1, 2, 3, 4, 5, 6]], &device), None);
+        let b = lm.forward(tokens(&[vec![1, 2, 3, 9, 9, 9]], &device), None);
+        let d = max_diff(a.clone().narrow(1, 0, 3), b.clone().narrow(1, 0, 3));
+        assert!(d < 1e-5, "{}: {d}", attention.info().kind);
+        assert!(
+            max_diff(a.narrow(1, 3, 1), b.narrow(1, 3, 1)) > 1e-4,
+            "the future token must matter"
+        );
+    }
+}
+
+#[test]
+fn incremental_decoding_gives_the_same_logits_as_one_forward() {
+    let device = Device::flex();
+    let variants: Vec<AttentionConfig> = vec![
+        AttentionConfig::default(),
+        MemoryEfficientAttentionConfig {
+            key_block: 4,
+            query_block: 3,
+            ..Default::default()
+        }
+        .into(),
+        LinearTransformerAttentionConfig { chunk: 3 }.into(),
+        PerformerAttentionConfig {
+            features: 16,
+            ..Default::default()
+        }
+        .into(),
+        SynthesizerAttentionConfig {
+            max_len: 32,
+            ..Default::default()
+        }
+        .into(),
+    ];
+    for attention in variants {
+        for positions in [
+            PositionKind::Learned,
+            PositionKind::Rotary,
+            PositionKind::Sinusoidal,
+        ] {
+            let lm = LanguageModelConfig {
+                embedding: embedding(positions),
+                stack: stack(attention.clone()),
+                tie_embeddings: false,
+            }
+            .init(&device)
+            .unwrap();
+            let seq = tokens(
+                &[
+                    vec![1, 5, 2, 7, 3, 3, 8, 1, 4],
+                    vec![2, 2, 6, 1, 9, 4, 4, 0, 11],
+                ],
+                &device,
+            );
+            let whole = lm.forward(seq.clone(), None);
+            let mut state = lm.init_state(2, 9, &device).unwrap();
+            let mut parts = vec![lm.step(seq.clone().narrow(1, 0, 4), &mut state)];
+            for t in 4..9 {
+                parts.push(lm.step(seq.clone().narrow(1, t, 1), &mut state));
+            }
+            let d = max_diff(Tensor::cat(parts, 1), whole);
+            assert!(
+                d < 1e-4,
+                "{} with {positions:?} positions: {d}",
+                attention.info().kind
+            );
+        }
+    }
+}
+
+#[test]
+fn generation_is_greedy_or_seeded() {
+    let device = Device::flex();
+    let lm = LanguageModelConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: stack(PerformerAttentionConfig::default()),
+        tie_embeddings: true,
+    }
+    .init(&device)
+    .unwrap();
+    let prompt = tokens(&[vec![1, 2, 3]], &device);
+    let greedy = lm
+        .generate(prompt.clone(), 5, &mut Sampler::Greedy)
+        .unwrap();
+    assert_eq!(greedy.dims(), [1, 8]);
+    // Greedy continuation agrees with the argmax of a full forward at every step.
+    let logits = lm.forward(greedy.clone().narrow(1, 0, 7), None);
+    let argmax: Vec<i64> = logits
+        .argmax(2)
+        .reshape([7])
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .unwrap();
+    let generated: Vec<i64> = greedy
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .unwrap();
+    assert_eq!(&argmax[2..7], &generated[3..8]);
+    let a = lm
+        .generate(
+            prompt.clone(),
+            5,
+            &mut Sampler::sample_with(1.0, Some(5), 3),
+        )
+        .unwrap();
+    let b = lm
+        .generate(prompt, 5, &mut Sampler::sample_with(1.0, Some(5), 3))
+        .unwrap();
+    assert_eq!(a.into_data(), b.into_data());
+}
+
+#[test]
+fn encoder_decoder_masks_padded_source_tokens_and_decodes_incrementally() {
+    let device = Device::flex();
+    let model = Seq2SeqConfig {
+        embedding: embedding(PositionKind::Learned),
+        encoder: stack(AttentionConfig::default()),
+        decoder: stack(LinearTransformerAttentionConfig::default()),
+        cross_attention: AttentionConfig::default(),
+        tie_embeddings: true,
+    }
+    .init(&device)
+    .unwrap();
+    let mask = padding_mask(&[6, 3], 6, &device);
+    let src_a = tokens(&[vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9, 0, 0, 0]], &device);
+    let src_b = tokens(&[vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9, 4, 4, 4]], &device);
+    let tgt = tokens(&[vec![1, 3, 5, 7], vec![2, 4, 6, 8]], &device);
+    let a = model.forward(src_a.clone(), Some(mask.clone()), tgt.clone(), None);
+    let b = model.forward(src_b, Some(mask.clone()), tgt.clone(), None);
+    assert!(max_diff(a.clone(), b) < 1e-5);
+
+    let greedy = model
+        .generate(
+            src_a.clone(),
+            Some(mask.clone()),
+            1,
+            None,
+            4,
+            &mut Sampler::Greedy,
+        )
+        .unwrap();
+    let logits = model.forward(src_a, Some(mask), greedy.clone().narrow(1, 0, 4), None);
+    let argmax: Vec<i64> = logits
+        .argmax(2)
+        .reshape([8])
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .unwrap();
+    let generated: Vec<i64> = greedy
+        .narrow(1, 1, 4)
+        .reshape([8])
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec()
+        .unwrap();
+    assert_eq!(argmax, generated);
+}
+
+#[test]
+fn a_non_causal_variant_in_a_decoder_is_an_error_naming_layer_and_variant() {
+    let device = Device::flex();
+    let mut s = stack(AttentionConfig::default());
+    s.attention_layers = Some(vec![
+        AttentionConfig::default(),
+        LinformerAttentionConfig::default().into(),
+    ]);
+    let err = LanguageModelConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: s,
+        tie_embeddings: true,
+    }
+    .init(&device)
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("decoder.layers[1].attention"), "{err}");
+    assert!(err.contains("linformer") && err.contains("causal"), "{err}");
+}
+
+#[test]
+fn per_layer_lists_and_repeating_patterns() {
+    let device = Device::flex();
+    let mut s = stack(AttentionConfig::default());
+    s.n_layers = 5;
+    s.attention_pattern = Some(vec![
+        MemoryEfficientAttentionConfig::default().into(),
+        AttentionConfig::default(),
+    ]);
+    let kinds = |s: &StackConfig| -> Vec<&'static str> {
+        s.resolve_attention("encoder")
+            .unwrap()
+            .iter()
+            .map(|c| c.info().kind)
+            .collect()
+    };
+    assert_eq!(
+        kinds(&s),
+        [
+            "memory-efficient",
+            "full",
+            "memory-efficient",
+            "full",
+            "memory-efficient"
+        ]
+    );
+    let encoder = EncoderConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: s.clone(),
+    }
+    .init(&device)
+    .unwrap();
+    assert_eq!(encoder.stack.layers.len(), 5);
+
+    s.attention_layers = Some(vec![AttentionConfig::default(); 2]);
+    let err = s.resolve_attention("encoder").unwrap_err().to_string();
+    assert!(err.contains("not both"), "{err}");
+    s.attention_pattern = None;
+    let err = s.resolve_attention("encoder").unwrap_err().to_string();
+    assert!(err.contains("one entry per layer (5)"), "{err}");
+}
+
+#[test]
+fn stack_config_from_toml_rejects_unknown_keys() {
+    let s: StackConfig =
+        toml::from_str("n_layers = 3\n[attention]\nkind = \"performer\"\nfeatures = 32\n").unwrap();
+    assert_eq!(s.n_layers, 3);
+    assert_eq!(s.attention.info().kind, "performer");
+    let err = toml::from_str::<StackConfig>("n_layer = 3\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("n_layer"), "{err}");
+}
+
+#[test]
+fn classifiers_pool_and_count_parameters() {
+    let device = Device::flex();
+    let config = ClassifierConfig {
+        encoder: EncoderConfig {
+            embedding: embedding(PositionKind::Learned),
+            stack: stack(AttentionConfig::default()),
+        },
+        n_classes: 3,
+        pooling: Pooling::Mean,
+        dropout: 0.0,
+    };
+    let model = config.init_sequence(&device).unwrap();
+    let mask = padding_mask(&[5, 3], 5, &device);
+    let x = tokens(&[vec![1, 2, 3, 4, 5], vec![1, 2, 3, 0, 0]], &device);
+    let y = tokens(&[vec![1, 2, 3, 4, 5], vec![1, 2, 3, 7, 7]], &device);
+    let a = model.forward(EncoderInput::new(x).mask_pad(mask.clone()));
+    let b = model.forward(EncoderInput::new(y).mask_pad(mask));
+    assert_eq!(a.dims(), [2, 3]);
+    assert!(max_diff(a, b) < 1e-5);
+    // embeddings 20·16 + 32·16; per layer: 4·(16·16+16) + 16·32+32 + 32·16+16 + 2·2·16; final norm 2·16; head 16·3+3
+    let expected = 20 * 16
+        + 32 * 16
+        + 2 * (4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16) + 4 * 16)
+        + 2 * 16
+        + 16 * 3
+        + 3;
+    assert_eq!(model.num_params(), expected);
+    let tokens_model = config.init_token(&device).unwrap();
+    assert_eq!(
+        tokens_model
+            .forward(EncoderInput::new(tokens(&[vec![1, 2]], &device)))
+            .dims(),
+        [1, 2, 3]
+    );
+}
+
+#[test]
+fn presets_match_their_sources() {
+    let device = Device::flex();
+    // all-MiniLM-L6-v2 has 22,713,216 parameters including BERT's pooler (147,840).
+    let minilm = models::presets::minilm_l6(AttentionConfig::default())
+        .init(&device)
+        .unwrap();
+    assert_eq!(minilm.num_params(), 22_713_216 - 147_840);
+    let listops = models::presets::lra_listops(18, AttentionConfig::default());
+    assert_eq!(
+        (
+            listops.encoder.stack.n_layers,
+            listops.encoder.stack.d_model
+        ),
+        (4, 512)
+    );
+    let text = models::presets::lra_text(257, AttentionConfig::default());
+    assert_eq!(
+        (
+            text.encoder.stack.d_model,
+            text.encoder.stack.n_heads,
+            text.n_classes
+        ),
+        (256, 4, 2)
+    );
+}
+
+#[test]
+#[should_panic(expected = "exceeds the model's max_len 32")]
+fn too_long_inputs_are_a_clear_error() {
+    let device = Device::flex();
+    let encoder = EncoderConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: stack(AttentionConfig::default()),
+    }
+    .init(&device)
+    .unwrap();
+    encoder.forward(EncoderInput::new(Tensor::zeros([1, 33], &device)));
+}

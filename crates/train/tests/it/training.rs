@@ -1,0 +1,342 @@
+//! Training runs on tiny configurations.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::{TINY_LISTOPS, efformer, temp_dir, text};
+
+fn result(run: &Path) -> serde_json::Value {
+    let s = std::fs::read_to_string(run.join("result.json"))
+        .unwrap_or_else(|e| panic!("{}: {e}", run.display()));
+    serde_json::from_str(&s).unwrap()
+}
+
+#[test]
+fn a_run_writes_config_checkpoints_metrics_curves_and_result_and_is_not_overwritten() {
+    let dir = temp_dir("run");
+    std::fs::write(dir.join("tiny.toml"), TINY_LISTOPS).unwrap();
+    let out = efformer(
+        &dir,
+        &[
+            "train",
+            "tiny.toml",
+            "--out",
+            "run",
+            "--set",
+            "train.epochs=2",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let run = dir.join("run");
+    for f in [
+        "config.toml",
+        "metrics.csv",
+        "curves.png",
+        "result.json",
+        "checkpoint/model-2.bpk",
+        "checkpoint/optim-2.bpk",
+        "checkpoint/scheduler-2.bpk",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing: {}", text(&out));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("# resolved configuration") && stdout.contains("epochs = 2"),
+        "the resolved config is printed"
+    );
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert!(
+        csv.starts_with("split,epoch,iteration,metric,value")
+            && csv.contains("train,2,")
+            && csv.contains("valid,1,"),
+        "{csv}"
+    );
+    let r = result(&run);
+    assert_eq!(r["epochs"], 2);
+    assert!(r["test"]["accuracy"].as_f64().unwrap() > 0.0);
+
+    // A second run into the same directory is refused and changes nothing.
+    let before = std::fs::read(run.join("checkpoint/model-2.bpk")).unwrap();
+    let again = efformer(&dir, &["train", "tiny.toml", "--out", "run"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--resume"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint/model-2.bpk")).unwrap(),
+        before
+    );
+
+    // eval on the checkpoint reproduces the run's test accuracy.
+    let eval = efformer(
+        &dir,
+        &[
+            "eval",
+            "tiny.toml",
+            "--checkpoint",
+            "run/checkpoint/model-2.bpk",
+        ],
+    );
+    assert!(eval.status.success(), "{}", text(&eval));
+    let acc = format!(
+        "accuracy {:.2}%",
+        100.0 * r["test"]["accuracy"].as_f64().unwrap()
+    );
+    assert!(
+        String::from_utf8_lossy(&eval.stdout).contains(&acc),
+        "{acc}\n{}",
+        text(&eval)
+    );
+
+    // A corrupt checkpoint is a clear error.
+    std::fs::write(run.join("checkpoint/model-1.bpk"), b"not a checkpoint").unwrap();
+    let bad = efformer(
+        &dir,
+        &[
+            "eval",
+            "tiny.toml",
+            "--checkpoint",
+            "run/checkpoint/model-1.bpk",
+        ],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("model-1.bpk"),
+        "{}",
+        text(&bad)
+    );
+}
+
+/// A run killed with SIGKILL during epoch 2 and resumed ends with the same metrics as an
+/// uninterrupted run with the same seed (data order and dropout depend only on seed and epoch).
+#[test]
+fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
+    let dir = temp_dir("resume");
+    let config = TINY_LISTOPS.replace("train = 256", "train = 1024");
+    std::fs::write(dir.join("tiny.toml"), config).unwrap();
+    let whole = efformer(&dir, &["train", "tiny.toml", "--out", "whole"]);
+    assert!(whole.status.success(), "{}", text(&whole));
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_efformer"))
+        .args(["train", "tiny.toml", "--out", "killed"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = dir.join("killed/checkpoint/scheduler-1.bpk");
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint after 2 minutes"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !dir.join("killed/result.json").exists(),
+        "the run was killed before finishing"
+    );
+
+    let resumed = efformer(&dir, &["train", "tiny.toml", "--out", "killed", "--resume"]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let (a, b) = (result(&dir.join("whole")), result(&dir.join("killed")));
+    for split in ["valid", "test"] {
+        for key in ["loss", "accuracy"] {
+            let (x, y) = (
+                a[split][key].as_f64().unwrap(),
+                b[split][key].as_f64().unwrap(),
+            );
+            assert!(
+                (x - y).abs() <= 1e-6 * (1.0 + x.abs()),
+                "{split} {key}: uninterrupted {x} vs resumed {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint() {
+    let dir = temp_dir("nan");
+    std::fs::write(dir.join("tiny.toml"), TINY_LISTOPS).unwrap();
+    // 256 examples / 16 per batch = 16 batches per epoch: batch 20 is in epoch 2.
+    let out = efformer(
+        &dir,
+        &[
+            "train",
+            "tiny.toml",
+            "--out",
+            "run",
+            "--set",
+            "train.inject_nan_at_batch=20",
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("NaN") && stderr.contains("batch 20"),
+        "{}",
+        text(&out)
+    );
+    let ckpt = dir.join("run/checkpoint");
+    assert!(ckpt.join("model-1.bpk").exists(), "epoch 1 is kept");
+    assert!(
+        !ckpt.join("model-2.bpk").exists(),
+        "no checkpoint after the NaN"
+    );
+    assert!(!dir.join("run/result.json").exists() || stderr.contains("loss became"));
+}
+
+#[test]
+fn two_flex_devices_train_data_parallel() {
+    let dir = temp_dir("devices");
+    std::fs::write(dir.join("tiny.toml"), TINY_LISTOPS).unwrap();
+    let out = efformer(
+        &dir,
+        &[
+            "train",
+            "tiny.toml",
+            "--out",
+            "run",
+            "--devices",
+            "flex,flex",
+            "--set",
+            "train.epochs=1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(result(&dir.join("run"))["device"], "flex,flex");
+}
+
+#[test]
+fn tokenized_text_classification_trains_and_saves_its_tokenizer() {
+    let dir = temp_dir("tokenized");
+    let mut lines = String::new();
+    for i in 0..120 {
+        let (t, l) = if i % 2 == 0 {
+            ("a wonderful lovely great film", "pos")
+        } else {
+            ("a terrible awful boring film", "neg")
+        };
+        lines.push_str(&format!(
+            "{{\"id\": \"{i}\", \"text\": \"{t} number {i}\", \"label\": \"{l}\"}}\n"
+        ));
+    }
+    std::fs::write(dir.join("train.jsonl"), &lines).unwrap();
+    let half: String = lines.lines().take(60).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.join("test.jsonl"), half).unwrap();
+    let config = r#"
+task = "text-classification"
+[text]
+train = "train.jsonl"
+test = "test.jsonl"
+encoding = "tokenizer"
+max_len = 32
+[text.tokenizer]
+model = "wordpiece"
+vocab_size = 80
+[model.stack]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_ff = 32
+[model.stack.attention]
+kind = "linear-transformer"
+[train]
+epochs = 2
+batch_size = 16
+lr = 3e-3
+"#;
+    std::fs::write(dir.join("text.toml"), config).unwrap();
+    let out = efformer(&dir, &["train", "text.toml", "--out", "run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(dir.join("run/tokenizer.json").exists());
+    let eval = efformer(
+        &dir,
+        &[
+            "eval",
+            "text.toml",
+            "--checkpoint",
+            "run/checkpoint/model-2.bpk",
+        ],
+    );
+    assert!(eval.status.success(), "{}", text(&eval));
+}
+
+#[test]
+fn language_model_and_seq2seq_tasks_train() {
+    let dir = temp_dir("lm");
+    std::fs::write(
+        dir.join("corpus.txt"),
+        "the quick brown fox jumps over the lazy dog. ".repeat(60),
+    )
+    .unwrap();
+    let lm = r#"
+task = "language-model"
+[lm]
+train = "corpus.txt"
+seq_len = 32
+[model.stack]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_ff = 32
+[model.stack.attention]
+kind = "performer"
+features = 16
+[train]
+epochs = 1
+batch_size = 8
+"#;
+    std::fs::write(dir.join("lm.toml"), lm).unwrap();
+    let out = efformer(&dir, &["train", "lm.toml", "--out", "lm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let s2s = r#"
+task = "seq2seq"
+[seq2seq]
+train = 128
+valid = 32
+max_len = 8
+[model.stack]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_ff = 32
+[model.decoder]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_ff = 32
+[model.decoder.attention]
+kind = "linear-transformer"
+[train]
+epochs = 1
+batch_size = 16
+"#;
+    std::fs::write(dir.join("s2s.toml"), s2s).unwrap();
+    let out = efformer(&dir, &["train", "s2s.toml", "--out", "s2s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // A decoder variant without a causal mode is a config error naming the layer.
+    let bad = s2s.replace("kind = \"linear-transformer\"", "kind = \"linformer\"");
+    std::fs::write(dir.join("bad.toml"), bad).unwrap();
+    let out = efformer(&dir, &["train", "bad.toml", "--out", "bad"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("decoder.layers[0].attention") && err.contains("linformer"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !dir.join("bad").exists(),
+        "an invalid configuration writes nothing"
+    );
+}
