@@ -16,15 +16,28 @@ use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Device, Tensor};
 
+use crate::axial::{AxialAttention, AxialAttentionConfig};
+use crate::bigbird::{BigBirdAttention, BigBirdAttentionConfig};
 use crate::decoding::DecodeCache;
+use crate::etc::{EtcAttention, EtcAttentionConfig};
 use crate::full::{FullAttention, FullAttentionConfig};
+use crate::image_transformer::{
+    ImageTransformer1dAttention, ImageTransformer1dAttentionConfig, ImageTransformer2dAttention,
+    ImageTransformer2dAttentionConfig,
+};
 use crate::interface::{AttentionCore, AttentionMode, AttnInput, HeadDims, VariantInfo};
 use crate::linear_transformer::{LinearTransformerAttention, LinearTransformerAttentionConfig};
 use crate::linformer::{LinformerAttention, LinformerAttentionConfig};
+use crate::longformer::{LongformerAttention, LongformerAttentionConfig};
 use crate::mask::DenseMask;
+use crate::memory_compressed::{
+    MemoryCompressedAttention, MemoryCompressedAttentionConfig, MemoryCompressedLocalAttention,
+    MemoryCompressedLocalAttentionConfig,
+};
 use crate::memory_efficient::{MemoryEfficientAttention, MemoryEfficientAttentionConfig};
 use crate::nystromformer::{NystromformerAttention, NystromformerAttentionConfig};
 use crate::performer::{PerformerAttention, PerformerAttentionConfig};
+use crate::sparse_transformer::{SparseTransformerAttention, SparseTransformerAttentionConfig};
 use crate::synthesizer::{SynthesizerAttention, SynthesizerAttentionConfig};
 
 /// A configuration that cannot build a layer. The message names the field or mode and what was
@@ -125,14 +138,15 @@ impl ConfigError {
 /// Declares every variant once: the config enum, the module enum, their conversions and the
 /// dispatch. Adding a variant is one line here (plus its file and its contract spec).
 macro_rules! attention_variants {
-    ($($variant:ident($config:ident => $module:ident),)*) => {
+    ($($variant:ident($kind:literal, $config:ident => $module:ident),)*) => {
         /// Any attention variant, selected by `kind`.
         #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-        #[serde(crate = "burn::serde", tag = "kind", rename_all = "kebab-case")]
+        #[serde(crate = "burn::serde", tag = "kind")]
         #[non_exhaustive]
         pub enum AttentionConfig {
             $(
                 #[doc = concat!("[`", stringify!($module), "`].")]
+                #[serde(rename = $kind)]
                 $variant($config),
             )*
         }
@@ -161,6 +175,12 @@ macro_rules! attention_variants {
             /// `efformer attention list` prints them.
             pub fn all_defaults() -> Vec<AttentionConfig> {
                 vec![$(Self::$variant(Default::default())),*]
+            }
+
+            /// Whether the variant wants separate projections for global tokens (Longformer),
+            /// which [`MultiHeadAttention`](crate::MultiHeadAttention) then owns.
+            pub fn global_projections(&self) -> bool {
+                matches!(self, Self::Longformer(c) if c.global_projections)
             }
 
             /// What the selected variant is.
@@ -217,13 +237,22 @@ macro_rules! attention_variants {
 }
 
 attention_variants! {
-    Full(FullAttentionConfig => FullAttention),
-    MemoryEfficient(MemoryEfficientAttentionConfig => MemoryEfficientAttention),
-    LinearTransformer(LinearTransformerAttentionConfig => LinearTransformerAttention),
-    Performer(PerformerAttentionConfig => PerformerAttention),
-    Linformer(LinformerAttentionConfig => LinformerAttention),
-    Nystromformer(NystromformerAttentionConfig => NystromformerAttention),
-    Synthesizer(SynthesizerAttentionConfig => SynthesizerAttention),
+    Full("full", FullAttentionConfig => FullAttention),
+    MemoryEfficient("memory-efficient", MemoryEfficientAttentionConfig => MemoryEfficientAttention),
+    LinearTransformer("linear-transformer", LinearTransformerAttentionConfig => LinearTransformerAttention),
+    Performer("performer", PerformerAttentionConfig => PerformerAttention),
+    Linformer("linformer", LinformerAttentionConfig => LinformerAttention),
+    Nystromformer("nystromformer", NystromformerAttentionConfig => NystromformerAttention),
+    Synthesizer("synthesizer", SynthesizerAttentionConfig => SynthesizerAttention),
+    MemoryCompressedLocal("memory-compressed-local", MemoryCompressedLocalAttentionConfig => MemoryCompressedLocalAttention),
+    MemoryCompressed("memory-compressed", MemoryCompressedAttentionConfig => MemoryCompressedAttention),
+    ImageTransformer1d("image-transformer-1d", ImageTransformer1dAttentionConfig => ImageTransformer1dAttention),
+    ImageTransformer2d("image-transformer-2d", ImageTransformer2dAttentionConfig => ImageTransformer2dAttention),
+    SparseTransformer("sparse-transformer", SparseTransformerAttentionConfig => SparseTransformerAttention),
+    Longformer("longformer", LongformerAttentionConfig => LongformerAttention),
+    Etc("etc", EtcAttentionConfig => EtcAttention),
+    Bigbird("bigbird", BigBirdAttentionConfig => BigBirdAttention),
+    Axial("axial", AxialAttentionConfig => AxialAttention),
 }
 
 impl Default for AttentionConfig {

@@ -6,8 +6,14 @@
 //!   pattern variants). A step costs O(t·d) for position t; nothing is re-projected.
 //! - [`DecodeCache::Recurrent`]: a fixed-size state (kernel attention: Linear Transformer,
 //!   Performer). A step costs O(m·d_v) whatever the position.
+//! - [`DecodeCache::Window`]: the keys and values of the last w positions only (sliding-window
+//!   attention: Longformer's causal window). A step costs O(w·d), memory O(w·d).
+//!
+//! Variants whose pattern is tied to absolute block boundaries of the whole sequence (local
+//! blocks, strided and summary patterns, 2-D layouts, compressed slots) have no incremental
+//! cache yet: `decode_cache` returns `None` and models say so.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::interface::HeadDims;
 use crate::kernels::prefix_sum::KernelState;
@@ -90,6 +96,61 @@ pub enum DecodeCache {
     KeyValue(KvCache),
     /// A fixed-size recurrent state.
     Recurrent(RecurrentState),
+    /// The last positions of a sliding window.
+    Window(WindowCache),
+}
+
+/// The keys and values of the last `window` positions (a rolling buffer).
+#[derive(Clone, Debug)]
+pub struct WindowCache {
+    keys: Option<Tensor<4>>,
+    values: Option<Tensor<4>>,
+    window: usize,
+    len: usize,
+}
+
+impl WindowCache {
+    /// An empty cache for a one-sided window of `window` positions.
+    pub fn new(window: usize) -> Self {
+        Self {
+            keys: None,
+            values: None,
+            window,
+            len: 0,
+        }
+    }
+
+    /// Attends `t` new queries (with their keys and values) to the window: query at absolute
+    /// position p sees keys p − w ..= p. Keeps the last w positions.
+    ///
+    /// # Shapes
+    /// - q, k: `[batch, heads, t, d_k]`, v: `[batch, heads, t, d_v]` → `[batch, heads, t, d_v]`
+    pub fn step(&mut self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<4> {
+        let [b, h, t, _] = q.dims();
+        let device = q.device();
+        let (keys, values) = match (self.keys.take(), self.values.take()) {
+            (Some(pk), Some(pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            _ => (k, v),
+        };
+        let m = keys.dims()[2];
+        let first = self.len + t - m; // absolute position of keys[0]
+        let qpos = Tensor::<1, Int>::arange((self.len) as i64..(self.len + t) as i64, &device)
+            .reshape([1, 1, t, 1]);
+        let kpos = Tensor::<1, Int>::arange(first as i64..(first + m) as i64, &device)
+            .reshape([1, 1, 1, m]);
+        let mask = kpos
+            .clone()
+            .greater(qpos.clone())
+            .bool_or(kpos.add_scalar(self.window as i64).lower(qpos))
+            .expand([b, h, t, m]);
+        let scores = q.matmul(keys.clone().swap_dims(2, 3)).mul_scalar(scale);
+        let out = crate::kernels::dense::masked_softmax_matmul(scores, Some(mask), values.clone());
+        let keep = self.window.min(m);
+        self.keys = Some(keys.narrow(2, m - keep, keep));
+        self.values = Some(values.narrow(2, m - keep, keep));
+        self.len += t;
+        out
+    }
 }
 
 /// The recurrent state of kernel attention and how many positions it has absorbed.
@@ -107,6 +168,7 @@ impl DecodeCache {
         match self {
             Self::KeyValue(c) => c.len(),
             Self::Recurrent(r) => r.len,
+            Self::Window(w) => w.len,
         }
     }
 

@@ -137,6 +137,46 @@ pub enum GlobalTokens {
     Mask(Tensor<2, Bool>),
 }
 
+impl GlobalTokens {
+    /// The global positions of every example, sorted (reads a mask back to the host).
+    ///
+    /// # Panics
+    /// If a position is beyond `seq` or a mask has the wrong shape.
+    pub fn positions(&self, batch: usize, seq: usize) -> Vec<Vec<usize>> {
+        match self {
+            Self::Prefix(n) => vec![(0..(*n).min(seq)).collect(); batch],
+            Self::Positions(p) => {
+                assert!(
+                    p.iter().all(|&x| x < seq),
+                    "global position beyond the sequence length {seq}"
+                );
+                let mut p = p.clone();
+                p.sort_unstable();
+                p.dedup();
+                vec![p; batch]
+            }
+            Self::Mask(m) => {
+                assert_eq!(
+                    m.dims(),
+                    [batch, seq],
+                    "global token mask must be [batch, seq]"
+                );
+                let flags: Vec<bool> = m.to_data().iter::<bool>().collect();
+                flags
+                    .chunks(seq)
+                    .map(|row| {
+                        row.iter()
+                            .enumerate()
+                            .filter(|(_, g)| **g)
+                            .map(|(i, _)| i)
+                            .collect()
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 /// The 2-D layout of a flattened sequence (Image Transformer, Axial), raster order:
 /// position `p` is row `p / width`, column `p % width`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +233,23 @@ pub struct AttnInput {
     /// A low-rank projection `[k, max_len]` shared by every layer of a model, for Linformer's
     /// layerwise sharing (the model owns the parameter so it is trained once).
     pub shared_projection: Option<Tensor<2>>,
+    /// Heads projected by separate global projections (Longformer's Q_g, K_g, V_g), over the
+    /// whole sequence; `None` means global tokens use the ordinary projections (tied).
+    pub global_heads: Option<GlobalHeads>,
+}
+
+/// Queries, keys and values from a variant's separate global projections.
+///
+/// # Shapes
+/// - query, key: `[batch, heads, seq, d_k]`, value: `[batch, heads, seq, d_v]`
+#[derive(Clone, Debug)]
+pub struct GlobalHeads {
+    /// Global queries.
+    pub query: Tensor<4>,
+    /// Global keys.
+    pub key: Tensor<4>,
+    /// Global values.
+    pub value: Tensor<4>,
 }
 
 impl AttnInput {
@@ -207,6 +264,7 @@ impl AttnInput {
             global: None,
             grid: None,
             shared_projection: None,
+            global_heads: None,
         }
     }
 
@@ -354,10 +412,8 @@ pub trait AttentionCore {
                 kv.append(input.key, input.value);
                 self.attend(AttnInput::new(input.query, kv.keys(), kv.values()))
             }
-            DecodeCache::Recurrent(_) => {
-                panic!(
-                    "this attention variant decodes with a key/value cache, not a recurrent state"
-                )
+            DecodeCache::Recurrent(_) | DecodeCache::Window(_) => {
+                panic!("this attention variant decodes with a key/value cache")
             }
         }
     }

@@ -10,7 +10,9 @@ use burn::tensor::{Bool, Device, Tensor};
 
 use crate::config::{Attention, AttentionConfig, ConfigError};
 use crate::decoding::DecodeCache;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, GlobalTokens, Grid, HeadDims};
+use crate::interface::{
+    AttentionCore, AttentionMode, AttnInput, GlobalHeads, GlobalTokens, Grid, HeadDims,
+};
 
 /// Configuration of [`MultiHeadAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,6 +165,14 @@ impl MultiHeadAttentionConfig {
             core: self
                 .attention
                 .init(self.mode, HeadDims::new(self.n_heads, d_k), device)?,
+            global: self
+                .attention
+                .global_projections()
+                .then(|| GlobalProjections {
+                    query: linear(self.d_model, inner),
+                    key: linear(self.d_model, inner),
+                    value: linear(self.d_model, inner),
+                }),
             rotary,
             n_heads: self.n_heads,
             d_k,
@@ -190,8 +200,21 @@ pub struct MultiHeadAttention {
     pub core: Attention,
     /// Rotary position table, if configured.
     pub rotary: Option<RotaryEncoding>,
+    /// Separate projections for global tokens (Longformer), if the variant asks for them.
+    pub global: Option<GlobalProjections>,
     n_heads: usize,
     d_k: usize,
+}
+
+/// The query, key and value projections used for global tokens.
+#[derive(Module, Debug)]
+pub struct GlobalProjections {
+    /// Global query projection.
+    pub query: Linear,
+    /// Global key projection.
+    pub key: Linear,
+    /// Global value projection.
+    pub value: Linear,
 }
 
 /// A layer's state for incremental decoding: the variant's cache and the next position.
@@ -309,6 +332,19 @@ impl MultiHeadAttention {
             _ => {}
         }
         let source = input.context.clone().unwrap_or_else(|| input.x.clone());
+        let global_heads = match (&self.global, &input.global) {
+            (Some(g), Some(_)) => {
+                let gq = self.split_heads(g.query.forward(input.x.clone()));
+                let gk = self.split_heads(g.key.forward(input.x.clone()));
+                let (gq, gk) = self.rotate(gq, gk, 0);
+                Some(GlobalHeads {
+                    query: gq,
+                    key: gk,
+                    value: self.split_heads(g.value.forward(input.x.clone())),
+                })
+            }
+            _ => None,
+        };
         let q = self.split_heads(self.query.forward(input.x)); // [batch, heads, seq_q, d_k]
         let k = self.split_heads(self.key.forward(source.clone())); // [batch, heads, seq_k, d_k]
         let v = self.split_heads(self.value.forward(source)); // [batch, heads, seq_k, d_k]
@@ -324,6 +360,7 @@ impl MultiHeadAttention {
         attn.global = input.global;
         attn.grid = input.grid;
         attn.shared_projection = input.shared_projection;
+        attn.global_heads = global_heads;
         self.merge_heads(self.core.attend(attn))
     }
 

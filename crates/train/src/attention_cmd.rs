@@ -146,6 +146,7 @@ pub fn demo(
         let core = config
             .init(mode, dims, device)
             .map_err(|e| format!("{}: {e}", info.kind))?;
+        let input = crate::bench::decorate(kind, input.clone(), seq);
         let _ = core.attend(input.clone()); // warm-up
         device.sync().map_err(|e| format!("{e:?}"))?;
         let start = Instant::now();

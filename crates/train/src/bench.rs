@@ -16,8 +16,8 @@ use std::time::Instant;
 use burn::tensor::{Device, Tensor};
 use efficient_attn::rng::SeededRng;
 use efficient_attn::{
-    AttentionConfig, AttentionCore, AttentionMode, AttnInput, HeadDims, LinformerAttentionConfig,
-    SynthesizerAttentionConfig,
+    AttentionConfig, AttentionCore, AttentionMode, AttnInput, GlobalTokens, Grid, HeadDims,
+    ImageTransformer2dAttentionConfig, LinformerAttentionConfig, SynthesizerAttentionConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -121,8 +121,43 @@ pub fn config_for_length(kind: &str, n: usize) -> Result<AttentionConfig, String
     Ok(match config {
         AttentionConfig::Linformer(c) => LinformerAttentionConfig { max_len: n, ..c }.into(),
         AttentionConfig::Synthesizer(c) => SynthesizerAttentionConfig { max_len: n, ..c }.into(),
+        AttentionConfig::ImageTransformer2d(c) => {
+            // Query blocks must tile the (square-ish) grid `decorate` uses.
+            let rows = (1..=n)
+                .filter(|r| n.is_multiple_of(*r) && r * r <= n)
+                .max()
+                .unwrap_or(1);
+            let cols = n / rows;
+            let fit = |want: usize, side: usize| {
+                (1..=want.min(side))
+                    .rev()
+                    .find(|q| side.is_multiple_of(*q))
+                    .unwrap_or(1)
+            };
+            ImageTransformer2dAttentionConfig {
+                query_shape: [fit(c.query_shape[0], rows), fit(c.query_shape[1], cols)],
+                ..c
+            }
+            .into()
+        }
         other => other,
     })
+}
+
+/// The inputs some variants need besides q, k and v: a square-ish grid for 2-D variants, and
+/// the first token as a global token (a CLS token) for variants with global tokens.
+pub fn decorate(kind: &str, input: AttnInput, n: usize) -> AttnInput {
+    match kind {
+        "image-transformer-2d" | "axial" => {
+            let rows = (1..=n)
+                .filter(|r| n.is_multiple_of(*r) && r * r <= n)
+                .max()
+                .unwrap_or(1);
+            input.with_grid(Grid::new(rows, n / rows))
+        }
+        "longformer" | "etc" => input.with_global(GlobalTokens::Prefix(1)),
+        _ => input,
+    }
 }
 
 /// A rough upper bound of a case's peak memory for variants whose cost is quadratic, used to
@@ -185,6 +220,7 @@ pub fn run_case(
     let q = rng.normal_tensor(shape, 1.0, &device);
     let k = rng.normal_tensor(shape, 1.0, &device);
     let v = rng.normal_tensor(shape, 1.0, &device);
+    let extras = |input: AttnInput| decorate(kind, input, n);
     device.sync().map_err(|e| format!("{e:?}"))?;
     let baseline = memory_status().map(|(rss, _)| rss);
 
@@ -192,7 +228,7 @@ pub fn run_case(
         let start = Instant::now();
         match pass {
             Pass::Forward => {
-                let out = core.attend(AttnInput::new(q.clone(), k.clone(), v.clone()));
+                let out = core.attend(extras(AttnInput::new(q.clone(), k.clone(), v.clone())));
                 // Reading one value forces lazy backends to finish.
                 let _ = out.narrow(2, 0, 1).sum().into_scalar::<f32>();
             }
@@ -202,7 +238,7 @@ pub fn run_case(
                     k.clone().require_grad(),
                     v.clone().require_grad(),
                 );
-                let out = core.attend(AttnInput::new(q.clone(), k.clone(), v.clone()));
+                let out = core.attend(extras(AttnInput::new(q.clone(), k.clone(), v.clone())));
                 let grads = out.sum().backward();
                 let gq: Option<Tensor<4>> = q.grad(&grads);
                 let _ = gq.map(|g| g.narrow(2, 0, 1).sum().into_scalar::<f32>());

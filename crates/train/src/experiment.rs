@@ -502,10 +502,14 @@ fn attention_kinds(stack: &models::StackConfig) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Pads to the model's length when a layer's parameters are sized by it (Linformer,
-/// Synthesizer), otherwise to the longest item of each batch.
-fn fixed_length(stack: &models::StackConfig, max_len: usize) -> Option<usize> {
-    let sized = attention_kinds(stack)
+/// Pads to a fixed length when the model needs one: the grid's size for 2-D layouts, the
+/// model's length when a layer's parameters are sized by it (Linformer, Synthesizer);
+/// otherwise batches are padded to their longest item.
+fn fixed_length(model: &crate::config::ModelSection, max_len: usize) -> Option<usize> {
+    if let Some([rows, cols]) = model.grid {
+        return Some(rows * cols);
+    }
+    let sized = attention_kinds(&model.stack)
         .iter()
         .any(|k| k == "linformer" || k == "synthesizer");
     sized.then_some(max_len)
@@ -708,9 +712,20 @@ fn peak_memory() -> Option<u64> {
 
 fn classifier_config(ctx: &RunContext, d: &ClassData) -> Result<ClassifierConfig, String> {
     let c = &ctx.config;
+    let needed = match c.model.grid {
+        Some([rows, cols]) if rows * cols < d.max_len => {
+            return Err(format!(
+                "model.grid = [{rows}, {cols}] holds {} positions but the data has sequences of {} tokens",
+                rows * cols,
+                d.max_len
+            ));
+        }
+        Some([rows, cols]) => rows * cols,
+        None => d.max_len,
+    };
     Ok(ClassifierConfig {
         encoder: EncoderConfig {
-            embedding: embedding(c, d.vocab_size, d.max_len)?,
+            embedding: embedding(c, d.vocab_size, needed)?,
             stack: c.model.stack.clone(),
         },
         n_classes: d.labels.len(),
@@ -732,11 +747,12 @@ fn run_classifier(ctx: &RunContext, d: ClassData) -> Result<RunReport, String> {
     let task = ClassifierTask::new(
         model,
         c.model.global_prefix,
+        c.model.grid,
         NanGuard::new(interrupter.clone(), c.train.inject_nan_at_batch),
     );
     let batcher = ClassBatcher {
         pad: d.pad,
-        fixed_len: fixed_length(&c.model.stack, model_config.encoder.embedding.max_len),
+        fixed_len: fixed_length(&c.model, model_config.encoder.embedding.max_len),
     };
     let majority = {
         let mut counts = vec![0usize; d.labels.len()];
@@ -985,17 +1001,22 @@ pub fn eval(
         TaskData::Class(d) => {
             let mc = classifier_config(&ctx, &d)?;
             let model = mc.init_sequence(&dev).map_err(|e| format!("model.{e}"))?;
-            let task = ClassifierTask::new(model, config.model.global_prefix, NanGuard::default())
-                .try_load_record(record)
-                .map_err(|e| {
-                    format!(
-                        "checkpoint {} does not fit this configuration's model: {e}",
-                        checkpoint.display()
-                    )
-                })?;
+            let task = ClassifierTask::new(
+                model,
+                config.model.global_prefix,
+                config.model.grid,
+                NanGuard::default(),
+            )
+            .try_load_record(record)
+            .map_err(|e| {
+                format!(
+                    "checkpoint {} does not fit this configuration's model: {e}",
+                    checkpoint.display()
+                )
+            })?;
             let batcher = ClassBatcher {
                 pad: d.pad,
-                fixed_len: fixed_length(&config.model.stack, mc.encoder.embedding.max_len),
+                fixed_len: fixed_length(&config.model, mc.encoder.embedding.max_len),
             };
             let test = evaluate(
                 &task,

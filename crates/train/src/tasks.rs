@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Int, Tensor};
 use burn::train::{ClassificationOutput, InferenceStep, Interrupter, TrainOutput, TrainStep};
-use efficient_attn::GlobalTokens;
+use efficient_attn::{GlobalTokens, Grid};
 use models::{EncoderInput, LanguageModel, Seq2Seq, SequenceClassifier};
 
 use crate::data::loader::{ClassBatch, LmBatch, Seq2SeqBatch};
@@ -67,16 +67,24 @@ pub struct ClassifierTask {
     pub model: SequenceClassifier,
     /// Leading tokens that are global (for variants with global tokens).
     pub global_prefix: usize,
+    /// The `[rows, columns]` layout for 2-D variants.
+    pub grid: Option<[usize; 2]>,
     #[module(skip)]
     guard: NanGuard,
 }
 
 impl ClassifierTask {
     /// Wraps a classifier.
-    pub fn new(model: SequenceClassifier, global_prefix: usize, guard: NanGuard) -> Self {
+    pub fn new(
+        model: SequenceClassifier,
+        global_prefix: usize,
+        grid: Option<[usize; 2]>,
+        guard: NanGuard,
+    ) -> Self {
         Self {
             model,
             global_prefix,
+            grid,
             guard,
         }
     }
@@ -86,6 +94,9 @@ impl ClassifierTask {
         let mut input = EncoderInput::new(batch.tokens).mask_pad(batch.mask_pad);
         if self.global_prefix > 0 {
             input = input.with_global(GlobalTokens::Prefix(self.global_prefix));
+        }
+        if let Some([rows, cols]) = self.grid {
+            input.grid = Some(Grid::new(rows, cols));
         }
         let logits = self.model.forward(input);
         let loss = CrossEntropyLossConfig::new()

@@ -49,12 +49,20 @@ impl BlockPlan {
         let per_block = ids.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1);
         let mut flat = Vec::with_capacity(heads * query_blocks * per_block);
         for (h, head) in ids.iter().enumerate() {
-            assert_eq!(head.len(), query_blocks, "every head plans every query block");
+            assert_eq!(
+                head.len(),
+                query_blocks,
+                "every head plans every query block"
+            );
             for (q, list) in head.iter().enumerate() {
                 let mut seen = list.clone();
                 seen.sort_unstable();
                 seen.dedup();
-                assert_eq!(seen.len(), list.len(), "head {h}, query block {q}: key block listed twice");
+                assert_eq!(
+                    seen.len(),
+                    list.len(),
+                    "head {h}, query block {q}: key block listed twice"
+                );
                 assert!(
                     list.iter().all(|&k| k < key_blocks),
                     "head {h}, query block {q}: key block beyond {key_blocks}"
@@ -75,7 +83,13 @@ impl BlockPlan {
 
     /// The look-around plan: query block `i` sees key blocks `i − back ..= i + ahead` that
     /// exist (shared by all heads).
-    pub fn look_around(block: usize, query_blocks: usize, key_blocks: usize, back: usize, ahead: usize) -> Self {
+    pub fn look_around(
+        block: usize,
+        query_blocks: usize,
+        key_blocks: usize,
+        back: usize,
+        ahead: usize,
+    ) -> Self {
         let ids = (0..query_blocks)
             .map(|i| {
                 (i.saturating_sub(back)..=(i + ahead).min(key_blocks.saturating_sub(1)))
@@ -112,7 +126,7 @@ impl BlockPlan {
 }
 
 /// Which gathered positions are allowed, by their absolute positions `i` (query) and `j` (key).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ElementRule {
     /// Every gathered position.
     All,
@@ -128,6 +142,9 @@ pub enum ElementRule {
         /// Keys after the query.
         right: usize,
     },
+    /// An explicit mask over the gathered slots, `[plan heads, query_blocks, b, per_block · b]`
+    /// row-major, `true` = masked (for patterns that are not a band, such as 2-D windows).
+    Explicit(std::sync::Arc<Vec<bool>>),
 }
 
 /// Keys every query attends to besides its plan (Longformer's and ETC's global tokens,
@@ -150,7 +167,7 @@ pub struct BlockSparse<'a> {
     pub key: Tensor<4>,
     /// Values `[batch, heads, seq_k, d_v]`.
     pub value: Tensor<4>,
-    /// Key padding `[batch, seq_k]`.
+    /// Keys no query may see: padding, and any other exclusion (`[batch, seq_k]`).
     pub mask_pad_k: Option<&'a Tensor<2, Bool>>,
     /// The plan.
     pub plan: &'a BlockPlan,
@@ -175,7 +192,12 @@ fn pad_seq(x: Tensor<4>, to: usize) -> Tensor<4> {
 /// - output: `[batch, heads, query_blocks, per_block · b, d]`
 fn gather_blocks(x: Tensor<4>, plan: &BlockPlan, device: &Device) -> Tensor<5> {
     let [bs, h, _, d] = x.dims();
-    let (b, nk, nq, m) = (plan.block, plan.key_blocks, plan.query_blocks, plan.per_block);
+    let (b, nk, nq, m) = (
+        plan.block,
+        plan.key_blocks,
+        plan.query_blocks,
+        plan.per_block,
+    );
     let blocks = pad_seq(x, nk * b).reshape([bs, h, nk, b, d]); // [batch, heads, key blocks, b, d]
     let ids = |head: usize| -> Tensor<1, Int> {
         let v: Vec<i64> = (0..nq)
@@ -220,9 +242,21 @@ pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
     let dv = value.dims()[3];
     let device = query.device();
     let (b, nq, m) = (plan.block, plan.query_blocks, plan.per_block);
-    assert!(nq * b >= lq, "block plan covers {} queries, input has {lq}", nq * b);
-    assert!(plan.key_blocks * b >= lk, "block plan covers {} keys, input has {lk}", plan.key_blocks * b);
-    assert!(plan.heads == 1 || plan.heads == h, "plan for {} heads, input has {h}", plan.heads);
+    assert!(
+        nq * b >= lq,
+        "block plan covers {} queries, input has {lq}",
+        nq * b
+    );
+    assert!(
+        plan.key_blocks * b >= lk,
+        "block plan covers {} keys, input has {lk}",
+        plan.key_blocks * b
+    );
+    assert!(
+        plan.heads == 1 || plan.heads == h,
+        "plan for {} heads, input has {h}",
+        plan.heads
+    );
 
     let q_blocks_flat = pad_seq(query, nq * b); // [batch, heads, nq·b, d_k]
     let q = q_blocks_flat.clone().reshape([bs, h, nq, b, dk]); // [batch, heads, query blocks, b, d_k]
@@ -233,31 +267,56 @@ pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
 
     // Element mask from absolute positions: empty slots, positions past the end, the rule.
     let ph = plan.heads;
-    let kpos = Tensor::<3, Int>::from_data(TensorData::new(plan.key_positions(), [ph, nq, w]), &device)
-        .reshape([ph, nq, 1, w]);
+    let kpos =
+        Tensor::<3, Int>::from_data(TensorData::new(plan.key_positions(), [ph, nq, w]), &device)
+            .reshape([ph, nq, 1, w]);
     let qpos = Tensor::<1, Int>::arange(0..(nq * b) as i64, &device).reshape([1, nq, b, 1]);
-    let mut mask = kpos.clone().lower_elem(0).bool_or(kpos.clone().greater_equal_elem(lk as i64)); // [heads', nq, 1, w]
-    let mask = {
-        let full = mask.expand([ph, nq, b, w]);
+    let invalid = kpos
+        .clone()
+        .lower_elem(0)
+        .bool_or(kpos.clone().greater_equal_elem(lk as i64)); // [heads', nq, 1, w]
+    let rule_mask = {
+        let full = invalid.expand([ph, nq, b, w]);
         match rule {
             ElementRule::All => full,
-            ElementRule::Causal { offset } => full.bool_or(kpos.clone().greater(qpos.clone().add_scalar(offset as i64))),
+            ElementRule::Causal { offset } => {
+                full.bool_or(kpos.clone().greater(qpos.clone().add_scalar(offset as i64)))
+            }
             ElementRule::Band { left, right } => {
                 let delta = kpos.clone().sub(qpos.clone()); // [heads', nq, b, w]
                 full.bool_or(delta.clone().lower_elem(-(left as i64)))
                     .bool_or(delta.greater_elem(right as i64))
             }
+            ElementRule::Explicit(m) => {
+                assert_eq!(
+                    m.len(),
+                    ph * nq * b * w,
+                    "explicit mask must be [plan heads, nq, b, m·b]"
+                );
+                let t = Tensor::<4, Bool>::from_data(
+                    TensorData::new(m.as_ref().clone(), [ph, nq, b, w]),
+                    &device,
+                );
+                full.bool_or(t)
+            }
         }
     };
-    mask = mask.reshape([1, ph, nq, b, w]).expand([bs, h, nq, b, w]);
+    let mut mask = rule_mask
+        .reshape([1, ph, nq, b, w])
+        .expand([bs, h, nq, b, w]);
     if let Some(pad) = mask_pad_k {
         // Key padding, gathered like the keys.
+        // Per-head plans gather different blocks per head: give every head its copy.
+        let ph_pad = if plan.heads == 1 { 1 } else { h };
         let padded: Tensor<4> = pad_seq(
-            pad.clone().float().reshape([bs, 1, lk, 1]),
+            pad.clone()
+                .float()
+                .reshape([bs, 1, lk, 1])
+                .expand([bs, ph_pad, lk, 1]),
             plan.key_blocks * b,
         );
-        let gathered = gather_blocks(padded, plan, &device) // [batch, 1, nq, w, 1]
-            .reshape([bs, 1, nq, 1, w])
+        let gathered = gather_blocks(padded, plan, &device) // [batch, heads', nq, w, 1]
+            .reshape([bs, ph_pad, nq, 1, w])
             .greater_elem(0.5);
         mask = mask.bool_or(gathered.expand([bs, h, nq, b, w]));
     }
@@ -278,14 +337,14 @@ pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
                 Some(gm) => {
                     let [mb, mh, _, _] = gm.dims();
                     let gm = if nq * b > lq {
-                        let pad = Tensor::<4, Bool>::full([mb, mh, nq * b - lq, g], false, &device);
+                        let pad = Tensor::<4, Int>::zeros([mb, mh, nq * b - lq, g], &device).bool();
                         Tensor::cat(vec![gm, pad], 2)
                     } else {
                         gm
                     };
                     gm.reshape([mb, mh, nq, b, g]).expand([bs, h, nq, b, g])
                 }
-                None => Tensor::<5, Bool>::full([bs, h, nq, b, g], false, &device),
+                None => Tensor::<5, Int>::zeros([bs, h, nq, b, g], &device).bool(),
             };
             let extra_values = gv.reshape([bs, h, 1, g, dv]).expand([bs, h, nq, g, dv]);
             (
@@ -303,4 +362,3 @@ pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
     ); // [batch, heads·nq, b, d_v]
     out.reshape([bs, h, nq * b, dv]).narrow(2, 0, lq)
 }
-

@@ -1,5 +1,6 @@
 //! Computation shared by several variants. Each kernel is built once and documented with its
 //! cost; variants are thin layers that choose features, patterns or plans and call these.
 
+pub mod block_sparse;
 pub mod dense;
 pub mod prefix_sum;

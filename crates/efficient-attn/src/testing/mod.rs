@@ -154,6 +154,12 @@ pub struct Spec<C> {
     /// parameters on first use, which would otherwise draw from the device RNG at an arbitrary
     /// later time). [`materialize`] does it for any module.
     pub materialize: Option<fn(&C)>,
+    /// Adds what the variant needs besides q, k, v to every input the suite makes (a grid,
+    /// global tokens), for a mode.
+    pub decorate: Option<fn(AttnInput, AttentionMode) -> AttnInput>,
+    /// Maps each sequence length the suite wants to one the variant accepts (e.g. a whole
+    /// number of 2-D blocks).
+    pub fit_len: fn(usize) -> usize,
 }
 
 impl<C> Spec<C> {
@@ -177,6 +183,32 @@ impl<C> Spec<C> {
             causal_memory: true,
             tolerance: 1e-5,
             materialize: None,
+            decorate: None,
+            fit_len: |n| n,
+        }
+    }
+
+    /// Decorates an input for `mode`.
+    pub fn decorated(&self, input: AttnInput, mode: AttentionMode) -> AttnInput {
+        match self.decorate {
+            Some(f) => f(input, mode),
+            None => input,
+        }
+    }
+
+    /// A self-attention case (a cross case in cross mode: `seq_k = seq + 3`), lengths fitted.
+    pub fn case(
+        &self,
+        mode: AttentionMode,
+        batch: usize,
+        heads: usize,
+        seq: usize,
+        d: usize,
+    ) -> Case {
+        let fit = self.fit_len;
+        match mode {
+            AttentionMode::Cross => Case::cross(batch, heads, fit(seq), fit(seq + 3), d),
+            _ => Case::self_attn(batch, heads, fit(seq), d),
         }
     }
 
@@ -473,13 +505,6 @@ pub fn materialize<M: Module>(module: &M) {
     module.visit(&mut Touch);
 }
 
-fn self_case(mode: AttentionMode, batch: usize, heads: usize, seq: usize, d: usize) -> Case {
-    match mode {
-        AttentionMode::Cross => Case::cross(batch, heads, seq, seq + 3, d),
-        _ => Case::self_attn(batch, heads, seq, d),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The checks
 
@@ -505,14 +530,24 @@ pub fn check_shapes<C: AttentionCore>(
     // A value width different from the key width.
     cases.push(Case {
         d_v: 6,
-        ..self_case(mode, 2, 2, 9, 8)
+        ..spec.case(mode, 2, 2, 9, 8)
     });
     if mode.is_causal() && spec.causal_memory {
         cases.push(Case::cross(2, 2, 5, 12, 8));
     }
+    let fit = spec.fit_len;
+    let mut cases: Vec<Case> = cases
+        .into_iter()
+        .map(|c| Case {
+            seq_q: fit(c.seq_q),
+            seq_k: fit(c.seq_k),
+            ..c
+        })
+        .collect();
+    cases.dedup();
     for (i, case) in cases.iter().enumerate() {
         let core = build_seeded(&spec.build, spec.materialize, mode, case, device, 1);
-        let out = core.attend(random_input(case, 10 + i as u64, device));
+        let out = core.attend(spec.decorated(random_input(case, 10 + i as u64, device), mode));
         let want = [case.batch, case.heads, case.seq_q, case.d_v];
         if out.dims() != want {
             return Err(format!(
@@ -532,7 +567,7 @@ pub fn check_exact<C: AttentionCore>(
     device: &Device,
 ) -> Result<(), String> {
     for exact in &spec.exact {
-        for (i, case) in [self_case(mode, 2, 2, 11, 8), self_case(mode, 1, 2, 32, 4)]
+        for (i, case) in [spec.case(mode, 2, 2, 11, 8), spec.case(mode, 1, 2, 32, 4)]
             .iter()
             .enumerate()
         {
@@ -543,7 +578,8 @@ pub fn check_exact<C: AttentionCore>(
                 AttentionMode::Cross => pad_flags(case.batch, case.seq_k, right_k, 0),
                 _ => pad_q.clone(),
             };
-            let input = random_input(case, 20 + i as u64, device)
+            let input = spec
+                .decorated(random_input(case, 20 + i as u64, device), mode)
                 .mask_pad_queries(bool_tensor(&pad_q, device))
                 .mask_pad_keys(bool_tensor(&pad_k, device));
             let want = match &exact.oracle {
@@ -578,7 +614,7 @@ pub fn check_padding<C: AttentionCore>(
     mode: AttentionMode,
     device: &Device,
 ) -> Result<(), String> {
-    let case = self_case(mode, 2, 2, 13, 8);
+    let case = spec.case(mode, 2, 2, 13, 8);
     let core = build_seeded(&spec.build, spec.materialize, mode, &case, device, 3);
     let pad_q = pad_flags(case.batch, case.seq_q, 3, 2);
     let pad_k = match mode {
@@ -587,7 +623,7 @@ pub fn check_padding<C: AttentionCore>(
     };
     let base = random_input(&case, 30, device);
     let masked = |input: AttnInput| {
-        input
+        spec.decorated(input, mode)
             .mask_pad_queries(bool_tensor(&pad_q, device))
             .mask_pad_keys(bool_tensor(&pad_k, device))
     };
@@ -604,11 +640,11 @@ pub fn check_padding<C: AttentionCore>(
 /// Check 4: perturbing positions after `t` leaves outputs at positions up to `t` unchanged.
 pub fn check_causal<C: AttentionCore>(spec: &Spec<C>, device: &Device) -> Result<(), String> {
     let mode = AttentionMode::Causal;
-    let case = Case::self_attn(2, 2, 13, 8);
+    let case = spec.case(mode, 2, 2, 13, 8);
     let core = build_seeded(&spec.build, spec.materialize, mode, &case, device, 4);
-    let base = random_input(&case, 40, device);
+    let base = spec.decorated(random_input(&case, 40, device), mode);
     let reference = core.attend(base.clone());
-    for t in [0, 5, 11] {
+    for t in [0, case.seq_q / 2, case.seq_q - 2] {
         let future: Vec<Vec<bool>> = (0..case.batch)
             .map(|_| (0..case.seq_q).map(|p| p > t).collect())
             .collect();
@@ -625,7 +661,7 @@ pub fn check_causal<C: AttentionCore>(spec: &Spec<C>, device: &Device) -> Result
                 perturb_positions(base.value.clone(), &future, seed + 200),
             ),
         };
-        let out = core.attend(changed);
+        let out = core.attend(spec.decorated(changed, mode));
         compare_rows(
             out,
             reference.clone(),
@@ -643,9 +679,9 @@ pub fn check_batch<C: AttentionCore>(
     mode: AttentionMode,
     device: &Device,
 ) -> Result<(), String> {
-    let case = self_case(mode, 3, 2, 10, 8);
+    let case = spec.case(mode, 3, 2, 10, 8);
     let core = build_seeded(&spec.build, spec.materialize, mode, &case, device, 5);
-    let base = random_input(&case, 50, device);
+    let base = spec.decorated(random_input(&case, 50, device), mode);
     let reference = core.attend(base.clone());
     let row1_q: Vec<Vec<bool>> = (0..case.batch).map(|b| vec![b == 1; case.seq_q]).collect();
     let row1_k: Vec<Vec<bool>> = (0..case.batch).map(|b| vec![b == 1; case.seq_k]).collect();
@@ -654,7 +690,7 @@ pub fn check_batch<C: AttentionCore>(
         perturb_positions(base.key, &row1_k, 52),
         perturb_positions(base.value, &row1_k, 53),
     );
-    let out = core.attend(changed);
+    let out = core.attend(spec.decorated(changed, mode));
     compare_rows(
         out,
         reference,
@@ -670,10 +706,10 @@ pub fn check_determinism<C: AttentionCore>(
     mode: AttentionMode,
     device: &Device,
 ) -> Result<(), String> {
-    let case = self_case(mode, 2, 2, 12, 8);
+    let case = spec.case(mode, 2, 2, 12, 8);
     let first = build_seeded(&spec.build, spec.materialize, mode, &case, device, 6);
     let second = build_seeded(&spec.build, spec.materialize, mode, &case, device, 6);
-    let input = random_input(&case, 60, device);
+    let input = spec.decorated(random_input(&case, 60, device), mode);
     let a = first.attend(input.clone());
     let a2 = first.attend(input.clone());
     let b = second.attend(input);
@@ -704,7 +740,7 @@ pub fn check_gradients<C: AttentionCore>(
         return Ok(());
     };
     let ad = device.clone().autodiff();
-    let case = self_case(mode, 2, 1, 6, 4);
+    let case = spec.case(mode, 2, 1, 6, 4);
     let core = build_seeded(&spec.build, spec.materialize, mode, &case, &ad, 7);
     let base = random_input(&case, 70, &ad);
     let pad_q = pad_flags(case.batch, case.seq_q, 2, 0);
@@ -723,7 +759,8 @@ pub fn check_gradients<C: AttentionCore>(
             0.0,
         );
     let loss = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| {
-        let input = AttnInput::new(q, k, v)
+        let input = spec
+            .decorated(AttnInput::new(q, k, v), mode)
             .mask_pad_queries(bool_tensor(&pad_q, &ad))
             .mask_pad_keys(bool_tensor(&pad_k, &ad));
         core.attend(input).mul(w.clone()).sum()
@@ -789,12 +826,12 @@ pub fn check_cross_device<C: AttentionCore + Module>(
     tolerance: f64,
 ) -> Result<(), Violation> {
     for &mode in &spec.modes {
-        let case = self_case(mode, 2, 2, 11, 8);
+        let case = spec.case(mode, 2, 2, 11, 8);
         let on_ref = build_seeded(&spec.build, spec.materialize, mode, &case, reference, 8);
         let on_dev = on_ref.clone().to_device(device);
         let pad = pad_flags(case.batch, case.seq_q, 2, 1);
         let input = |d: &Device| {
-            let i = random_input(&case, 80, d);
+            let i = spec.decorated(random_input(&case, 80, d), mode);
             if mode == AttentionMode::Cross {
                 i
             } else {
@@ -839,6 +876,17 @@ macro_rules! __registered_variants {
             synthesizer => $crate::testing::specs::synthesizer(),
             synthesizer_dense => $crate::testing::specs::synthesizer_dense(),
             synthesizer_factorized => $crate::testing::specs::synthesizer_factorized(),
+            memory_compressed_local => $crate::testing::specs::memory_compressed_local(),
+            memory_compressed => $crate::testing::specs::memory_compressed(),
+            image_transformer_1d => $crate::testing::specs::image_transformer_1d(),
+            image_transformer_2d => $crate::testing::specs::image_transformer_2d(),
+            sparse_transformer_strided => $crate::testing::specs::sparse_transformer_strided(),
+            sparse_transformer_fixed => $crate::testing::specs::sparse_transformer_fixed(),
+            longformer => $crate::testing::specs::longformer(),
+            longformer_dilated => $crate::testing::specs::longformer_dilated(),
+            etc => $crate::testing::specs::etc(),
+            bigbird => $crate::testing::specs::bigbird(),
+            axial => $crate::testing::specs::axial(),
         );
     };
 }

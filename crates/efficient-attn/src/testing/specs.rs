@@ -8,17 +8,28 @@ use burn::module::Param;
 use burn::tensor::{Device, Tensor};
 
 use super::{Case, GradCheck, Oracle, ReferenceFn, Spec};
+use crate::axial::{AxialAttentionConfig, AxialAxes};
+use crate::bigbird::BigBirdAttentionConfig;
 use crate::config::{Attention, AttentionConfig};
+use crate::etc::EtcAttentionConfig;
 use crate::full::FullAttentionConfig;
-use crate::interface::{AttentionMode, AttnInput, HeadDims};
+use crate::image_transformer::{
+    ImageTransformer1dAttentionConfig, ImageTransformer2dAttentionConfig,
+};
+use crate::interface::{AttentionMode, AttnInput, GlobalTokens, Grid, HeadDims};
 use crate::kernels::prefix_sum;
 use crate::linear_transformer::LinearTransformerAttentionConfig;
 use crate::linformer::{LinformerAttentionConfig, LinformerSharing};
+use crate::longformer::LongformerAttentionConfig;
 use crate::mask::causal_mask;
+use crate::memory_compressed::{
+    MemoryCompressedAttentionConfig, MemoryCompressedLocalAttentionConfig,
+};
 use crate::memory_efficient::MemoryEfficientAttentionConfig;
 use crate::nystromformer::NystromformerAttentionConfig;
 use crate::performer::{PerformerAttentionConfig, PerformerKernel};
 use crate::reference::oracle;
+use crate::sparse_transformer::{SparsePattern, SparseTransformerAttentionConfig};
 use crate::synthesizer::{Synthesis, SynthesizerAttentionConfig, SynthesizerMixing};
 
 /// Builds `config` for `mode`, panicking with the configuration error (a spec bug).
@@ -312,4 +323,287 @@ pub fn synthesizer_dense() -> Spec<Attention> {
 /// [`SynthesizerAttention`](crate::SynthesizerAttention) with a factorised random matrix.
 pub fn synthesizer_factorized() -> Spec<Attention> {
     synthesizer_with(Synthesis::FactorizedRandom)
+}
+
+/// A pattern variant: exact on its own pattern, self-attention only (no memory in causal mode).
+fn pattern_spec(
+    config: impl Fn(&Case) -> AttentionConfig + Send + Sync + Clone + 'static,
+) -> Spec<Attention> {
+    let c2 = config.clone();
+    exact_config(
+        from_config(config),
+        "realised pattern = dense mask",
+        Oracle::Pattern,
+        1e-5,
+        c2,
+    )
+    .causal_memory(false)
+}
+
+/// [`MemoryCompressedLocalAttention`](crate::MemoryCompressedLocalAttention): blocks of 4 on
+/// the pattern; one block covering the input is full (causal full) attention.
+pub fn memory_compressed_local() -> Spec<Attention> {
+    let spec = pattern_spec(|_| MemoryCompressedLocalAttentionConfig { block: 4 }.into());
+    exact_config(spec, "block >= N", Oracle::Full, 1e-5, |case| {
+        MemoryCompressedLocalAttentionConfig { block: case.seq_k }.into()
+    })
+}
+
+/// [`MemoryCompressedAttention`](crate::MemoryCompressedAttention): factor 3 with a null slot;
+/// k = 1 with an identity convolution and no null slot is full attention.
+pub fn memory_compressed() -> Spec<Attention> {
+    let general = |_: &Case| {
+        MemoryCompressedAttentionConfig {
+            factor: 3,
+            null_slot: true,
+        }
+        .into()
+    };
+    from_config(general).causal_memory(false).exact(
+        "k = 1, identity convolution",
+        Oracle::Full,
+        1e-5,
+        |mode, case, device| {
+            let mut core = build(
+                &MemoryCompressedAttentionConfig {
+                    factor: 1,
+                    null_slot: false,
+                }
+                .into(),
+                mode,
+                case,
+                device,
+            );
+            let Attention::MemoryCompressed(m) = &mut core else {
+                unreachable!("memory-compressed spec")
+            };
+            let eye = |d: usize| {
+                Param::from_tensor(
+                    Tensor::<2>::eye(d, device)
+                        .reshape([1, d, d])
+                        .expand([case.heads, d, d]),
+                )
+            };
+            m.conv_key = eye(case.d_k);
+            m.conv_value = eye(case.d_v);
+            core
+        },
+    )
+}
+
+/// [`ImageTransformer1dAttention`](crate::ImageTransformer1dAttention): query blocks of 4 with a
+/// memory of 3; one block covering the input is full (causal: raster-causal) attention.
+pub fn image_transformer_1d() -> Spec<Attention> {
+    let spec = pattern_spec(|_| {
+        ImageTransformer1dAttentionConfig {
+            query_block: 4,
+            memory: 3,
+        }
+        .into()
+    });
+    exact_config(
+        spec,
+        "one block covering the image",
+        Oracle::Full,
+        1e-5,
+        |case| {
+            ImageTransformer1dAttentionConfig {
+                query_block: case.seq_k,
+                memory: 0,
+            }
+            .into()
+        },
+    )
+}
+
+/// A grid of 4 columns for 2-D variants (lengths are rounded up to whole 2 × 2 blocks).
+fn grid4(input: AttnInput, _: AttentionMode) -> AttnInput {
+    let n = input.query.dims()[2];
+    input.with_grid(Grid::new(n / 4, 4))
+}
+
+/// [`ImageTransformer2dAttention`](crate::ImageTransformer2dAttention): 2 × 2 query blocks with
+/// a 1 × 1 flange on `n/4 × 4` images in block-raster order; one block covering the image is
+/// full (causal: block-raster-causal) attention.
+pub fn image_transformer_2d() -> Spec<Attention> {
+    let mut spec = pattern_spec(|_| {
+        ImageTransformer2dAttentionConfig {
+            query_shape: [2, 2],
+            memory_flange: [1, 1],
+        }
+        .into()
+    });
+    spec = exact_config(
+        spec,
+        "one block covering the image",
+        Oracle::Full,
+        1e-5,
+        |case| {
+            ImageTransformer2dAttentionConfig {
+                query_shape: [case.seq_k / 4, 4],
+                memory_flange: [0, 0],
+            }
+            .into()
+        },
+    );
+    spec.decorate = Some(grid4);
+    spec.fit_len = |n| n.div_ceil(8).max(1) * 8;
+    spec
+}
+
+fn sparse_with(pattern: SparsePattern) -> Spec<Attention> {
+    let config = move |_: &Case| {
+        SparseTransformerAttentionConfig {
+            pattern,
+            stride: 4,
+            summary: 2,
+        }
+        .into()
+    };
+    let mut spec = pattern_spec(config);
+    spec.name = format!("sparse-transformer ({pattern:?})");
+    spec
+}
+
+/// [`SparseTransformerAttention`](crate::SparseTransformerAttention), strided pattern, l = 4.
+pub fn sparse_transformer_strided() -> Spec<Attention> {
+    sparse_with(SparsePattern::Strided)
+}
+
+/// [`SparseTransformerAttention`](crate::SparseTransformerAttention), fixed pattern, l = 4, c = 2.
+pub fn sparse_transformer_fixed() -> Spec<Attention> {
+    sparse_with(SparsePattern::Fixed)
+}
+
+/// The first token is global (like a CLS token) except in causal mode.
+fn first_token_global(input: AttnInput, mode: AttentionMode) -> AttnInput {
+    if mode.is_causal() {
+        input
+    } else {
+        input.with_global(GlobalTokens::Prefix(1))
+    }
+}
+
+fn longformer_with(dilation: Vec<usize>) -> Spec<Attention> {
+    let d2 = dilation.clone();
+    let mut spec = pattern_spec(move |case| {
+        LongformerAttentionConfig {
+            window: 2,
+            // Cycled over the heads of the case.
+            dilation: (0..case.heads).map(|h| d2[h % d2.len()]).collect(),
+            global_projections: false,
+        }
+        .into()
+    });
+    spec = exact_config(spec, "w >= N", Oracle::Full, 1e-5, |case| {
+        LongformerAttentionConfig {
+            window: case.seq_k,
+            dilation: vec![1],
+            global_projections: false,
+        }
+        .into()
+    });
+    spec.decorate = Some(first_token_global);
+    spec.name = format!("longformer (dilation {dilation:?})");
+    spec
+}
+
+/// [`LongformerAttention`](crate::LongformerAttention), window 2 per side, the first token
+/// global (bidirectional).
+pub fn longformer() -> Spec<Attention> {
+    longformer_with(vec![1])
+}
+
+/// [`LongformerAttention`](crate::LongformerAttention) with dilations 1 and 2 on the two heads.
+pub fn longformer_dilated() -> Spec<Attention> {
+    longformer_with(vec![1, 2])
+}
+
+/// Two global tokens (ETC's prefix).
+fn two_global(input: AttnInput, _: AttentionMode) -> AttnInput {
+    input.with_global(GlobalTokens::Prefix(2))
+}
+
+/// [`EtcAttention`](crate::EtcAttention): radius 2 with two global tokens; a radius covering
+/// the input is full attention over concat(global, long).
+pub fn etc() -> Spec<Attention> {
+    let mut spec = pattern_spec(|_| EtcAttentionConfig { radius: 2 }.into());
+    spec = exact_config(
+        spec,
+        "radius covering the input",
+        Oracle::Full,
+        1e-5,
+        |case| EtcAttentionConfig { radius: case.seq_k }.into(),
+    );
+    spec.decorate = Some(two_global);
+    spec
+}
+
+/// [`BigBirdAttention`](crate::BigBirdAttention): blocks of 2, one random block; with at most
+/// two blocks everything is global and it is full attention.
+pub fn bigbird() -> Spec<Attention> {
+    let spec = pattern_spec(|_| {
+        BigBirdAttentionConfig {
+            block: 2,
+            random_blocks: 1,
+            seed: 3,
+        }
+        .into()
+    });
+    exact_config(spec, "all blocks global", Oracle::Full, 1e-5, |case| {
+        BigBirdAttentionConfig {
+            block: case.seq_k.div_ceil(2),
+            random_blocks: 1,
+            seed: 3,
+        }
+        .into()
+    })
+}
+
+/// A grid with as many rows as possible up to √n.
+fn square_grid(input: AttnInput, _: AttentionMode) -> AttnInput {
+    let n = input.query.dims()[2];
+    let rows = (1..=n)
+        .filter(|r| n.is_multiple_of(*r) && r * r <= n)
+        .max()
+        .unwrap_or(1);
+    input.with_grid(Grid::new(rows, n / rows))
+}
+
+/// [`AxialAttention`](crate::AxialAttention): rows plus columns; each axis alone equals the
+/// dense same-row / same-column mask.
+pub fn axial() -> Spec<Attention> {
+    let mut spec = from_config(|_| {
+        AxialAttentionConfig {
+            axes: AxialAxes::Sum,
+        }
+        .into()
+    })
+    .causal_memory(false);
+    spec = exact_config(
+        spec,
+        "row axis = same-row mask",
+        Oracle::Pattern,
+        1e-5,
+        |_| {
+            AxialAttentionConfig {
+                axes: AxialAxes::Row,
+            }
+            .into()
+        },
+    );
+    spec = exact_config(
+        spec,
+        "column axis = same-column mask",
+        Oracle::Pattern,
+        1e-5,
+        |_| {
+            AxialAttentionConfig {
+                axes: AxialAxes::Column,
+            }
+            .into()
+        },
+    );
+    spec.decorate = Some(square_grid);
+    spec
 }

@@ -330,6 +330,9 @@ pub struct ModelSection {
     pub tie_embeddings: bool,
     /// Number of leading tokens that are global (the CLS token; for Longformer, ETC, BigBird).
     pub global_prefix: usize,
+    /// Lay the sequence out as a `[rows, columns]` grid for 2-D variants (Image Transformer 2-D,
+    /// Axial); inputs are padded to rows × columns.
+    pub grid: Option<[usize; 2]>,
 }
 
 impl Default for ModelSection {
@@ -349,6 +352,7 @@ impl Default for ModelSection {
             head_dropout: 0.1,
             tie_embeddings: true,
             global_prefix: 0,
+            grid: None,
         }
     }
 }

@@ -1,0 +1,353 @@
+//! Sparse Transformer: factorised attention with strided or fixed patterns, the two
+//! factors split between the heads.
+//!
+//! - Paper: Child, Gray, Radford and Sutskever 2019, "Generating Long Sequences with Sparse
+//!   Transformers", arXiv:1904.10509; reference openai/sparse_attention.
+//! - Patterns (stride l, summary c), causal form (bidirectional drops `j ≤ i`):
+//!   - `strided`: A¹ = {j : i − l < j ≤ i} (a band), A² = {j ≤ i : (i − j) mod l = 0};
+//!   - `fixed`: A¹ = {j ≤ i : ⌊j/l⌋ = ⌊i/l⌋} (same block), A² = {j ≤ i : j mod l ≥ l − c}
+//!     (the last c positions of every block are summaries).
+//! - Heads: the first ⌈h/2⌉ heads use A¹, the others A² (the paper's "multi-head" integration;
+//!   one head gives A¹ only).
+//! - Computation, never an N × N matrix: the band and the blocks run on the shared block-sparse
+//!   kernel; the stride pattern becomes contiguous after a transpose of the sequence as an
+//!   `[N/l, l]` grid (each residue class is one short sequence, attended fully or causally); the
+//!   summary columns are a fixed set of N/l·c keys every query sees (masked by causality).
+//!   Cost O(N·(l + N/l)·d) time and O(N·(l + N/l)) memory: O(N√N) for l ≈ √N.
+//! - Exact: softmax attention restricted to the pattern (the realised pattern equals the dense
+//!   mask, tested); with l ≥ N the A¹ heads are full (causal full) attention.
+//! - Modes: causal (native) and bidirectional (symmetric patterns, as DeepSpeed/xformers
+//!   `FixedSparsityConfig(attention="bidirectional")`). Cross is a configuration error.
+//! - Deviation: openai gives heads different summary columns (`num_verts`); all A² heads here
+//!   use the last c positions of each block.
+
+use burn::module::Module;
+use burn::serde::{Deserialize, Serialize};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::config::ConfigError;
+use crate::decoding::DecodeCache;
+use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
+use crate::kernels::dense::masked_softmax_matmul;
+use crate::mask::DenseMask;
+
+/// The factorisation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", rename_all = "kebab-case")]
+pub enum SparsePattern {
+    /// Band of l and stride l (images, audio).
+    #[default]
+    Strided,
+    /// Blocks of l and summary columns (text).
+    Fixed,
+}
+
+/// Configuration of [`SparseTransformerAttention`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", default, deny_unknown_fields)]
+pub struct SparseTransformerAttentionConfig {
+    /// Pattern (paper: strided for images, fixed for text).
+    pub pattern: SparsePattern,
+    /// Stride or block length (paper: l ≈ √N; openai fixed example 128, LRA 128).
+    pub stride: usize,
+    /// Summary positions per block of the fixed pattern (paper: c; LRA 32).
+    pub summary: usize,
+}
+
+impl Default for SparseTransformerAttentionConfig {
+    fn default() -> Self {
+        Self {
+            pattern: SparsePattern::Fixed,
+            stride: 128,
+            summary: 32,
+        }
+    }
+}
+
+impl SparseTransformerAttentionConfig {
+    /// What this variant is.
+    pub const INFO: VariantInfo = VariantInfo {
+        kind: "sparse-transformer",
+        paper: "Child et al. 2019, Generating Long Sequences with Sparse Transformers, arXiv:1904.10509",
+        modes: &[AttentionMode::Bidirectional, AttentionMode::Causal],
+        time: "O(N·(l + N/l)·d) = O(N√N·d)",
+        memory: "O(N·(l + N/l))",
+        exactness: Exactness::ExactWhen("on its factorised pattern (A¹ heads full when l >= N)"),
+    };
+
+    /// Builds the attention for `mode`.
+    pub fn init(
+        &self,
+        mode: AttentionMode,
+        dims: HeadDims,
+        device: &Device,
+    ) -> Result<SparseTransformerAttention, ConfigError> {
+        let _ = device;
+        ConfigError::check_mode_because(
+            &Self::INFO,
+            mode,
+            "the factorised patterns index positions of one sequence",
+        )?;
+        ConfigError::check_nonzero("stride", self.stride)?;
+        if self.pattern == SparsePattern::Fixed && (self.summary == 0 || self.summary > self.stride)
+        {
+            return Err(ConfigError::InvalidField {
+                field: "summary",
+                expected: format!("1..={} (at most the block length `stride`)", self.stride),
+                got: self.summary.to_string(),
+            });
+        }
+        Ok(SparseTransformerAttention {
+            mode,
+            pattern: self.pattern,
+            stride: self.stride,
+            summary: self.summary,
+            local_heads: dims.heads.div_ceil(2),
+        })
+    }
+}
+
+/// Sparse Transformer attention. See the [module docs](self).
+#[derive(Module, Debug)]
+pub struct SparseTransformerAttention {
+    #[module(skip)]
+    mode: AttentionMode,
+    #[module(skip)]
+    pattern: SparsePattern,
+    stride: usize,
+    summary: usize,
+    local_heads: usize,
+}
+
+impl SparseTransformerAttention {
+    /// Whether query `i` may see key `j` in head `h`.
+    pub fn allowed(&self, h: usize, i: usize, j: usize) -> bool {
+        let l = self.stride;
+        let causal_ok = !self.mode.is_causal() || j <= i;
+        let first = h < self.local_heads;
+        causal_ok
+            && match (self.pattern, first) {
+                (SparsePattern::Strided, true) => i.abs_diff(j) < l,
+                (SparsePattern::Strided, false) => i.abs_diff(j).is_multiple_of(l),
+                (SparsePattern::Fixed, true) => i / l == j / l,
+                (SparsePattern::Fixed, false) => j % l >= l - self.summary,
+            }
+    }
+
+    /// A¹: the band (strided) or the block (fixed), on the block-sparse kernel.
+    fn local(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        pad: Option<&Tensor<2, Bool>>,
+    ) -> Tensor<4> {
+        let n = q.dims()[2];
+        let l = self.stride.min(n.max(1));
+        let nb = n.div_ceil(l);
+        let causal = self.mode.is_causal();
+        let (plan, rule) = match self.pattern {
+            SparsePattern::Strided => (
+                BlockPlan::look_around(l, nb, nb, 1, if causal { 0 } else { 1 }),
+                ElementRule::Band {
+                    left: l - 1,
+                    right: if causal { 0 } else { l - 1 },
+                },
+            ),
+            SparsePattern::Fixed => (
+                BlockPlan::look_around(l, nb, nb, 0, 0),
+                if causal {
+                    ElementRule::Causal { offset: 0 }
+                } else {
+                    ElementRule::All
+                },
+            ),
+        };
+        block_sparse_attention(BlockSparse {
+            query: q,
+            key: k,
+            value: v,
+            mask_pad_k: pad,
+            plan: &plan,
+            rule,
+            extra: None,
+        })
+    }
+
+    /// A² strided: within each residue class mod l, after transposing the `[N/l, l]` grid.
+    fn strided(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        pad: Option<&Tensor<2, Bool>>,
+    ) -> Tensor<4> {
+        let [b, h, n, _] = q.dims();
+        let dv = v.dims()[3];
+        let l = self.stride;
+        let rows = n.div_ceil(l);
+        let device = q.device();
+        let to_classes = |x: Tensor<4>| {
+            let [_, _, _, d] = x.dims();
+            let x = if rows * l > n {
+                Tensor::cat(
+                    vec![
+                        x.clone(),
+                        Tensor::zeros([b, h, rows * l - n, d], (&device, x.dtype())),
+                    ],
+                    2,
+                )
+            } else {
+                x
+            };
+            // [batch, heads, rows, l, d] → [batch, heads, l, rows, d]: class r is positions r, r+l, …
+            x.reshape([b, h, rows, l, d])
+                .swap_dims(2, 3)
+                .reshape([b * h * l, 1, rows, d])
+        };
+        // Padding (and the tail beyond N), per class.
+        let mut pad_all = match pad {
+            Some(p) => p.clone(),
+            None => Tensor::<2, Int>::zeros([b, n], &device).bool(),
+        };
+        if rows * l > n {
+            pad_all = Tensor::cat(
+                vec![
+                    pad_all,
+                    Tensor::<2, Int>::ones([b, rows * l - n], &device).bool(),
+                ],
+                1,
+            );
+        }
+        let pad_classes = pad_all
+            .reshape([b, 1, rows, l])
+            .swap_dims(2, 3)
+            .expand([b, h, l, rows])
+            .reshape([b * h * l, 1, 1, rows])
+            .expand([b * h * l, 1, rows, rows]);
+        let out = attention(
+            to_classes(q),
+            to_classes(k),
+            to_classes(v),
+            Some(pad_classes),
+            None,
+            AttentionModuleOptions {
+                scale: Some(1.0),
+                softcap: None,
+                is_causal: self.mode.is_causal(),
+            },
+        ); // [batch·heads·l, 1, rows, d_v]
+        out.reshape([b, h, l, rows, dv])
+            .swap_dims(2, 3)
+            .reshape([b, h, rows * l, dv])
+            .narrow(2, 0, n)
+    }
+
+    /// A² fixed: the summary columns, a fixed key set every query sees (masked by causality).
+    fn summaries(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        pad: Option<&Tensor<2, Bool>>,
+    ) -> Tensor<4> {
+        let [b, h, n, _] = q.dims();
+        let l = self.stride;
+        let device = q.device();
+        let cols: Vec<i64> = (0..n)
+            .filter(|j| j % l >= l - self.summary)
+            .map(|j| j as i64)
+            .collect();
+        if cols.is_empty() {
+            return Tensor::zeros([b, h, n, v.dims()[3]], (&device, q.dtype()));
+        }
+        let s = cols.len();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(cols.clone(), [s]), &device);
+        let ks = k.select(2, idx.clone()); // [batch, heads, s, d_k]
+        let vs = v.select(2, idx.clone()); // [batch, heads, s, d_v]
+        let scores = q.matmul(ks.swap_dims(2, 3)); // [batch, heads, n, s]
+        let mut mask: Option<Tensor<4, Bool>> = None;
+        if self.mode.is_causal() {
+            let kpos = Tensor::<1, Int>::from_data(TensorData::new(cols, [s]), &device)
+                .reshape([1, 1, 1, s]);
+            let qpos = Tensor::<1, Int>::arange(0..n as i64, &device).reshape([1, 1, n, 1]);
+            mask = Some(kpos.greater(qpos).expand([b, h, n, s]));
+        }
+        if let Some(p) = pad {
+            let ps = p
+                .clone()
+                .int()
+                .select(1, idx)
+                .bool()
+                .reshape([b, 1, 1, s])
+                .expand([b, h, n, s]);
+            mask = Some(match mask {
+                Some(m) => m.bool_or(ps),
+                None => ps,
+            });
+        }
+        masked_softmax_matmul(scores, mask, vs)
+    }
+}
+
+impl AttentionCore for SparseTransformerAttention {
+    /// # Shapes
+    /// - input: see [`AttnInput`] (`seq_q = seq_k`)
+    /// - output: `[batch, heads, seq_q, d_v]`
+    fn attend(&self, input: AttnInput) -> Tensor<4> {
+        let [_, h, n, lk, dk, _] = input.dims();
+        assert_eq!(
+            n, lk,
+            "sparse transformer attention is self-attention (seq_q = seq_k)"
+        );
+        let q = input.query.mul_scalar(1.0 / (dk as f64).sqrt());
+        let pad = input.mask_pad_k.as_ref();
+        let split = self.local_heads.min(h);
+        let part = |t: &Tensor<4>, start: usize, len: usize| t.clone().narrow(1, start, len);
+        let mut outs = vec![self.local(
+            part(&q, 0, split),
+            part(&input.key, 0, split),
+            part(&input.value, 0, split),
+            pad,
+        )];
+        if split < h {
+            let rest = h - split;
+            let (q2, k2, v2) = (
+                part(&q, split, rest),
+                part(&input.key, split, rest),
+                part(&input.value, split, rest),
+            );
+            outs.push(match self.pattern {
+                SparsePattern::Strided => self.strided(q2, k2, v2, pad),
+                SparsePattern::Fixed => self.summaries(q2, k2, v2, pad),
+            });
+        }
+        Tensor::cat(outs, 1)
+    }
+
+    fn mode(&self) -> AttentionMode {
+        self.mode
+    }
+
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        // The pattern depends on block boundaries of the whole sequence: no incremental cache.
+        let _ = (batch, dims, max_len, device);
+        None
+    }
+
+    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+        let [_, h, n, lk, _, _] = input.dims();
+        Some(DenseMask::per_head(h, n, lk, |head, i, j| {
+            self.allowed(head, i, j)
+        }))
+    }
+}
