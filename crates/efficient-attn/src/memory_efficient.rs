@@ -30,7 +30,7 @@ use crate::mask::{DenseMask, causal_block_mask};
 pub struct MemoryEfficientAttentionConfig {
     /// Queries per block (paper: 1024).
     pub query_block: usize,
-    /// Keys per block (paper: 4096; smaller blocks use less memory and suit a CPU cache).
+    /// Keys per block (paper: 4096; smaller blocks use less memory).
     pub key_block: usize,
     /// Score scale; `None` = 1/√d_k.
     pub scale: Option<f64>,
@@ -40,7 +40,7 @@ impl Default for MemoryEfficientAttentionConfig {
     fn default() -> Self {
         Self {
             query_block: 1024,
-            key_block: 512,
+            key_block: 4096,
             scale: None,
         }
     }

@@ -1,9 +1,12 @@
 //! Stacks of layers: encoder (bidirectional), decoder (causal, optionally with cross-attention),
 //! each with the final norm pre-norm stacks need.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
 use burn::tensor::{Bool, Device, Tensor};
-use efficient_attn::{AttentionConfig, AttentionMode, MhaCache, ProjectedContext, RotaryConfig};
+use efficient_attn::{
+    AttentionConfig, AttentionMode, LinformerSharing, MhaCache, ProjectedContext, RotaryConfig,
+};
 
 use crate::block::{LayerContext, LayerSpec, Norm, TransformerLayer};
 use crate::config::{ModelConfigError, NormPlacement, StackConfig};
@@ -15,6 +18,9 @@ pub struct Stack {
     pub layers: Vec<TransformerLayer>,
     /// Norm after the last layer (pre-norm stacks only).
     pub final_norm: Option<Norm>,
+    /// Linformer's layerwise-shared projection `[k, max_len]`, owned here so it is one
+    /// parameter trained once, and passed to every layer.
+    pub shared_projection: Option<Param<Tensor<2>>>,
 }
 
 /// How a stack is built.
@@ -64,10 +70,40 @@ impl Stack {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let c = spec.config;
+        // One shared projection for the layers that ask for layerwise sharing (they must agree
+        // on its shape).
+        let mut shared: Option<(usize, usize)> = None;
+        for (i, attention) in per_layer.iter().enumerate() {
+            if let AttentionConfig::Linformer(l) = attention
+                && l.sharing == LinformerSharing::Layerwise
+            {
+                match shared {
+                    None => shared = Some((l.k, l.max_len)),
+                    Some(shape) if shape != (l.k, l.max_len) => {
+                        return Err(ModelConfigError::new(
+                            format!("{}.layers[{i}].attention", spec.name),
+                            format!(
+                                "layerwise-shared Linformer layers must agree on k and max_len; layer 0 has {shape:?}"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let shared_projection = shared.map(|(k, max_len)| {
+            let bound = 1.0 / (k as f64).sqrt();
+            Initializer::Uniform {
+                min: -bound,
+                max: bound,
+            }
+            .init([k, max_len], device)
+        });
         Ok(Self {
             layers,
             final_norm: (c.placement == NormPlacement::Pre)
                 .then(|| Norm::new(c.norm, c.d_model, c.norm_eps, device)),
+            shared_projection,
         })
     }
 
@@ -80,6 +116,17 @@ impl Stack {
         ctx: &LayerContext,
         contexts: &[ProjectedContext],
     ) -> Tensor<3> {
+        let shared;
+        let ctx = match &self.shared_projection {
+            Some(p) => {
+                shared = LayerContext {
+                    shared_projection: Some(p.val()),
+                    ..ctx.clone()
+                };
+                &shared
+            }
+            None => ctx,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(x, ctx, contexts.get(i));
         }

@@ -431,3 +431,68 @@ pub fn table(records: &[BenchRecord]) -> String {
     }
     out
 }
+
+/// Achieved GFLOP/s of matrix products on a device: a square product, the two products of
+/// attention (QKᵀ and PV with 8 heads of 64), and full attention's forward.
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmReport {
+    /// Device.
+    pub device: String,
+    /// Sequence length / square size.
+    pub n: usize,
+    /// `[n, n]·[n, n]`.
+    pub square_gflops: f64,
+    /// `[1, 8, n, 64]·[1, 8, 64, n]`.
+    pub qk_gflops: f64,
+    /// `[1, 8, n, n]·[1, 8, n, 64]`.
+    pub pv_gflops: f64,
+    /// Full attention forward, counting its two products (4·h·n²·d).
+    pub attention_gflops: f64,
+}
+
+fn time_median(reps: usize, device: &Device, mut f: impl FnMut() -> f32) -> f64 {
+    let _ = f();
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            let _ = f();
+            let _ = device.sync();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Measures [`GemmReport`] at size `n`.
+pub fn gemm_report(n: usize, device: &Device, name: &str, reps: usize) -> GemmReport {
+    let mut rng = SeededRng::new(1);
+    let a = rng.normal_tensor([n, n], 1.0, device);
+    let b = rng.normal_tensor([n, n], 1.0, device);
+    let probe = |t: Tensor<2>| t.narrow(0, 0, 1).sum().into_scalar::<f32>();
+    let square = time_median(reps, device, || probe(a.clone().matmul(b.clone())));
+    let q = rng.normal_tensor([1, 8, n, 64], 1.0, device);
+    let k = rng.normal_tensor([1, 8, n, 64], 1.0, device);
+    let p = rng.normal_tensor([1, 8, n, n], 1.0, device);
+    let probe4 = |t: Tensor<4>| t.narrow(2, 0, 1).sum().into_scalar::<f32>();
+    let qk = time_median(reps, device, || {
+        probe4(q.clone().matmul(k.clone().swap_dims(2, 3)))
+    });
+    let pv = time_median(reps, device, || probe4(p.clone().matmul(k.clone())));
+    let full = AttentionConfig::default()
+        .init(AttentionMode::Bidirectional, HeadDims::new(8, 64), device)
+        .expect("full attention");
+    let att = time_median(reps, device, || {
+        probe4(full.attend(AttnInput::new(q.clone(), k.clone(), k.clone())))
+    });
+    let flop_sq = 2.0 * (n as f64).powi(3);
+    let flop_qk = 2.0 * 8.0 * (n as f64).powi(2) * 64.0;
+    GemmReport {
+        device: name.to_string(),
+        n,
+        square_gflops: flop_sq / square / 1e9,
+        qk_gflops: flop_qk / qk / 1e9,
+        pv_gflops: flop_qk / pv / 1e9,
+        attention_gflops: 2.0 * flop_qk / att / 1e9,
+    }
+}

@@ -96,6 +96,19 @@ enum Command {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// Achieved GFLOP/s of matrix products and of full attention (the matmul rate attention
+    /// should approach).
+    BenchGemm {
+        /// Size.
+        #[arg(long, default_value_t = 4096)]
+        n: usize,
+        /// Device.
+        #[arg(long, default_value = "flex")]
+        device: DeviceChoice,
+        /// Repetitions.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// One benchmark case in this process (used by `bench`; prints one JSON record).
     #[command(hide = true)]
     BenchCase {
@@ -326,6 +339,15 @@ fn run(cli: Cli) -> Result<(), String> {
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                 eprintln!("wrote {}", path.display());
             }
+            Ok(())
+        }
+        Command::BenchGemm { n, device, reps } => {
+            let dev = device.device()?;
+            let r = train::bench::gemm_report(n, &dev, &device.to_string(), reps);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+            );
             Ok(())
         }
         Command::BenchCase {

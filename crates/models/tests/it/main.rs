@@ -407,3 +407,41 @@ fn too_long_inputs_are_a_clear_error() {
     .unwrap();
     encoder.forward(EncoderInput::new(Tensor::zeros([1, 33], &device)));
 }
+
+/// Linformer's layerwise sharing: the stack owns one projection that every layer uses.
+#[test]
+fn layerwise_linformer_shares_one_projection_across_layers() {
+    use efficient_attn::LinformerSharing;
+    let device = Device::flex();
+    let s = stack(LinformerAttentionConfig {
+        k: 4,
+        max_len: 32,
+        sharing: LinformerSharing::Layerwise,
+    });
+    let encoder = EncoderConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: s,
+    }
+    .init(&device)
+    .unwrap();
+    let shared = encoder
+        .stack
+        .shared_projection
+        .as_ref()
+        .expect("one shared projection");
+    assert_eq!(shared.dims(), [4, 32]);
+    let out = encoder.forward(EncoderInput::new(tokens(&[vec![1, 2, 3, 4, 5]], &device)));
+    assert_eq!(out.dims(), [1, 5, 16]);
+    // Headwise layers own theirs: no shared parameter.
+    let own = EncoderConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: stack(LinformerAttentionConfig {
+            k: 4,
+            max_len: 32,
+            sharing: LinformerSharing::Headwise,
+        }),
+    }
+    .init(&device)
+    .unwrap();
+    assert!(own.stack.shared_projection.is_none());
+}
