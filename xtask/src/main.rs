@@ -1,7 +1,8 @@
 //! Project automation: `cargo xtask <task>`.
 //!
 //! - `test`: the whole test suite, the command CI runs: every crate's tests on Flex in release
-//!   mode, then the contract suite on wgpu's CPU adapter (Mesa lavapipe), one test at a time.
+//!   mode, a compile (not a run) of the benchmarks, then the contract suite on wgpu's CPU
+//!   adapter (Mesa lavapipe), one test at a time.
 //! - `ci`: `cargo fmt --check`, then `test`.
 //! - `lint`: `cargo clippy --workspace --all-targets -- -D warnings`.
 //!
@@ -56,6 +57,10 @@ fn test() -> Result<(), String> {
     run(
         "tests (flex, release)",
         cargo().args(["test", "--release", "--workspace"]),
+    )?;
+    run(
+        "benchmarks compile (not run)",
+        cargo().args(["build", "--release", "--workspace", "--benches"]),
     )?;
     let wgpu = env::var("EFFORMER_WGPU_TESTS").unwrap_or_else(|_| "auto".into());
     if wgpu == "off" {

@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod generate;
 pub mod model;
 pub mod presets;
+pub mod pretrained;
 pub mod stack;
 
 pub use crate::config::{
@@ -19,3 +20,4 @@ pub use crate::model::{
     LanguageModelConfig, LmHead, Pooling, Seq2Seq, Seq2SeqConfig, SequenceClassifier,
     TokenClassifier,
 };
+pub use crate::pretrained::{BertCheckpoint, ConversionReport, ImportError, convert};

@@ -4,9 +4,10 @@
 //! one was trained or loaded), `checkpoint/{model,optim,scheduler}-<epoch>.bpk` (written
 //! atomically), `metrics.csv`, `curves.png`, `result.json` and burn-train's own logs.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::data::dataloader::DataLoader;
 use burn::grad_clipping::GradientClippingConfig;
@@ -24,13 +25,17 @@ use burn::train::{
     ClassificationOutput, ExecutionStrategy, InferenceStep, Interrupter, Learner, LearnerModel,
     MetricEarlyStoppingStrategy, MultiDeviceOptim, StoppingCondition, SupervisedTraining,
 };
+use efficient_attn::AttentionConfig;
 use models::{
-    ClassifierConfig, EmbeddingSettings, EncoderConfig, LanguageModelConfig, Seq2SeqConfig,
+    BertCheckpoint, ClassifierConfig, EmbeddingSettings, EncoderConfig, LanguageModelConfig,
+    Seq2SeqConfig,
 };
 use serde::Serialize;
 
 use crate::config::load::{ConfigFileError, load};
-use crate::config::{ExperimentConfig, OptimizerSection, ScheduleSection, TaskKind};
+use crate::config::{
+    ExperimentConfig, OptimizerSection, PretrainedInit, ScheduleSection, TaskKind,
+};
 use crate::data::loader::{
     ClassBatch, ClassBatcher, ClassItem, EpochLoader, LmBatch, LmBatcher, MakeBatch, Seq2SeqBatch,
     Seq2SeqBatcher,
@@ -38,6 +43,7 @@ use crate::data::loader::{
 use crate::data::prepare::{ClassData, LmData, Seq2SeqData, TaskData, prepare};
 use crate::device::DeviceChoice;
 use crate::metrics_log::{CsvMetricLogger, plot_curves};
+use crate::progress::PlainProgress;
 use crate::tasks::{ClassifierTask, LanguageModelTask, NanGuard, Seq2SeqTaskModel};
 
 /// What `efformer train` was asked to do.
@@ -305,6 +311,7 @@ fn optimizer(config: &ExperimentConfig) -> ModuleOptimizer {
 /// Everything a run needs besides the model and data.
 struct RunContext {
     config: ExperimentConfig,
+    config_dir: PathBuf,
     run_dir: PathBuf,
     devices: Vec<Device>,
     device_names: String,
@@ -403,6 +410,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunReport, String> {
     let data = prepare(&config, &config_dir, &run_dir)?;
     let ctx = RunContext {
         config,
+        config_dir,
         run_dir,
         devices,
         device_names,
@@ -470,7 +478,90 @@ fn validate(config: &ExperimentConfig) -> Result<(), String> {
     if config.train.batch_size == 0 || config.train.epochs == 0 {
         return Err("train.batch_size and train.epochs must be positive".into());
     }
+    if config.model.pretrained.is_some() {
+        if config.task != TaskKind::TextClassification {
+            return Err(format!(
+                "model.pretrained: a pretrained encoder needs task = \"text-classification\" \
+                 (with the checkpoint's tokenizer), not {:?}",
+                config.task
+            ));
+        }
+        // Unset shape fields hold the section's default (no `[model.stack]` table) or the
+        // stack's own default (a table with only attention/dropout).
+        let stack = &config.model.stack;
+        let unset = |defaults: models::StackConfig| models::StackConfig {
+            attention: stack.attention.clone(),
+            attention_layers: stack.attention_layers.clone(),
+            attention_pattern: stack.attention_pattern.clone(),
+            dropout: stack.dropout,
+            ..defaults
+        };
+        if *stack != unset(crate::config::ModelSection::default().stack)
+            && *stack != unset(models::StackConfig::default())
+        {
+            return Err(
+                "model.stack: with model.pretrained the layer shapes come from the \
+                        checkpoint's config.json; set only model.stack.attention (or \
+                        attention_layers / attention_pattern) and dropout"
+                    .into(),
+            );
+        }
+    }
     Ok(())
+}
+
+/// The encoder config of a `model.pretrained` checkpoint with this run's attention, dropout
+/// and length.
+fn pretrained_encoder(
+    ctx: &RunContext,
+    vocab_size: usize,
+    needed: usize,
+) -> Result<Option<(BertCheckpoint, EncoderConfig)>, String> {
+    let c = &ctx.config;
+    let Some(p) = &c.model.pretrained else {
+        return Ok(None);
+    };
+    let ckpt = BertCheckpoint::open(crate::data::prepare::resolve(&p.dir, &ctx.config_dir))
+        .map_err(|e| format!("model.pretrained.dir: {e}"))?;
+    if vocab_size != ckpt.config.vocab_size {
+        return Err(format!(
+            "text.tokenizer: the tokenizer has {vocab_size} tokens but the checkpoint {} has {}; \
+             use the checkpoint's tokenizer.json",
+            ckpt.dir.display(),
+            ckpt.config.vocab_size
+        ));
+    }
+    let mut enc = ckpt.encoder_config(c.model.stack.attention.clone());
+    enc.stack.attention_layers = c.model.stack.attention_layers.clone();
+    enc.stack.attention_pattern = c.model.stack.attention_pattern.clone();
+    enc.stack.dropout = c.model.stack.dropout;
+    enc.embedding.dropout = c.model.embedding.dropout;
+    enc.embedding.max_len = c.model.embedding.max_len.unwrap_or(needed);
+    if enc.embedding.max_len < needed {
+        return Err(format!(
+            "model.embedding.max_len = {} but the data has sequences of {needed} tokens",
+            enc.embedding.max_len
+        ));
+    }
+    Ok(Some((ckpt, enc)))
+}
+
+/// What `predict` needs to rebuild a trained classifier without its data: written as
+/// `model.json` in the run directory.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct SavedClassifier {
+    /// The model.
+    pub model: ClassifierConfig,
+    /// Label names in class order.
+    pub labels: Vec<String>,
+    /// Padding id.
+    pub pad: u32,
+    /// Global prefix tokens.
+    pub global_prefix: usize,
+    /// Grid layout.
+    pub grid: Option<[usize; 2]>,
+    /// Fixed batch length, if the model needs one.
+    pub fixed_len: Option<usize>,
 }
 
 fn embedding(
@@ -598,6 +689,9 @@ where
         .with_checkpointing_strategy(KeepLastNCheckpoints::new(t.keep_checkpoints.max(1)))
         .with_interrupter(interrupter.clone())
         .num_epochs(t.epochs);
+    if !std::io::stdout().is_terminal() {
+        training = training.renderer(Box::new(PlainProgress::new(Duration::from_secs(10))));
+    }
     training = match pad {
         Some(pad) => training.metrics((
             AccuracyMetric::new().with_pad_token(pad),
@@ -723,11 +817,15 @@ fn classifier_config(ctx: &RunContext, d: &ClassData) -> Result<ClassifierConfig
         Some([rows, cols]) => rows * cols,
         None => d.max_len,
     };
-    Ok(ClassifierConfig {
-        encoder: EncoderConfig {
+    let encoder = match pretrained_encoder(ctx, d.vocab_size, needed)? {
+        Some((_, enc)) => enc,
+        None => EncoderConfig {
             embedding: embedding(c, d.vocab_size, needed)?,
             stack: c.model.stack.clone(),
         },
+    };
+    Ok(ClassifierConfig {
+        encoder,
         n_classes: d.labels.len(),
         pooling: c.model.pooling,
         dropout: c.model.head_dropout,
@@ -740,9 +838,40 @@ fn run_classifier(ctx: &RunContext, d: ClassData) -> Result<RunReport, String> {
     let device = ctx.main_device().clone();
     device.seed(c.train.seed);
     let interrupter = Interrupter::new();
-    let model = model_config
-        .init_sequence(&device.clone().autodiff())
+    let ad_device = device.clone().autodiff();
+    let mut model = model_config
+        .init_sequence(&ad_device)
         .map_err(|e| format!("model.{e}"))?;
+    if let Some((ckpt, target)) =
+        pretrained_encoder(ctx, d.vocab_size, model_config.encoder.embedding.max_len)?
+        && c.model.pretrained.as_ref().map(|p| p.init) == Some(PretrainedInit::Pretrained)
+        && ctx.resume_from.is_none()
+    {
+        let base = ckpt
+            .load(&ad_device)
+            .map_err(|e| format!("model.pretrained.dir: {e}"))?;
+        let (encoder, report) = models::convert(
+            base,
+            &ckpt.encoder_config(AttentionConfig::default()),
+            &target,
+            &ad_device,
+        )
+        .map_err(|e| format!("model.pretrained: {e}"))?;
+        model.encoder = encoder;
+        eprintln!(
+            "pretrained encoder {}: positions {} -> {}, {} layers with global projections copied, {} fresh parameter tensors{}",
+            ckpt.dir.display(),
+            report.positions.0,
+            report.positions.1,
+            report.global_copies,
+            report.fresh.len(),
+            if report.fresh.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", report.fresh.join(", "))
+            }
+        );
+    }
     let parameters = model.num_params();
     let task = ClassifierTask::new(
         model,
@@ -754,6 +883,20 @@ fn run_classifier(ctx: &RunContext, d: ClassData) -> Result<RunReport, String> {
         pad: d.pad,
         fixed_len: fixed_length(&c.model, model_config.encoder.embedding.max_len),
     };
+    let saved = SavedClassifier {
+        model: model_config.clone(),
+        labels: d.labels.clone(),
+        pad: d.pad,
+        global_prefix: c.model.global_prefix,
+        grid: c.model.grid,
+        fixed_len: batcher.fixed_len,
+    };
+    write_atomic(
+        &ctx.run_dir.join("model.json"),
+        serde_json::to_string_pretty(&saved)
+            .map_err(|e| e.to_string())?
+            .as_bytes(),
+    )?;
     let majority = {
         let mut counts = vec![0usize; d.labels.len()];
         d.train.iter().for_each(|i| counts[i.label as usize] += 1);
@@ -992,6 +1135,7 @@ pub fn eval(
         .map_err(|e| format!("cannot load checkpoint {}: {e}", checkpoint.display()))?;
     let ctx = RunContext {
         config: config.clone(),
+        config_dir: config_dir.clone(),
         run_dir,
         devices: vec![dev.clone()],
         device_names: device.to_string(),

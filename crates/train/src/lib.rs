@@ -3,10 +3,13 @@
 
 pub mod attention_cmd;
 pub mod bench;
+pub mod bench_report;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod experiment;
 pub mod metrics_log;
 pub mod plot;
+pub mod predict;
+pub mod progress;
 pub mod tasks;

@@ -55,6 +55,25 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: DeviceChoice,
     },
+    /// Classify documents with a trained text classifier: prints file, label and probability.
+    Predict {
+        /// The experiment file the checkpoint was trained with.
+        config: PathBuf,
+        /// A model checkpoint (`<run>/checkpoint/model-<epoch>.bpk`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Text files to classify; none = one document from standard input.
+        files: Vec<PathBuf>,
+        /// Override a setting (as for `train`).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
+        /// Device.
+        #[arg(long, default_value = "flex")]
+        device: DeviceChoice,
+        /// Print one JSON object per document (with every label's probability).
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect the attention variants.
     Attention {
         #[command(subcommand)]
@@ -108,6 +127,16 @@ enum Command {
         /// Repetitions.
         #[arg(long, default_value_t = 5)]
         reps: usize,
+    },
+    /// Regenerate the benchmark document's tables and its two log-log plots from `bench --json`
+    /// files (prose outside the generated block is kept).
+    BenchReport {
+        /// Benchmark JSON files (one per device or sweep).
+        #[arg(long, required = true, num_args = 1..)]
+        json: Vec<PathBuf>,
+        /// The Markdown document to update; plots are written beside it.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        doc: PathBuf,
     },
     /// One benchmark case in this process (used by `bench`; prints one JSON record).
     #[command(hide = true)]
@@ -223,6 +252,23 @@ fn run(cli: Cli) -> Result<(), String> {
                     report.epochs,
                     report.wall_seconds
                 );
+            }
+            Ok(())
+        }
+        Command::Predict {
+            config,
+            checkpoint,
+            files,
+            sets,
+            device,
+            json,
+        } => {
+            for p in train::predict::predict(&config, &sets, &checkpoint, &files, device)? {
+                if json {
+                    println!("{}", serde_json::to_string(&p).map_err(|e| e.to_string())?);
+                } else {
+                    println!("{}\t{}\t{:.4}", p.source, p.label, p.probability);
+                }
             }
             Ok(())
         }
@@ -347,6 +393,16 @@ fn run(cli: Cli) -> Result<(), String> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+            );
+            Ok(())
+        }
+        Command::BenchReport { json, doc } => {
+            let (time, memory) = train::bench_report::run(&json, &doc)?;
+            eprintln!(
+                "updated {}; wrote {} and {}",
+                doc.display(),
+                time.display(),
+                memory.display()
             );
             Ok(())
         }

@@ -13,7 +13,7 @@ use burn::train::logger::MetricLogger;
 use burn::train::metric::store::{EpochSummary, MetricsUpdate, Split};
 use burn::train::metric::{MetricDefinition, NumericEntry};
 
-use crate::plot::{Chart, Scale, Series, save_charts};
+use crate::plot::{Chart, Legend, Scale, Series, save_charts};
 
 /// Appends every numeric metric value to a CSV file.
 pub struct CsvMetricLogger {
@@ -239,6 +239,7 @@ pub fn plot_curves(csv: &Path, png: &Path) -> Result<PathBuf, String> {
                 markers: true,
             },
         ],
+        legend: Legend::Inside,
     }];
     let mut metrics: Vec<String> = rows
         .iter()
@@ -268,6 +269,7 @@ pub fn plot_curves(csv: &Path, png: &Path) -> Result<PathBuf, String> {
                 x_scale: Scale::Linear,
                 y_scale: Scale::Linear,
                 series,
+                legend: Legend::Inside,
             });
         }
     }

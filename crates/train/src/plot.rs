@@ -45,9 +45,21 @@ pub struct Chart {
     pub y_scale: Scale,
     /// Lines.
     pub series: Vec<Series>,
+    /// Where the legend goes.
+    pub legend: Legend,
 }
 
-const PALETTE: [[u8; 3]; 10] = [
+/// Where a chart draws its legend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Legend {
+    /// Inside the plot area, top-right (few lines).
+    #[default]
+    Inside,
+    /// In a column right of the plot area (many lines; the plot gets narrower).
+    Right,
+}
+
+const PALETTE: [[u8; 3]; 18] = [
     [31, 119, 180],
     [255, 127, 14],
     [44, 160, 44],
@@ -58,6 +70,14 @@ const PALETTE: [[u8; 3]; 10] = [
     [127, 127, 127],
     [188, 189, 34],
     [23, 190, 207],
+    [0, 0, 128],
+    [128, 0, 0],
+    [0, 100, 0],
+    [255, 0, 255],
+    [80, 80, 0],
+    [0, 160, 160],
+    [255, 190, 0],
+    [0, 0, 0],
 ];
 
 /// An RGB image.
@@ -286,7 +306,18 @@ impl Axis {
 pub fn draw_chart(canvas: &mut Canvas, chart: &Chart, (x, y, w, h): (f64, f64, f64, f64)) {
     let ink = [40, 40, 40];
     let grid = [225, 225, 225];
-    let (left, right, top, bottom) = (x + 70.0, x + w - 20.0, y + 34.0, y + h - 50.0);
+    let legend_w = match chart.legend {
+        Legend::Inside => 0.0,
+        Legend::Right => {
+            chart
+                .series
+                .iter()
+                .map(|s| canvas.text_width(&s.name, 12.0))
+                .fold(0.0, f64::max)
+                + 40.0
+        }
+    };
+    let (left, right, top, bottom) = (x + 70.0, x + w - 20.0 - legend_w, y + 34.0, y + h - 50.0);
     let title_w = canvas.text_width(&chart.title, 16.0);
     canvas.text(
         &chart.title,
@@ -355,10 +386,12 @@ pub fn draw_chart(canvas: &mut Canvas, chart: &Chart, (x, y, w, h): (f64, f64, f
                 canvas.disc(p, 3.0, color);
             }
         }
-        // Legend, top-right, one line per series.
+        // Legend, one line per series: top-right inside the plot, or in the right column.
         let ly = top + 6.0 + 18.0 * i as f64;
-        let lw = canvas.text_width(&s.name, 12.0);
-        let lx = right - lw - 30.0;
+        let lx = match chart.legend {
+            Legend::Inside => right - canvas.text_width(&s.name, 12.0) - 30.0,
+            Legend::Right => right + 14.0,
+        };
         canvas.line((lx, ly + 8.0), (lx + 20.0, ly + 8.0), color, 3.0);
         canvas.text(&s.name, (lx + 24.0, ly), 12.0, ink, false);
     }
@@ -369,7 +402,20 @@ pub fn draw_chart(canvas: &mut Canvas, chart: &Chart, (x, y, w, h): (f64, f64, f
 /// # Errors
 /// If the file cannot be written.
 pub fn save_charts(charts: &[Chart], columns: usize, path: &Path) -> Result<(), String> {
-    let (cw, ch) = (640.0, 420.0);
+    save_charts_sized(charts, columns, (640, 420), path)
+}
+
+/// [`save_charts`] with each chart `size = (width, height)` pixels.
+///
+/// # Errors
+/// If the file cannot be written.
+pub fn save_charts_sized(
+    charts: &[Chart],
+    columns: usize,
+    size: (usize, usize),
+    path: &Path,
+) -> Result<(), String> {
+    let (cw, ch) = (size.0 as f64, size.1 as f64);
     let cols = columns.max(1).min(charts.len().max(1));
     let rows = charts.len().div_ceil(cols).max(1);
     let mut canvas = Canvas::new((cw * cols as f64) as usize, (ch * rows as f64) as usize);
@@ -410,6 +456,7 @@ mod tests {
                 points: (1..50).map(|i| (i as f64, 1.0 / i as f64)).collect(),
                 markers: false,
             }],
+            legend: Legend::Right,
         };
         save_charts(&[chart.clone(), chart], 2, &path).unwrap();
         let bytes = std::fs::read(&path).unwrap();

@@ -1,6 +1,8 @@
 //! Whole-model tests on tiny shapes: padding invariance of an encoder, causality of a decoder,
 //! cross-attention masking, incremental decoding, per-layer attention, config errors, presets.
 
+mod pretrained;
+
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use efficient_attn::mask::padding_mask;

@@ -333,6 +333,33 @@ pub struct ModelSection {
     /// Lay the sequence out as a `[rows, columns]` grid for 2-D variants (Image Transformer 2-D,
     /// Axial); inputs are padded to rows × columns.
     pub grid: Option<[usize; 2]>,
+    /// Start a classifier's encoder from a Hugging Face BERT-family checkpoint: the layer
+    /// shapes come from its `config.json`; `model.stack.attention` (and `attention_layers` /
+    /// `attention_pattern`) and `model.embedding.max_len` choose the attention and the length.
+    pub pretrained: Option<PretrainedSection>,
+}
+
+/// A pretrained encoder to start from (text classification).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainedSection {
+    /// Checkpoint directory: `config.json`, `model.safetensors` (and usually `tokenizer.json`).
+    pub dir: PathBuf,
+    /// `pretrained`: load the weights (positions beyond the checkpoint's length are copies of
+    /// its table); `random`: the same architecture, trained from scratch.
+    #[serde(default)]
+    pub init: PretrainedInit,
+}
+
+/// How a [`PretrainedSection`] encoder starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PretrainedInit {
+    /// The checkpoint's weights.
+    #[default]
+    Pretrained,
+    /// Fresh initialisation of the checkpoint's architecture.
+    Random,
 }
 
 impl Default for ModelSection {
@@ -353,6 +380,7 @@ impl Default for ModelSection {
             tie_embeddings: true,
             global_prefix: 0,
             grid: None,
+            pretrained: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod configs;
+mod longdoc;
 mod training;
 
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{TINY_LISTOPS, efformer, temp_dir, text};
+use crate::{TINY_LISTOPS, efformer, temp_dir, text, workspace};
 
 fn result(run: &Path) -> serde_json::Value {
     let s = std::fs::read_to_string(run.join("result.json"))
@@ -269,6 +269,178 @@ lr = 3e-3
         ],
     );
     assert!(eval.status.success(), "{}", text(&eval));
+
+    // The trained model classifies files, rebuilt from run/model.json and the saved tokenizer.
+    assert!(dir.join("run/model.json").exists());
+    std::fs::write(dir.join("a.txt"), "a wonderful lovely great film").unwrap();
+    std::fs::write(dir.join("b.txt"), "a terrible awful boring film").unwrap();
+    let checkpoint = "run/checkpoint/model-2.bpk";
+    let out = efformer(
+        &dir,
+        &[
+            "predict",
+            "text.toml",
+            "--checkpoint",
+            checkpoint,
+            "a.txt",
+            "b.txt",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<Vec<&str>> = stdout.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0][0], "a.txt");
+    assert_eq!(lines[1][0], "b.txt");
+    for line in &lines {
+        assert!(["neg", "pos"].contains(&line[1]), "{stdout}");
+        let p: f64 = line[2].parse().unwrap();
+        assert!((0.5..=1.0).contains(&p), "{stdout}");
+    }
+    // Two epochs of a tiny model need not separate the classes, but its output depends on the input.
+    assert_ne!(lines[0][2], lines[1][2], "{stdout}");
+    let out = efformer(
+        &dir,
+        &[
+            "predict",
+            "text.toml",
+            "--checkpoint",
+            checkpoint,
+            "--json",
+            "a.txt",
+        ],
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total: f64 = json["probabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_f64().unwrap())
+        .sum();
+    assert!((total - 1.0).abs() < 1e-4, "{json}");
+    let out = efformer(
+        &dir,
+        &[
+            "predict",
+            "text.toml",
+            "--checkpoint",
+            checkpoint,
+            "missing.txt",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("cannot read missing.txt"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// The long-document pipeline on a tiny slice: import MiniLM, convert it to Longformer
+/// attention with longer positions, fine-tune one epoch, predict. Needs the checkpoint in
+/// `../shared/pretrained` (see `models`' pretrained tests for how a missing one is handled).
+#[test]
+fn a_pretrained_encoder_is_converted_fine_tuned_and_used_for_prediction() {
+    let ckpt = workspace().join("../shared/pretrained/all-MiniLM-L6-v2");
+    if !ckpt.join("model.safetensors").is_file() {
+        assert!(
+            std::env::var_os("EFFORMER_REQUIRE_SHARED").is_none(),
+            "{} missing",
+            ckpt.display()
+        );
+        eprintln!("note: {} not found; skipping", ckpt.display());
+        return;
+    }
+    let dir = temp_dir("pretrained");
+    let mut lines = String::new();
+    for i in 0..16 {
+        let (t, l) = if i % 2 == 0 {
+            ("a wonderful, lovely and great film that I enjoyed", "pos")
+        } else {
+            ("a terrible, awful and boring film that I hated", "neg")
+        };
+        lines.push_str(&format!(
+            "{{\"id\": \"{i}\", \"text\": \"{t}\", \"label\": \"{l}\"}}\n"
+        ));
+    }
+    std::fs::write(dir.join("docs.jsonl"), &lines).unwrap();
+    let config = format!(
+        r#"
+task = "text-classification"
+[text]
+train = "docs.jsonl"
+test = "docs.jsonl"
+encoding = "tokenizer"
+max_len = 600
+[text.tokenizer]
+file = "{ckpt}/tokenizer.json"
+[model]
+global_prefix = 1
+[model.pretrained]
+dir = "{ckpt}"
+[model.embedding]
+max_len = 600
+[model.stack]
+dropout = 0.0
+[model.stack.attention]
+kind = "longformer"
+window = 8
+[train]
+epochs = 1
+batch_size = 8
+lr = 1e-4
+"#,
+        ckpt = ckpt.display()
+    );
+    std::fs::write(dir.join("longdoc.toml"), config).unwrap();
+    let out = efformer(&dir, &["train", "longdoc.toml", "--out", "run"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("positions 512 -> 600, 6 layers with global projections copied"),
+        "{log}"
+    );
+    let result = result(&dir.join("run"));
+    assert_eq!(
+        result["parameters"].as_u64().unwrap(),
+        22_565_376 + 6 * 3 * (384 * 384 + 384) + 88 * 384 + 2 * 385
+    );
+    std::fs::write(dir.join("doc.txt"), "a wonderful film").unwrap();
+    let out = efformer(
+        &dir,
+        &[
+            "predict",
+            "longdoc.toml",
+            "--checkpoint",
+            "run/checkpoint/model-1.bpk",
+            "doc.txt",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("doc.txt\t"),
+        "{}",
+        text(&out)
+    );
+
+    // Shapes other than the attention come from the checkpoint.
+    let out = efformer(
+        &dir,
+        &[
+            "train",
+            "longdoc.toml",
+            "--out",
+            "run2",
+            "--set",
+            "model.stack.d_model=128",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("model.stack: with model.pretrained"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
