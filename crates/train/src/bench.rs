@@ -446,6 +446,8 @@ pub struct GemmReport {
     pub qk_gflops: f64,
     /// `[1, 8, n, n]·[1, 8, n, 64]`.
     pub pv_gflops: f64,
+    /// QKᵀ with Kᵀ stored contiguously (`[1, 8, 64, n]`) instead of as a transposed view.
+    pub qk_contiguous_gflops: f64,
     /// Full attention forward, counting its two products (4·h·n²·d).
     pub attention_gflops: f64,
 }
@@ -479,6 +481,8 @@ pub fn gemm_report(n: usize, device: &Device, name: &str, reps: usize) -> GemmRe
         probe4(q.clone().matmul(k.clone().swap_dims(2, 3)))
     });
     let pv = time_median(reps, device, || probe4(p.clone().matmul(k.clone())));
+    let kt: Tensor<4> = Tensor::from_data(k.clone().swap_dims(2, 3).into_data(), device);
+    let qk_contiguous = time_median(reps, device, || probe4(q.clone().matmul(kt.clone())));
     let full = AttentionConfig::default()
         .init(AttentionMode::Bidirectional, HeadDims::new(8, 64), device)
         .expect("full attention");
@@ -493,6 +497,7 @@ pub fn gemm_report(n: usize, device: &Device, name: &str, reps: usize) -> GemmRe
         square_gflops: flop_sq / square / 1e9,
         qk_gflops: flop_qk / qk / 1e9,
         pv_gflops: flop_qk / pv / 1e9,
+        qk_contiguous_gflops: flop_qk / qk_contiguous / 1e9,
         attention_gflops: 2.0 * flop_qk / att / 1e9,
     }
 }

@@ -59,11 +59,13 @@ pub fn read_records(paths: &[PathBuf]) -> Result<Vec<BenchRecord>, String> {
     Ok(all)
 }
 
-fn devices(records: &[BenchRecord]) -> Vec<String> {
+/// The (device, mode) settings in first-seen order; each gets its own tables and charts.
+fn settings(records: &[BenchRecord]) -> Vec<(String, String)> {
     let mut seen = Vec::new();
     for r in records {
-        if !seen.contains(&r.device) {
-            seen.push(r.device.clone());
+        let key = (r.device.clone(), r.mode.clone());
+        if !seen.contains(&key) {
+            seen.push(key);
         }
     }
     seen
@@ -93,17 +95,17 @@ fn find<'a>(
 
 const MIB: f64 = (1u64 << 20) as f64;
 
-/// The generated Markdown: per device and pass, a time table (with the ratio to full
+/// The generated Markdown: per (device, mode) and pass, a time table (with the ratio to full
 /// attention) and a peak-memory table; then our ratios next to LRA Table 2.
 pub fn markdown(records: &[BenchRecord], time_png: &str, memory_png: &str) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "![time vs N]({time_png})\n\n![peak memory vs N]({memory_png})\n\n"
     ));
-    for device in devices(records) {
+    for (device, mode) in settings(records) {
         let here: Vec<BenchRecord> = records
             .iter()
-            .filter(|r| r.device == device)
+            .filter(|r| r.device == device && r.mode == mode)
             .cloned()
             .collect();
         let lengths: BTreeSet<usize> = here.iter().map(|r| r.n).collect();
@@ -113,7 +115,7 @@ pub fn markdown(records: &[BenchRecord], time_png: &str, memory_png: &str) -> St
                 continue;
             }
             out.push_str(&format!(
-                "### `{device}`, {}: median ms (ratio to full attention)\n\n\
+                "### `{device}`, {mode}, {}: median ms (ratio to full attention)\n\n\
                  batch {}, {} heads, d_head {}, {} mode, {} timed repetitions after a warm-up.\n\n",
                 pass_title(pass),
                 first.batch,
@@ -140,7 +142,7 @@ pub fn markdown(records: &[BenchRecord], time_png: &str, memory_png: &str) -> St
             }
             out.push('\n');
             out.push_str(&format!(
-                "### `{device}`, {}: peak memory, MiB\n\n\
+                "### `{device}`, {mode}, {}: peak memory, MiB\n\n\
                  Resident-set high-water mark (`VmHWM`) of the case's own process, above its \
                  baseline once the inputs exist.\n\n",
                 pass_title(pass)
@@ -162,7 +164,9 @@ pub fn markdown(records: &[BenchRecord], time_png: &str, memory_png: &str) -> St
             }
             out.push('\n');
         }
-        out.push_str(&lra_comparison(&here, &device));
+        if mode == "bidirectional" {
+            out.push_str(&lra_comparison(&here, &device));
+        }
     }
     out
 }
@@ -242,14 +246,16 @@ fn charts(
     value: &dyn Fn(&BenchRecord) -> Option<f64>,
 ) -> Vec<Chart> {
     let mut out = Vec::new();
-    for device in devices(records) {
+    for (device, mode) in settings(records) {
         for pass in [Pass::Forward, Pass::ForwardBackward] {
             let series: Vec<Series> = variants(records)
                 .into_iter()
                 .map(|v| {
                     let mut points: Vec<(f64, f64)> = records
                         .iter()
-                        .filter(|r| r.device == device && r.variant == v && r.pass == pass)
+                        .filter(|r| {
+                            r.device == device && r.mode == mode && r.variant == v && r.pass == pass
+                        })
                         .filter_map(|r| Some((r.n as f64, value(r)?)))
                         .filter(|p| p.1 > 0.0)
                         .collect();
@@ -264,7 +270,7 @@ fn charts(
                 .collect();
             if !series.is_empty() {
                 out.push(Chart {
-                    title: format!("{what}, {} ({device})", pass_title(pass)),
+                    title: format!("{what}, {} ({device}, {mode})", pass_title(pass)),
                     x_label: "sequence length N".into(),
                     y_label: unit.into(),
                     x_scale: Scale::Log,
