@@ -1101,6 +1101,14 @@ fn run_seq2seq(ctx: &RunContext, d: Seq2SeqData) -> Result<RunReport, String> {
     })
 }
 
+/// The error of a checkpoint whose tensors do not fit the configured model.
+fn does_not_fit(checkpoint: &Path, e: impl std::fmt::Display) -> String {
+    format!(
+        "checkpoint {} does not fit this configuration's model: {e}",
+        checkpoint.display()
+    )
+}
+
 /// `efformer eval`: the test (and validation) loss and accuracy of a checkpoint.
 ///
 /// # Errors
@@ -1152,12 +1160,7 @@ pub fn eval(
                 NanGuard::default(),
             )
             .try_load_record(record)
-            .map_err(|e| {
-                format!(
-                    "checkpoint {} does not fit this configuration's model: {e}",
-                    checkpoint.display()
-                )
-            })?;
+            .map_err(|e| does_not_fit(checkpoint, e))?;
             let batcher = ClassBatcher {
                 pad: d.pad,
                 fixed_len: fixed_length(&config.model, mc.encoder.embedding.max_len),
@@ -1189,12 +1192,7 @@ pub fn eval(
             let model = lc.init(&dev).map_err(|e| format!("model.{e}"))?;
             let task = LanguageModelTask::new(model, d.pad as usize, NanGuard::default())
                 .try_load_record(record)
-                .map_err(|e| {
-                    format!(
-                        "checkpoint {} does not fit this configuration's model: {e}",
-                        checkpoint.display()
-                    )
-                })?;
+                .map_err(|e| does_not_fit(checkpoint, e))?;
             let valid = evaluate(
                 &task,
                 &d.valid,
@@ -1221,12 +1219,7 @@ pub fn eval(
             let model = sc.init(&dev).map_err(|e| format!("model.{e}"))?;
             let task = Seq2SeqTaskModel::new(model, d.pad as usize, NanGuard::default())
                 .try_load_record(record)
-                .map_err(|e| {
-                    format!(
-                        "checkpoint {} does not fit this configuration's model: {e}",
-                        checkpoint.display()
-                    )
-                })?;
+                .map_err(|e| does_not_fit(checkpoint, e))?;
             let valid = evaluate(
                 &task,
                 &d.valid,
