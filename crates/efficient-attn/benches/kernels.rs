@@ -5,11 +5,10 @@
 //! Run: `cargo bench -p efficient-attn --bench kernels` (CI only compiles them).
 
 use burn::tensor::{Device, Tensor};
-use efficient_attn::kernels::block_sparse::{
+use efficient_attn::testing::block_sparse::{
     BlockPlan, BlockSparse, ElementRule, block_sparse_attention,
 };
-use efficient_attn::kernels::prefix_sum;
-use efficient_attn::rng::SeededRng;
+use efficient_attn::testing::{SeededRng, prefix_sum};
 
 fn main() {
     divan::main();

@@ -24,12 +24,9 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor};
 
-use crate::config::ConfigError;
-use crate::decoding::DecodeCache;
-use crate::interface::{
-    AttentionCore, AttentionMode, AttnInput, Exactness, Grid, HeadDims, VariantInfo,
-};
-use crate::mask::DenseMask;
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::extras::{Grid};
 
 /// Which axes a layer attends along.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,10 +60,21 @@ impl AxialAttentionConfig {
         exactness: Exactness::ExactWhen(
             "per axis (row or column attention equals the dense same-row/column mask)",
         ),
+        needs_grid: true,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for AxialAttentionConfig {
+    type Core = AxialAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -97,6 +105,7 @@ pub struct AxialAttention {
 impl AxialAttention {
     fn grid(input: &AttnInput, n: usize) -> Grid {
         let grid = input
+            .extras
             .grid
             .expect("axial attention needs the grid: AttnInput::with_grid / MhaInput::with_grid");
         assert_eq!(
@@ -153,6 +162,7 @@ impl AxialAttention {
             .reshape([b, h, n, d])
     }
 
+    #[cfg(feature = "testing")]
     fn allowed(&self, grid: Grid, i: usize, j: usize) -> bool {
         let (ri, ci) = (i / grid.width, i % grid.width);
         let (rj, cj) = (j / grid.width, j % grid.width);
@@ -216,26 +226,73 @@ impl AttentionCore for AxialAttention {
         self.mode
     }
 
-    fn decode_cache(
-        &self,
-        batch: usize,
-        dims: HeadDims,
-        max_len: usize,
-        device: &Device,
-    ) -> Option<DecodeCache> {
-        // The pattern depends on block boundaries of the whole sequence: no incremental cache.
-        let _ = (batch, dims, max_len, device);
-        None
-    }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+}
+
+#[cfg(feature = "testing")]
+impl AxialAttention {
+    /// The key positions each query may attend to, as data (the contract suite's pattern
+    /// oracle).
+    pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         if self.axes == AxialAxes::Sum {
             return None;
         }
         let [_, _, n, lk, _, _] = input.dims();
         let grid = Self::grid(input, n);
-        Some(DenseMask::from_allowed(n, lk, |i, j| {
+        Some(crate::mask::DenseMask::from_allowed(n, lk, |i, j| {
             self.allowed(grid, i, j)
         }))
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Contract, Oracle, Spec};
+
+    /// Rows plus columns; each axis alone equals the dense same-row / same-column mask.
+    impl Contract for AxialAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let pattern = |core: &Attention, input: &AttnInput| match core {
+                Attention::Axial(a) => a.pattern(input),
+                _ => None,
+            };
+            let mut spec = from_config(|_| {
+                AxialAttentionConfig {
+                    axes: AxialAxes::Sum,
+                }
+                .into()
+            })
+            .causal_memory(false);
+            spec = exact_config(
+                spec,
+                "row axis = same-row mask",
+                Oracle::Pattern(pattern),
+                1e-5,
+                |_| {
+                    AxialAttentionConfig {
+                        axes: AxialAxes::Row,
+                    }
+                    .into()
+                },
+            );
+            spec = exact_config(
+                spec,
+                "column axis = same-column mask",
+                Oracle::Pattern(pattern),
+                1e-5,
+                |_| {
+                    AxialAttentionConfig {
+                        axes: AxialAxes::Column,
+                    }
+                    .into()
+                },
+            );
+            spec.decorate = Some(square_grid);
+            vec![spec]
+        }
     }
 }

@@ -23,11 +23,10 @@ use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Device, Tensor};
 
-use crate::config::ConfigError;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
 use crate::kernels::dense::masked_softmax_matmul;
-use crate::mask::DenseMask;
 use crate::rng::SeededRng;
 
 /// Configuration of [`BigBirdAttention`].
@@ -61,10 +60,21 @@ impl BigBirdAttentionConfig {
         time: "O(N·(5+r)·b·d)",
         memory: "O(N·(5+r)·b)",
         exactness: Exactness::ExactWhen("on its block plan (full when everything is global)"),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for BigBirdAttentionConfig {
+    type Core = BigBirdAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -194,16 +204,66 @@ impl AttentionCore for BigBirdAttention {
         self.mode
     }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+}
+
+#[cfg(feature = "testing")]
+impl BigBirdAttention {
+    /// The key positions each query may attend to, as data (the contract suite's pattern
+    /// oracle).
+    pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, h, n, lk, _, _] = input.dims();
         let (b, nb) = self.blocks(n);
         if nb <= 2 {
-            return Some(DenseMask::none(n, lk));
+            return Some(crate::mask::DenseMask::none(n, lk));
         }
         let lists = self.plan_lists(nb);
-        Some(DenseMask::per_head(h, n, lk, |head, i, j| {
+        Some(crate::mask::DenseMask::per_head(h, n, lk, |head, i, j| {
             let (bi, bj) = (i / b, j / b);
             bi == 0 || bi + 1 == nb || lists[head][bi].contains(&bj)
         }))
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Contract, Oracle, Spec};
+
+    /// Blocks of 2, one random block; with at most two blocks everything is global and it is
+    /// full attention.
+    impl Contract for BigBirdAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let spec = pattern_spec(
+                |_| {
+                    BigBirdAttentionConfig {
+                        block: 2,
+                        random_blocks: 1,
+                        seed: 3,
+                    }
+                    .into()
+                },
+                |core, input| match core {
+                    Attention::Bigbird(a) => a.pattern(input),
+                    _ => None,
+                },
+            );
+            vec![exact_config(
+                spec,
+                "all blocks global",
+                Oracle::Full,
+                1e-5,
+                |case| {
+                    BigBirdAttentionConfig {
+                        block: case.seq_k.div_ceil(2),
+                        random_blocks: 1,
+                        seed: 3,
+                    }
+                    .into()
+                },
+            )]
+        }
     }
 }

@@ -9,151 +9,43 @@
 //!
 //! Every variant's config has `#[serde(default, deny_unknown_fields)]`: omitted fields take the
 //! paper's defaults and a misspelt field is an error that names it.
-
-use std::fmt;
+//!
+//! Both enums, their conversions and their dispatch are generated from the registry in
+//! `lib.rs` (`__registered_variants!`): a variant is its own file plus one line there.
 
 use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Device, Tensor};
 
-use crate::axial::{AxialAttention, AxialAttentionConfig};
-use crate::bigbird::{BigBirdAttention, BigBirdAttentionConfig};
 use crate::decoding::DecodeCache;
-use crate::etc::{EtcAttention, EtcAttentionConfig};
-use crate::full::{FullAttention, FullAttentionConfig};
-use crate::image_transformer::{
-    ImageTransformer1dAttention, ImageTransformer1dAttentionConfig, ImageTransformer2dAttention,
-    ImageTransformer2dAttentionConfig,
+use crate::error::ConfigError;
+use crate::extras::{Grid, SharedParameterSpec};
+use crate::interface::{
+    AttentionCore, AttentionMode, AttnInput, CoreConfig, HeadDims, VariantInfo,
 };
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, HeadDims, VariantInfo};
-use crate::linear_transformer::{LinearTransformerAttention, LinearTransformerAttentionConfig};
-use crate::linformer::{LinformerAttention, LinformerAttentionConfig};
-use crate::longformer::{LongformerAttention, LongformerAttentionConfig};
-use crate::mask::DenseMask;
-use crate::memory_compressed::{
-    MemoryCompressedAttention, MemoryCompressedAttentionConfig, MemoryCompressedLocalAttention,
-    MemoryCompressedLocalAttentionConfig,
-};
-use crate::memory_efficient::{MemoryEfficientAttention, MemoryEfficientAttentionConfig};
-use crate::nystromformer::{NystromformerAttention, NystromformerAttentionConfig};
-use crate::performer::{PerformerAttention, PerformerAttentionConfig};
-use crate::sparse_transformer::{SparseTransformerAttention, SparseTransformerAttentionConfig};
-use crate::synthesizer::{SynthesizerAttention, SynthesizerAttentionConfig};
+use crate::*;
 
-/// A configuration that cannot build a layer. The message names the field or mode and what was
-/// expected.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The variant has no such mode.
-    UnsupportedMode {
-        /// Variant kind.
-        kind: &'static str,
-        /// The mode asked for.
-        mode: AttentionMode,
-        /// Why the variant cannot run in that mode.
-        reason: &'static str,
-    },
-    /// A field has a value the variant cannot use.
-    InvalidField {
-        /// Field name (as in TOML).
-        field: &'static str,
-        /// What was expected.
-        expected: String,
-        /// What was given.
-        got: String,
-    },
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::UnsupportedMode { kind, mode, reason } => {
-                write!(
-                    f,
-                    "attention kind \"{kind}\" does not support {mode} mode: {reason}"
-                )
-            }
-            Self::InvalidField {
-                field,
-                expected,
-                got,
-            } => write!(f, "`{field}`: expected {expected}, got {got}"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-impl ConfigError {
-    /// `Ok` if `info` lists `mode`; otherwise an [`UnsupportedMode`](Self::UnsupportedMode)
-    /// error with the variant's general reason.
-    pub fn check_mode(info: &VariantInfo, mode: AttentionMode) -> Result<(), Self> {
-        Self::check_mode_because(info, mode, "the paper defines no such mode")
-    }
-
-    /// Like [`check_mode`](Self::check_mode) with the variant's own reason.
-    pub fn check_mode_because(
-        info: &VariantInfo,
-        mode: AttentionMode,
-        reason: &'static str,
-    ) -> Result<(), Self> {
-        if info.supports(mode) {
-            Ok(())
-        } else {
-            Err(Self::UnsupportedMode {
-                kind: info.kind,
-                mode,
-                reason,
-            })
-        }
-    }
-
-    /// `Ok` if `value > 0`.
-    pub fn check_nonzero(field: &'static str, value: usize) -> Result<(), Self> {
-        if value > 0 {
-            Ok(())
-        } else {
-            Err(Self::InvalidField {
-                field,
-                expected: "a positive integer".into(),
-                got: "0".into(),
-            })
-        }
-    }
-
-    /// `Ok` if `value` is absent or a finite positive number.
-    pub fn check_positive_opt(field: &'static str, value: Option<f64>) -> Result<(), Self> {
-        match value {
-            Some(v) if !(v.is_finite() && v > 0.0) => Err(Self::InvalidField {
-                field,
-                expected: "a finite positive number".into(),
-                got: v.to_string(),
-            }),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// Declares every variant once: the config enum, the module enum, their conversions and the
-/// dispatch. Adding a variant is one line here (plus its file and its contract spec).
-macro_rules! attention_variants {
-    ($($variant:ident($kind:literal, $config:ident => $module:ident),)*) => {
+/// Declares the config enum, the module enum, their conversions and the dispatch from the
+/// registry's list.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __attention_enums {
+    ($(;)? $($module:ident { $($variant:ident($kind:literal, $config:ident => $core:ident)),+ $(,)? }),* $(,)?) => {
         /// Any attention variant, selected by `kind`.
         #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
         #[serde(crate = "burn::serde", tag = "kind")]
         #[non_exhaustive]
         pub enum AttentionConfig {
-            $(
-                #[doc = concat!("[`", stringify!($module), "`].")]
+            $($(
+                #[doc = concat!("[`", stringify!($core), "`].")]
                 #[serde(rename = $kind)]
                 $variant($config),
-            )*
+            )+)*
         }
 
         impl AttentionConfig {
-            /// Every `kind`, in declaration order.
-            pub const KINDS: &'static [&'static str] = &[$($config::INFO.kind),*];
+            /// Every `kind`, in registry order.
+            pub const KINDS: &'static [&'static str] = &[$($($kind),+),*];
 
             /// Deserialises the variant `kind` from the rest of its table (everything but the
             /// `kind` key). Errors then carry the field path when the deserializer tracks one
@@ -163,54 +55,85 @@ macro_rules! attention_variants {
                 kind: &str,
                 deserializer: D,
             ) -> Result<Self, D::Error> {
-                $(
-                    if kind == $config::INFO.kind {
+                $($(
+                    if kind == $kind {
                         return <$config as Deserialize>::deserialize(deserializer).map(Self::$variant);
                     }
-                )*
+                )+)*
                 Err(<D::Error as burn::serde::de::Error>::unknown_variant(kind, Self::KINDS))
             }
 
             /// The default configuration of every variant, in the order
             /// `efformer attention list` prints them.
             pub fn all_defaults() -> Vec<AttentionConfig> {
-                vec![$(Self::$variant(Default::default())),*]
+                vec![$($(Self::$variant(Default::default())),+),*]
             }
+        }
 
-            /// Whether the variant wants separate projections for global tokens (Longformer),
-            /// which [`MultiHeadAttention`](crate::MultiHeadAttention) then owns.
-            pub fn global_projections(&self) -> bool {
-                matches!(self, Self::Longformer(c) if c.global_projections)
-            }
+        impl CoreConfig for AttentionConfig {
+            type Core = Attention;
 
-            /// What the selected variant is.
-            pub fn info(&self) -> &'static VariantInfo {
+            fn info(&self) -> &'static VariantInfo {
                 match self {
-                    $(Self::$variant(_) => &$config::INFO,)*
+                    $($(Self::$variant(c) => c.info(),)+)*
                 }
             }
 
-            /// Builds the variant for `mode` and the head layout `dims` on `device` (where
-            /// variants with parameters or random features put them).
-            pub fn init(
+            fn init(
                 &self,
                 mode: AttentionMode,
                 dims: HeadDims,
                 device: &Device,
             ) -> Result<Attention, ConfigError> {
                 Ok(match self {
-                    $(Self::$variant(c) => Attention::$variant(c.init(mode, dims, device)?),)*
+                    $($(Self::$variant(c) => Attention::$variant(c.init(mode, dims, device)?),)+)*
                 })
+            }
+
+            fn max_len(&self) -> Option<usize> {
+                match self {
+                    $($(Self::$variant(c) => c.max_len(),)+)*
+                }
+            }
+
+            fn with_max_len(&self, max_len: usize) -> Self {
+                match self {
+                    $($(Self::$variant(c) => Self::$variant(c.with_max_len(max_len)),)+)*
+                }
+            }
+
+            fn fit_grid(&self, grid: Grid) -> Self {
+                match self {
+                    $($(Self::$variant(c) => Self::$variant(c.fit_grid(grid)),)+)*
+                }
+            }
+
+            fn global_projections(&self) -> bool {
+                match self {
+                    $($(Self::$variant(c) => c.global_projections(),)+)*
+                }
+            }
+
+            fn layer_shared(&self) -> Option<SharedParameterSpec> {
+                match self {
+                    $($(Self::$variant(c) => c.layer_shared(),)+)*
+                }
+            }
+
+            fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
+                match self {
+                    $($(Self::$variant(c) => c.memory_estimate(n, batch, heads, backward),)+)*
+                }
             }
         }
 
-        $(
+        $($(
             impl From<$config> for AttentionConfig {
                 fn from(c: $config) -> Self {
                     Self::$variant(c)
                 }
             }
-        )*
+        )+)*
 
         /// Any attention variant as a module. Models hold this enum, so their types stay
         /// concrete.
@@ -219,41 +142,24 @@ macro_rules! attention_variants {
         // Built once per layer and never moved on a hot path; boxing would only add indirection.
         #[allow(clippy::large_enum_variant)]
         pub enum Attention {
-            $(
-                #[doc = concat!("[`", stringify!($module), "`].")]
-                $variant($module),
-            )*
+            $($(
+                #[doc = concat!("[`", stringify!($core), "`].")]
+                $variant($core),
+            )+)*
         }
 
         impl Attention {
             /// The variant behind this module.
             pub fn as_core(&self) -> &dyn AttentionCore {
                 match self {
-                    $(Self::$variant(a) => a,)*
+                    $($(Self::$variant(a) => a,)+)*
                 }
             }
         }
     };
 }
 
-attention_variants! {
-    Full("full", FullAttentionConfig => FullAttention),
-    MemoryEfficient("memory-efficient", MemoryEfficientAttentionConfig => MemoryEfficientAttention),
-    LinearTransformer("linear-transformer", LinearTransformerAttentionConfig => LinearTransformerAttention),
-    Performer("performer", PerformerAttentionConfig => PerformerAttention),
-    Linformer("linformer", LinformerAttentionConfig => LinformerAttention),
-    Nystromformer("nystromformer", NystromformerAttentionConfig => NystromformerAttention),
-    Synthesizer("synthesizer", SynthesizerAttentionConfig => SynthesizerAttention),
-    MemoryCompressedLocal("memory-compressed-local", MemoryCompressedLocalAttentionConfig => MemoryCompressedLocalAttention),
-    MemoryCompressed("memory-compressed", MemoryCompressedAttentionConfig => MemoryCompressedAttention),
-    ImageTransformer1d("image-transformer-1d", ImageTransformer1dAttentionConfig => ImageTransformer1dAttention),
-    ImageTransformer2d("image-transformer-2d", ImageTransformer2dAttentionConfig => ImageTransformer2dAttention),
-    SparseTransformer("sparse-transformer", SparseTransformerAttentionConfig => SparseTransformerAttention),
-    Longformer("longformer", LongformerAttentionConfig => LongformerAttention),
-    Etc("etc", EtcAttentionConfig => EtcAttention),
-    Bigbird("bigbird", BigBirdAttentionConfig => BigBirdAttention),
-    Axial("axial", AxialAttentionConfig => AxialAttention),
-}
+crate::__registered_variants!(__attention_enums,);
 
 impl Default for AttentionConfig {
     fn default() -> Self {
@@ -268,6 +174,38 @@ impl AttentionConfig {
             .into_iter()
             .find(|c| c.info().kind == kind)
     }
+
+    /// The default configuration of `kind`, or an error listing the kinds.
+    ///
+    /// # Errors
+    /// An unknown kind.
+    pub fn try_from_kind(kind: &str) -> Result<AttentionConfig, String> {
+        Self::from_kind(kind).ok_or_else(|| {
+            format!(
+                "unknown attention kind `{kind}`: expected one of {}",
+                Self::KINDS.join(", ")
+            )
+        })
+    }
+
+    /// What the selected variant is (also [`CoreConfig::info`]).
+    pub fn info(&self) -> &'static VariantInfo {
+        CoreConfig::info(self)
+    }
+
+    /// Builds the variant for `mode` and the head layout `dims` on `device` (also
+    /// [`CoreConfig::init`]).
+    ///
+    /// # Errors
+    /// A mode the variant does not support, or a field it cannot use.
+    pub fn init(
+        &self,
+        mode: AttentionMode,
+        dims: HeadDims,
+        device: &Device,
+    ) -> Result<Attention, ConfigError> {
+        CoreConfig::init(self, mode, dims, device)
+    }
 }
 
 impl AttentionCore for Attention {
@@ -280,10 +218,6 @@ impl AttentionCore for Attention {
 
     fn mode(&self) -> AttentionMode {
         self.as_core().mode()
-    }
-
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
-        self.as_core().pattern(input)
     }
 
     fn decode_cache(

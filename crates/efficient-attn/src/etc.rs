@@ -24,15 +24,13 @@ use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Device, Tensor};
 
-use crate::config::ConfigError;
-use crate::interface::{
-    AttentionCore, AttentionMode, AttnInput, Exactness, GlobalTokens, HeadDims, VariantInfo,
-};
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::extras::{GlobalTokens};
 use crate::kernels::block_sparse::{
     BlockPlan, BlockSparse, ElementRule, ExtraKeys, block_sparse_attention,
 };
 use crate::kernels::dense::masked_softmax_matmul;
-use crate::mask::DenseMask;
 
 /// Configuration of [`EtcAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,10 +57,21 @@ impl EtcAttentionConfig {
         exactness: Exactness::ExactWhen(
             "on its global-local pattern (full when r covers the input)",
         ),
+        needs_grid: false,
+        global_tokens: true,
     };
 
+}
+
+impl CoreConfig for EtcAttentionConfig {
+    type Core = EtcAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -92,7 +101,7 @@ pub struct EtcAttention {
 
 impl EtcAttention {
     fn globals(input: &AttnInput, n: usize) -> usize {
-        match &input.global {
+        match &input.extras.global {
             None => 0,
             Some(GlobalTokens::Prefix(g)) => (*g).min(n),
             Some(_) => {
@@ -157,11 +166,49 @@ impl AttentionCore for EtcAttention {
         self.mode
     }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+}
+
+#[cfg(feature = "testing")]
+impl EtcAttention {
+    /// The key positions each query may attend to, as data (the contract suite's pattern
+    /// oracle).
+    pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, _, n, lk, _, _] = input.dims();
         let g = Self::globals(input, n);
-        Some(DenseMask::from_allowed(n, lk, |i, j| {
+        Some(crate::mask::DenseMask::from_allowed(n, lk, |i, j| {
             i < g || j < g || i.abs_diff(j) <= self.radius
         }))
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Contract, Oracle, Spec};
+
+    /// Radius 2 with two global tokens; a radius covering the input is full attention over
+    /// concat(global, long).
+    impl Contract for EtcAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let mut spec = pattern_spec(
+                |_| EtcAttentionConfig { radius: 2 }.into(),
+                |core, input| match core {
+                    Attention::Etc(a) => a.pattern(input),
+                    _ => None,
+                },
+            );
+            spec = exact_config(
+                spec,
+                "radius covering the input",
+                Oracle::Full,
+                1e-5,
+                |case| EtcAttentionConfig { radius: case.seq_k }.into(),
+            );
+            spec.decorate = Some(two_global);
+            vec![spec]
+        }
     }
 }

@@ -15,9 +15,9 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
-use crate::config::ConfigError;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
-use crate::mask::DenseMask;
+use crate::decoding::DecodeCache;
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, kv_cache, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 
 /// Configuration of [`FullAttention`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -36,10 +36,21 @@ impl FullAttentionConfig {
         time: "O(N²·d)",
         memory: "O(N²) under autodiff; tiled forward on Flex/CubeCL",
         exactness: Exactness::Exact,
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for FullAttentionConfig {
+    type Core = FullAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -52,6 +63,12 @@ impl FullAttentionConfig {
             mode,
             scale: self.scale,
         })
+    }
+
+    /// Under autodiff Burn stores the probabilities and their gradient: about four `N × N`
+    /// matrices per head.
+    fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
+        backward.then(|| 4 * (batch * heads * n * n * 4) as u64)
     }
 }
 
@@ -96,8 +113,38 @@ impl AttentionCore for FullAttention {
         self.mode
     }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
-        let [_, _, lq, lk, _, _] = input.dims();
-        Some(DenseMask::none(lq, lk))
+    /// Causal mode decodes with a key/value cache.
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        kv_cache(self.mode, batch, dims, max_len, device)
+    }
+
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Case, Contract, Oracle, Spec};
+
+    /// Exact everywhere.
+    impl Contract for FullAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let config = |_: &Case| FullAttentionConfig::default().into();
+            vec![exact_config(
+                from_config(config),
+                "always",
+                Oracle::Full,
+                1e-5,
+                config,
+            )]
+        }
     }
 }

@@ -29,13 +29,10 @@ use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Device, Tensor};
 
-use crate::config::ConfigError;
-use crate::decoding::DecodeCache;
-use crate::interface::{
-    AttentionCore, AttentionMode, AttnInput, Exactness, Grid, HeadDims, VariantInfo,
-};
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::extras::{Grid};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
-use crate::mask::DenseMask;
 
 const WHY_NOT_CROSS: &str = "the memory is a region of the query's own image";
 
@@ -68,10 +65,21 @@ impl ImageTransformer1dAttentionConfig {
         time: "O(N·(l_q + 2·l_m)·d)",
         memory: "O(N·(l_q + 2·l_m))",
         exactness: Exactness::ExactWhen("on its local pattern (full when l_q >= N)"),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for ImageTransformer1dAttentionConfig {
+    type Core = ImageTransformer1dAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -160,21 +168,16 @@ impl AttentionCore for ImageTransformer1dAttention {
         self.mode
     }
 
-    fn decode_cache(
-        &self,
-        batch: usize,
-        dims: HeadDims,
-        max_len: usize,
-        device: &Device,
-    ) -> Option<DecodeCache> {
-        // The pattern depends on block boundaries of the whole sequence: no incremental cache.
-        let _ = (batch, dims, max_len, device);
-        None
-    }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+}
+
+#[cfg(feature = "testing")]
+impl ImageTransformer1dAttention {
+    /// The key positions each query may attend to, as data (the contract suite's pattern
+    /// oracle).
+    pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, _, lq, lk, _, _] = input.dims();
-        Some(DenseMask::from_allowed(lq, lk, |i, j| self.allowed(i, j)))
+        Some(crate::mask::DenseMask::from_allowed(lq, lk, |i, j| self.allowed(i, j)))
     }
 }
 
@@ -208,10 +211,21 @@ impl ImageTransformer2dAttentionConfig {
         exactness: Exactness::ExactWhen(
             "on its 2-D local pattern (full when one block covers the image)",
         ),
+        needs_grid: true,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for ImageTransformer2dAttentionConfig {
+    type Core = ImageTransformer2dAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -225,6 +239,24 @@ impl ImageTransformer2dAttentionConfig {
             query_shape: self.query_shape,
             memory_flange: self.memory_flange,
         })
+    }
+
+    /// Query blocks must tile the grid: each side becomes the largest divisor of the grid's
+    /// side that is at most the configured one.
+    fn fit_grid(&self, grid: Grid) -> Self {
+        let fit = |want: usize, side: usize| {
+            (1..=want.min(side))
+                .rev()
+                .find(|q| side.is_multiple_of(*q))
+                .unwrap_or(1)
+        };
+        Self {
+            query_shape: [
+                fit(self.query_shape[0], grid.height),
+                fit(self.query_shape[1], grid.width),
+            ],
+            ..self.clone()
+        }
     }
 }
 
@@ -291,6 +323,7 @@ pub fn block_raster_order(grid: Grid, query_shape: [usize; 2]) -> Vec<usize> {
 impl ImageTransformer2dAttention {
     fn blocks(&self, input: &AttnInput, n: usize) -> Blocks2d {
         let grid = input
+            .extras
             .grid
             .expect("image transformer 2d needs the image shape: AttnInput::with_grid / MhaInput::with_grid");
         assert_eq!(
@@ -388,23 +421,96 @@ impl AttentionCore for ImageTransformer2dAttention {
         self.mode
     }
 
-    fn decode_cache(
-        &self,
-        batch: usize,
-        dims: HeadDims,
-        max_len: usize,
-        device: &Device,
-    ) -> Option<DecodeCache> {
-        // The pattern depends on block boundaries of the whole sequence: no incremental cache.
-        let _ = (batch, dims, max_len, device);
-        None
-    }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+}
+
+#[cfg(feature = "testing")]
+impl ImageTransformer2dAttention {
+    /// The key positions each query may attend to, as data (the contract suite's pattern
+    /// oracle).
+    pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, _, n, lk, _, _] = input.dims();
         let blocks = self.blocks(input, n);
-        Some(DenseMask::from_allowed(n, lk, |i, j| {
+        Some(crate::mask::DenseMask::from_allowed(n, lk, |i, j| {
             self.allowed(&blocks, i, j)
         }))
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Contract, Oracle, Spec};
+
+    /// Query blocks of 4 with a memory of 3; one block covering the input is full (causal:
+    /// raster-causal) attention.
+    impl Contract for ImageTransformer1dAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let spec = pattern_spec(
+                |_| {
+                    ImageTransformer1dAttentionConfig {
+                        query_block: 4,
+                        memory: 3,
+                    }
+                    .into()
+                },
+                |core, input| match core {
+                    Attention::ImageTransformer1d(a) => a.pattern(input),
+                    _ => None,
+                },
+            );
+            vec![exact_config(
+                spec,
+                "one block covering the image",
+                Oracle::Full,
+                1e-5,
+                |case| {
+                    ImageTransformer1dAttentionConfig {
+                        query_block: case.seq_k,
+                        memory: 0,
+                    }
+                    .into()
+                },
+            )]
+        }
+    }
+
+    /// 2 × 2 query blocks with a 1 × 1 flange on `n/4 × 4` images in block-raster order; one
+    /// block covering the image is full (causal: block-raster-causal) attention.
+    impl Contract for ImageTransformer2dAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let mut spec = pattern_spec(
+                |_| {
+                    ImageTransformer2dAttentionConfig {
+                        query_shape: [2, 2],
+                        memory_flange: [1, 1],
+                    }
+                    .into()
+                },
+                |core, input| match core {
+                    Attention::ImageTransformer2d(a) => a.pattern(input),
+                    _ => None,
+                },
+            );
+            spec = exact_config(
+                spec,
+                "one block covering the image",
+                Oracle::Full,
+                1e-5,
+                |case| {
+                    ImageTransformer2dAttentionConfig {
+                        query_shape: [case.seq_k / 4, 4],
+                        memory_flange: [0, 0],
+                    }
+                    .into()
+                },
+            );
+            spec.decorate = Some(grid4);
+            spec.fit_len = |n| n.div_ceil(8).max(1) * 8;
+            vec![spec]
+        }
     }
 }

@@ -1,16 +1,19 @@
 //! The one interface every attention variant implements, at the q/k/v boundary.
 //!
 //! A variant receives already-projected heads (`[batch, heads, seq, d]`) and returns the attended
-//! values. Projections, head split/merge and dropout live in exactly one place,
-//! [`MultiHeadAttention`](crate::MultiHeadAttention).
+//! values ([`AttentionCore`]); its configuration builds it and states what it needs
+//! ([`CoreConfig`]). Projections, head split/merge and dropout live in exactly one place,
+//! [`MultiHeadAttention`](crate::MultiHeadAttention), which takes any core, ours or yours.
 
 use std::fmt;
 
+use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, Tensor};
 
 use crate::decoding::{DecodeCache, KvCache};
-use crate::mask::DenseMask;
+use crate::error::ConfigError;
+use crate::extras::{Extras, Grid, SharedParameterSpec, WithExtras};
 
 /// The masking regime an attention layer runs in, fixed when the layer is built.
 ///
@@ -76,8 +79,11 @@ impl fmt::Display for Exactness {
     }
 }
 
-/// What a variant is, for `efformer attention list`, docs and the contract suite.
+/// What a variant is, for `efformer attention list`, docs, benchmarks and the contract suite.
+///
+/// Build one for your own core with [`VariantInfo::new`] and the `const` builders.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VariantInfo {
     /// The `kind` that selects it in TOML, e.g. `"memory-efficient"`.
     pub kind: &'static str,
@@ -91,12 +97,65 @@ pub struct VariantInfo {
     pub memory: &'static str,
     /// Exactness against dense softmax attention.
     pub exactness: Exactness,
+    /// Whether inputs must carry a 2-D layout ([`Extras::grid`]).
+    pub needs_grid: bool,
+    /// Whether it reads global tokens ([`Extras::global`]): Longformer's CLS token, ETC's
+    /// global prefix. Variants that choose their own (BigBird's global blocks) do not.
+    pub global_tokens: bool,
 }
 
 impl VariantInfo {
+    /// A variant that needs no grid and has no global tokens.
+    pub const fn new(
+        kind: &'static str,
+        paper: &'static str,
+        modes: &'static [AttentionMode],
+        time: &'static str,
+        memory: &'static str,
+        exactness: Exactness,
+    ) -> Self {
+        Self {
+            kind,
+            paper,
+            modes,
+            time,
+            memory,
+            exactness,
+            needs_grid: false,
+            global_tokens: false,
+        }
+    }
+
+    /// Inputs must carry a 2-D layout.
+    pub const fn with_grid(mut self) -> Self {
+        self.needs_grid = true;
+        self
+    }
+
+    /// It reads global tokens.
+    pub const fn with_global_tokens(mut self) -> Self {
+        self.global_tokens = true;
+        self
+    }
+
     /// Whether `mode` is supported.
     pub fn supports(&self, mode: AttentionMode) -> bool {
         self.modes.contains(&mode)
+    }
+
+    /// What an input needs besides q, k and v to run this variant on a sequence of `n`
+    /// positions, for benchmarks and demos: a near-square grid for 2-D variants, the first
+    /// token as a global token (a CLS token) for variants that read global tokens, except in
+    /// causal mode (global tokens see the future).
+    pub fn demo_extras(&self, n: usize, mode: AttentionMode) -> Extras {
+        let mut extras = Extras::new();
+        if self.needs_grid {
+            extras = extras.with_grid(Grid::near_square(n));
+        }
+        if self.global_tokens && !mode.is_causal() {
+            extras = extras.with_global(crate::GlobalTokens::Prefix(1));
+        }
+        extras
     }
 }
 
@@ -123,96 +182,18 @@ impl HeadDims {
     }
 }
 
-/// Which tokens attend globally, for variants with global tokens (Longformer, ETC, BigBird).
+/// The input of an attention core: projected heads, key padding, and the query sequence's
+/// [`Extras`] (its padding, global tokens, grid and side inputs).
 ///
-/// Variants without global tokens ignore it.
-#[derive(Clone, Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum GlobalTokens {
-    /// The first `n` positions of every sequence (a CLS token, ETC's global prefix).
-    Prefix(usize),
-    /// The same positions in every sequence.
-    Positions(Vec<usize>),
-    /// Per-example flags, `true` = global. Shape `[batch, seq]`.
-    Mask(Tensor<2, Bool>),
-}
-
-impl GlobalTokens {
-    /// The global positions of every example, sorted (reads a mask back to the host).
-    ///
-    /// # Panics
-    /// If a position is beyond `seq` or a mask has the wrong shape.
-    pub fn positions(&self, batch: usize, seq: usize) -> Vec<Vec<usize>> {
-        match self {
-            Self::Prefix(n) => vec![(0..(*n).min(seq)).collect(); batch],
-            Self::Positions(p) => {
-                assert!(
-                    p.iter().all(|&x| x < seq),
-                    "global position beyond the sequence length {seq}"
-                );
-                let mut p = p.clone();
-                p.sort_unstable();
-                p.dedup();
-                vec![p; batch]
-            }
-            Self::Mask(m) => {
-                assert_eq!(
-                    m.dims(),
-                    [batch, seq],
-                    "global token mask must be [batch, seq]"
-                );
-                let flags: Vec<bool> = m.to_data().iter::<bool>().collect();
-                flags
-                    .chunks(seq)
-                    .map(|row| {
-                        row.iter()
-                            .enumerate()
-                            .filter(|(_, g)| **g)
-                            .map(|(i, _)| i)
-                            .collect()
-                    })
-                    .collect()
-            }
-        }
-    }
-}
-
-/// The 2-D layout of a flattened sequence (Image Transformer, Axial), raster order:
-/// position `p` is row `p / width`, column `p % width`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Grid {
-    /// Rows.
-    pub height: usize,
-    /// Columns (for images with channels flattened into the row: `width * channels`).
-    pub width: usize,
-}
-
-impl Grid {
-    /// A `height × width` grid.
-    pub fn new(height: usize, width: usize) -> Self {
-        Self { height, width }
-    }
-
-    /// Number of positions.
-    pub fn len(&self) -> usize {
-        self.height * self.width
-    }
-
-    /// Whether the grid has no positions.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// The input of an attention core: projected heads, padding masks and optional extras.
-///
-/// Build it with [`AttnInput::new`] and the `mask_*`/`with_*` builders.
+/// Build it with [`AttnInput::new`], the [`WithExtras`] builders and
+/// [`mask_pad_keys`](Self::mask_pad_keys). For self-attention, [`WithExtras::mask_pad`] sets the
+/// padding of queries and keys together.
 ///
 /// # Shapes
 /// - `query`: `[batch, heads, seq_q, d_k]`
 /// - `key`: `[batch, heads, seq_k, d_k]`
 /// - `value`: `[batch, heads, seq_k, d_v]`
-/// - `mask_pad_q`: `[batch, seq_q]`, `true` = padded query (its output is unspecified)
+/// - `extras.mask_pad`: `[batch, seq_q]`, `true` = padded query (its output is unspecified)
 /// - `mask_pad_k`: `[batch, seq_k]`, `true` = padded key (never attended to)
 #[derive(Clone, Debug)]
 pub struct AttnInput {
@@ -222,34 +203,21 @@ pub struct AttnInput {
     pub key: Tensor<4>,
     /// Values.
     pub value: Tensor<4>,
-    /// Padded queries, if any.
-    pub mask_pad_q: Option<Tensor<2, Bool>>,
     /// Padded keys, if any.
     pub mask_pad_k: Option<Tensor<2, Bool>>,
-    /// Global tokens, for variants that have them.
-    pub global: Option<GlobalTokens>,
-    /// The 2-D layout of the sequence, for image variants.
-    pub grid: Option<Grid>,
-    /// A low-rank projection `[k, max_len]` shared by every layer of a model, for Linformer's
-    /// layerwise sharing (the model owns the parameter so it is trained once).
-    pub shared_projection: Option<Tensor<2>>,
-    /// Heads projected by separate global projections (Longformer's Q_g, K_g, V_g), over the
-    /// whole sequence; `None` means global tokens use the ordinary projections (tied).
-    pub global_heads: Option<GlobalHeads>,
+    /// What the query sequence carries.
+    pub extras: Extras,
 }
 
-/// Queries, keys and values from a variant's separate global projections.
-///
-/// # Shapes
-/// - query, key: `[batch, heads, seq, d_k]`, value: `[batch, heads, seq, d_v]`
-#[derive(Clone, Debug)]
-pub struct GlobalHeads {
-    /// Global queries.
-    pub query: Tensor<4>,
-    /// Global keys.
-    pub key: Tensor<4>,
-    /// Global values.
-    pub value: Tensor<4>,
+impl WithExtras for AttnInput {
+    fn extras_mut(&mut self) -> &mut Extras {
+        &mut self.extras
+    }
+
+    /// Self-attention padding: the same `[batch, seq]` mask for queries and keys.
+    fn mask_pad(self, mask: Tensor<2, Bool>) -> Self {
+        self.mask_pad_queries(mask.clone()).mask_pad_keys(mask)
+    }
 }
 
 impl AttnInput {
@@ -259,23 +227,14 @@ impl AttnInput {
             query,
             key,
             value,
-            mask_pad_q: None,
             mask_pad_k: None,
-            global: None,
-            grid: None,
-            shared_projection: None,
-            global_heads: None,
+            extras: Extras::new(),
         }
-    }
-
-    /// Self-attention padding: the same `[batch, seq]` mask for queries and keys.
-    pub fn mask_pad(self, mask: Tensor<2, Bool>) -> Self {
-        self.mask_pad_queries(mask.clone()).mask_pad_keys(mask)
     }
 
     /// Padding of the queries, `[batch, seq_q]`.
     pub fn mask_pad_queries(mut self, mask: Tensor<2, Bool>) -> Self {
-        self.mask_pad_q = Some(mask);
+        self.extras.mask_pad = Some(mask);
         self
     }
 
@@ -285,25 +244,9 @@ impl AttnInput {
         self
     }
 
-    /// Global tokens.
-    pub fn with_global(mut self, global: GlobalTokens) -> Self {
-        self.global = Some(global);
-        self
-    }
-
-    /// The 2-D layout of the sequence.
-    pub fn with_grid(mut self, grid: Grid) -> Self {
-        self.grid = Some(grid);
-        self
-    }
-
-    /// A projection shared by every layer (Linformer's layerwise sharing).
-    ///
-    /// # Shapes
-    /// - projection: `[k, max_len]`
-    pub fn with_shared_projection(mut self, projection: Tensor<2>) -> Self {
-        self.shared_projection = Some(projection);
-        self
+    /// Padding of the queries, `[batch, seq_q]`.
+    pub fn mask_pad_q(&self) -> Option<&Tensor<2, Bool>> {
+        self.extras.mask_pad.as_ref()
     }
 
     /// `[batch, heads, seq_q, seq_k, d_k, d_v]`, after checking that the tensors agree.
@@ -330,11 +273,11 @@ impl AttnInput {
             lk, lv,
             "attention input: key length {lk} != value length {lv}"
         );
-        if let Some(m) = &self.mask_pad_q {
+        if let Some(m) = &self.extras.mask_pad {
             assert_eq!(
                 m.dims(),
                 [b, lq],
-                "attention input: mask_pad_q must be [batch, seq_q] = [{b}, {lq}]"
+                "attention input: the query padding must be [batch, seq_q] = [{b}, {lq}]"
             );
         }
         if let Some(m) = &self.mask_pad_k {
@@ -350,9 +293,15 @@ impl AttnInput {
 
 /// The algorithm of one attention variant, applied to already-projected heads.
 ///
-/// One method is required. Implement it for your own type to run it through
-/// [`MultiHeadAttention`](crate::MultiHeadAttention)'s sibling code paths or the contract suite
-/// (`efficient_attn::testing`, feature `testing`).
+/// One method computes; [`mode`](Self::mode) reports the mode it was built for. Decoding is
+/// opt-in: a core that can decode incrementally returns a cache from
+/// [`decode_cache`](Self::decode_cache) (a key/value cache with [`kv_cache`] serves any exact
+/// core) and, for a cache other than [`DecodeCache::KeyValue`], overrides
+/// [`decode_step`](Self::decode_step).
+///
+/// Implement it (with a [`CoreConfig`] that builds it) for your own type to run it inside
+/// [`MultiHeadAttention`](crate::MultiHeadAttention) and the `models` stacks, and through the
+/// contract suite (`efficient_attn::testing`, feature `testing`).
 pub trait AttentionCore {
     /// Attend.
     ///
@@ -367,20 +316,8 @@ pub trait AttentionCore {
     /// The mode this instance was built for.
     fn mode(&self) -> AttentionMode;
 
-    /// The key positions each query may attend to, as pure data, when the variant is exact
-    /// softmax attention restricted to a fixed pattern (padding and causality excluded: the
-    /// oracle adds them). `None` for variants that are not a pattern (kernels, low rank).
-    ///
-    /// The contract suite compares the variant with dense attention under this mask.
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
-        let _ = input;
-        None
-    }
-
     /// The state for incremental decoding of up to `max_len` positions, if this instance
-    /// decodes incrementally. The default: a [`KvCache`] in causal mode, none otherwise.
-    /// Variants with a cheaper state (kernel attention's recurrence) override it together with
-    /// [`decode_step`](Self::decode_step).
+    /// decodes incrementally. The default: none.
     fn decode_cache(
         &self,
         batch: usize,
@@ -388,9 +325,8 @@ pub trait AttentionCore {
         max_len: usize,
         device: &Device,
     ) -> Option<DecodeCache> {
-        self.mode()
-            .is_causal()
-            .then(|| DecodeCache::KeyValue(KvCache::new(batch, dims, max_len, device)))
+        let _ = (batch, dims, max_len, device);
+        None
     }
 
     /// Attends `t` new positions given the cache of the earlier ones, and adds them to it.
@@ -416,5 +352,90 @@ pub trait AttentionCore {
                 panic!("this attention variant decodes with a key/value cache")
             }
         }
+    }
+}
+
+/// A key/value decoding cache in causal mode, none otherwise: what an exact core returns from
+/// [`AttentionCore::decode_cache`] to decode with the default
+/// [`decode_step`](AttentionCore::decode_step).
+pub fn kv_cache(
+    mode: AttentionMode,
+    batch: usize,
+    dims: HeadDims,
+    max_len: usize,
+    device: &Device,
+) -> Option<DecodeCache> {
+    mode.is_causal()
+        .then(|| DecodeCache::KeyValue(KvCache::new(batch, dims, max_len, device)))
+}
+
+/// The configuration of an [`AttentionCore`]: it builds the core for a mode and a head layout,
+/// and states what the core needs from the layers around it. Every variant's config implements
+/// it, and so does [`AttentionConfig`](crate::AttentionConfig), the TOML-selectable enum;
+/// implement it for your own core's configuration to use it in
+/// [`MultiHeadAttention`](crate::MultiHeadAttention) and the `models` stacks.
+///
+/// Only [`info`](Self::info) and [`init`](Self::init) are required; the other methods state
+/// capabilities and default to "not needed".
+pub trait CoreConfig: Clone + fmt::Debug {
+    /// The core it builds.
+    type Core: AttentionCore + Module;
+
+    /// What the variant is.
+    fn info(&self) -> &'static VariantInfo;
+
+    /// Builds the core for `mode` and the head layout `dims` on `device` (where variants with
+    /// parameters or random features put them).
+    ///
+    /// # Errors
+    /// A mode the variant does not support, or a field it cannot use.
+    fn init(
+        &self,
+        mode: AttentionMode,
+        dims: HeadDims,
+        device: &Device,
+    ) -> Result<Self::Core, ConfigError>;
+
+    /// The longest sequence the built core accepts, for cores whose parameters are sized by
+    /// the length (Linformer's projections, dense Synthesizer). A model pads every batch to
+    /// it, because such a core's output depends on the padded length. Default: no limit.
+    fn max_len(&self) -> Option<usize> {
+        None
+    }
+
+    /// This configuration with its maximum length set to `max_len` (unchanged for cores
+    /// without one).
+    fn with_max_len(&self, max_len: usize) -> Self {
+        let _ = max_len;
+        self.clone()
+    }
+
+    /// This configuration fitted to inputs laid out as `grid` (2-D variants fit their block
+    /// shapes to it); unchanged by default.
+    fn fit_grid(&self, grid: Grid) -> Self {
+        let _ = grid;
+        self.clone()
+    }
+
+    /// Whether global tokens use separate query/key/value projections (Longformer), which
+    /// [`MultiHeadAttention`](crate::MultiHeadAttention) then owns and passes to the core as
+    /// [`GlobalHeads`](crate::GlobalHeads).
+    fn global_projections(&self) -> bool {
+        false
+    }
+
+    /// A parameter shared by every layer of a stack that uses this configuration (Linformer's
+    /// layerwise sharing); the stack owns it and passes it as a
+    /// [`SharedParameter`](crate::SharedParameter) side input.
+    fn layer_shared(&self) -> Option<SharedParameterSpec> {
+        None
+    }
+
+    /// An upper bound of the extra bytes one call needs at length `n` with `batch × heads`
+    /// heads (and its backward pass when `backward`), for cores whose memory grows
+    /// quadratically: benchmarks skip cases beyond their budget. `None`: sub-quadratic.
+    fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
+        let _ = (n, batch, heads, backward);
+        None
     }
 }

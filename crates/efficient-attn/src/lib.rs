@@ -14,67 +14,110 @@
 //! | `d_model` | model width (`heads * d_k` unless configured otherwise) |
 //!
 //! Masks follow Burn: `true` means *masked out*.
+//!
+//! # What is API
+//!
+//! Everything is re-exported at the crate root, one path per item; the modules are private.
+//!
+//! - The interface: [`AttentionCore`], [`CoreConfig`], [`AttnInput`], [`AttentionMode`],
+//!   [`HeadDims`], [`VariantInfo`], [`Exactness`], [`ConfigError`].
+//! - What sequences carry: [`Extras`] and its builders [`WithExtras`], [`GlobalTokens`],
+//!   [`Grid`], [`SideInputs`] with [`SharedParameter`] and [`GlobalHeads`]; [`padding_mask`].
+//! - The wrapper: [`MultiHeadAttention`] (any core, ours or yours) with [`MhaInput`],
+//!   [`MhaCache`], [`ProjectedContext`], [`RotaryConfig`].
+//! - Selection from TOML: [`AttentionConfig`] → [`Attention`]; every variant's config, module
+//!   and option enums (`PerformerAttentionConfig`, `SparsePattern`, ...).
+//! - Decoding caches: [`DecodeCache`], [`KvCache`], [`WindowCache`], [`RecurrentState`],
+//!   [`kv_cache`].
+//!
+//! Not API: the kernels, the dense oracle, the seeded generator and the pattern masks the
+//! contract suite uses. With the `testing` feature they are reachable from [`testing`] for
+//! tests and benchmarks, without semver promises.
 
-pub mod axial;
-pub mod bigbird;
-pub mod config;
-pub mod decoding;
-pub mod etc;
-pub mod full;
-pub mod image_transformer;
-pub mod interface;
-pub mod kernels;
-pub mod linear_transformer;
-pub mod linformer;
-pub mod longformer;
-pub mod mask;
-pub mod memory_compressed;
-pub mod memory_efficient;
-pub mod mha;
-pub mod nystromformer;
-pub mod performer;
-pub mod reference;
-pub mod rng;
-pub mod sparse_transformer;
-pub mod synthesizer;
+/// The registry: every attention variant, one line per paper file, listing the variants that
+/// file defines as `Variant("kind", Config => Core)`.
+///
+/// It declares the modules (each file's `pub` items are re-exported at the crate root), the
+/// [`AttentionConfig`] and [`Attention`] enums with their dispatch, and the contract-suite tests
+/// ([`contract_tests!`]). Adding a variant is its file plus one line here.
+///
+/// `$mac` is called with `$args`, `;`, then the list.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __registered_variants {
+    ($mac:ident, $($args:tt)*) => {
+        $crate::$mac! {
+            $($args)*;
+            full { Full("full", FullAttentionConfig => FullAttention) },
+            memory_efficient { MemoryEfficient("memory-efficient", MemoryEfficientAttentionConfig => MemoryEfficientAttention) },
+            linear_transformer { LinearTransformer("linear-transformer", LinearTransformerAttentionConfig => LinearTransformerAttention) },
+            performer { Performer("performer", PerformerAttentionConfig => PerformerAttention) },
+            linformer { Linformer("linformer", LinformerAttentionConfig => LinformerAttention) },
+            nystromformer { Nystromformer("nystromformer", NystromformerAttentionConfig => NystromformerAttention) },
+            synthesizer { Synthesizer("synthesizer", SynthesizerAttentionConfig => SynthesizerAttention) },
+            memory_compressed {
+                MemoryCompressedLocal("memory-compressed-local", MemoryCompressedLocalAttentionConfig => MemoryCompressedLocalAttention),
+                MemoryCompressed("memory-compressed", MemoryCompressedAttentionConfig => MemoryCompressedAttention),
+            },
+            image_transformer {
+                ImageTransformer1d("image-transformer-1d", ImageTransformer1dAttentionConfig => ImageTransformer1dAttention),
+                ImageTransformer2d("image-transformer-2d", ImageTransformer2dAttentionConfig => ImageTransformer2dAttention),
+            },
+            sparse_transformer { SparseTransformer("sparse-transformer", SparseTransformerAttentionConfig => SparseTransformerAttention) },
+            longformer { Longformer("longformer", LongformerAttentionConfig => LongformerAttention) },
+            etc { Etc("etc", EtcAttentionConfig => EtcAttention) },
+            bigbird { Bigbird("bigbird", BigBirdAttentionConfig => BigBirdAttention) },
+            axial { Axial("axial", AxialAttentionConfig => AxialAttention) },
+        }
+    };
+}
+
+/// Declares one private module per registered paper file and re-exports its `pub` items.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __declare_variant_modules {
+    ($(;)? $($module:ident { $($rest:tt)* }),* $(,)?) => {
+        $(
+            mod $module;
+            pub use self::$module::*;
+        )*
+    };
+}
+
+__registered_variants!(__declare_variant_modules,);
+
+mod config;
+mod decoding;
+mod error;
+mod extras;
+mod interface;
+mod kernels;
+mod mask;
+mod mha;
+#[cfg(feature = "testing")]
+mod reference;
+mod rng;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use crate::axial::{AxialAttention, AxialAttentionConfig, AxialAxes};
-pub use crate::bigbird::{BigBirdAttention, BigBirdAttentionConfig};
-pub use crate::config::{Attention, AttentionConfig, ConfigError};
-pub use crate::decoding::{DecodeCache, KvCache, WindowCache};
-pub use crate::etc::{EtcAttention, EtcAttentionConfig};
-pub use crate::full::{FullAttention, FullAttentionConfig};
-pub use crate::image_transformer::{
-    ImageTransformer1dAttention, ImageTransformer1dAttentionConfig, ImageTransformer2dAttention,
-    ImageTransformer2dAttentionConfig, block_raster_order,
+pub use crate::config::{Attention, AttentionConfig};
+pub use crate::decoding::{DecodeCache, KvCache, RecurrentState, WindowCache};
+pub use crate::error::ConfigError;
+pub use crate::extras::{
+    Extras, GlobalHeads, GlobalTokens, Grid, SharedParameter, SharedParameterSpec, SideInputs,
+    SideValue, WithExtras,
 };
 pub use crate::interface::{
-    AttentionCore, AttentionMode, AttnInput, Exactness, GlobalHeads, GlobalTokens, Grid, HeadDims,
-    VariantInfo,
+    AttentionCore, AttentionMode, AttnInput, CoreConfig, Exactness, HeadDims, VariantInfo, kv_cache,
 };
-pub use crate::linear_transformer::{LinearTransformerAttention, LinearTransformerAttentionConfig};
-pub use crate::linformer::{LinformerAttention, LinformerAttentionConfig, LinformerSharing};
-pub use crate::longformer::{LongformerAttention, LongformerAttentionConfig};
-pub use crate::mask::DenseMask;
-pub use crate::memory_compressed::{
-    MemoryCompressedAttention, MemoryCompressedAttentionConfig, MemoryCompressedLocalAttention,
-    MemoryCompressedLocalAttentionConfig,
-};
-pub use crate::memory_efficient::{MemoryEfficientAttention, MemoryEfficientAttentionConfig};
+pub use crate::mask::padding_mask;
 pub use crate::mha::{
     GlobalProjections, MhaCache, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig,
     ProjectedContext, RotaryConfig,
 };
-pub use crate::nystromformer::{NystromformerAttention, NystromformerAttentionConfig};
-pub use crate::performer::{
-    FeatureDraw, PerformerAttention, PerformerAttentionConfig, PerformerKernel,
-};
-pub use crate::sparse_transformer::{
-    SparsePattern, SparseTransformerAttention, SparseTransformerAttentionConfig,
-};
-pub use crate::synthesizer::{
-    Synthesis, SynthesizerAttention, SynthesizerAttentionConfig, SynthesizerMixing,
-};
+
+/// The README's example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

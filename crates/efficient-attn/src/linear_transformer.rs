@@ -21,9 +21,9 @@ use burn::serde::{Deserialize, Serialize};
 use burn::tensor::activation::elu;
 use burn::tensor::{Device, Tensor};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::decoding::{self, DecodeCache};
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::prefix_sum;
 
 /// Configuration of [`LinearTransformerAttention`].
@@ -51,10 +51,21 @@ impl LinearTransformerAttentionConfig {
         exactness: Exactness::Approximate(
             "elu+1 kernel instead of softmax; exact to its own recurrence",
         ),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for LinearTransformerAttentionConfig {
+    type Core = LinearTransformerAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -128,5 +139,39 @@ impl AttentionCore for LinearTransformerAttention {
             self.features(input.key),
             input.value,
         )
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Case, Contract, Oracle, Spec};
+    use crate::testing::ReferenceFn;
+
+    /// Its chunked and single-state forms equal the masked quadratic form (chunk 3, so chunks
+    /// are ragged).
+    impl Contract for LinearTransformerAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let config = |_: &Case| LinearTransformerAttentionConfig { chunk: 3 }.into();
+            let reference: ReferenceFn<Attention> = |core, input, mode| match core {
+                Attention::LinearTransformer(a) => kernel_reference(
+                    a.features(input.query.clone()),
+                    a.features(input.key.clone()),
+                    input,
+                    mode,
+                ),
+                _ => unreachable!("linear transformer spec"),
+            };
+            vec![exact_config(
+                from_config(config),
+                "masked quadratic form",
+                Oracle::Reference("masked quadratic form", reference),
+                1e-5,
+                config,
+            )]
+        }
     }
 }

@@ -7,7 +7,7 @@
 //!   the k projected keys.
 //! - Sharing (paper §4): `headwise` (one E and one F per layer, shared by its heads; the
 //!   default), `key-value` (one matrix for both, E = F), `layerwise` (one matrix for every
-//!   layer: the model owns it and passes it in [`AttnInput::shared_projection`]).
+//!   layer: the model owns it and passes it in [`SharedParameter`] side input).
 //! - Cost: O(N·k·d) time, O(N·k) memory; parameters 2·k·N_max per layer (k·N_max shared).
 //! - Exact: no: a rank-k approximation. With k = N and E = F = I it is full attention (tested).
 //! - Modes: bidirectional and cross (the context is projected). Causal is a configuration
@@ -25,8 +25,9 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
-use crate::config::ConfigError;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::error::ConfigError;
+use crate::extras::{SharedParameter, SharedParameterSpec};
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 
 /// Which projections Linformer shares (paper §4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,8 +39,13 @@ pub enum LinformerSharing {
     /// One projection per layer for both keys and values (E = F).
     KeyValue,
     /// One projection for keys and values of every layer, owned by the model and passed in
-    /// [`AttnInput::shared_projection`].
+    /// [`SharedParameter`] side input.
     Layerwise,
+}
+
+/// The projections' initialisation bound, U(±1/√k) as lucidrains/linformer.
+fn projection_bound(k: usize) -> f64 {
+    1.0 / (k as f64).sqrt()
 }
 
 /// Configuration of [`LinformerAttention`].
@@ -73,10 +79,21 @@ impl LinformerAttentionConfig {
         time: "O(N·k·d)",
         memory: "O(N·k)",
         exactness: Exactness::Approximate("rank-k projection; exact with k = N, E = F = I"),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for LinformerAttentionConfig {
+    type Core = LinformerAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -90,8 +107,7 @@ impl LinformerAttentionConfig {
         )?;
         ConfigError::check_nonzero("k", self.k)?;
         ConfigError::check_nonzero("max_len", self.max_len)?;
-        // lucidrains/linformer: U(±1/√k).
-        let bound = 1.0 / (self.k as f64).sqrt();
+        let bound = projection_bound(self.k);
         let init = Initializer::Uniform {
             min: -bound,
             max: bound,
@@ -108,6 +124,26 @@ impl LinformerAttentionConfig {
             mode,
             max_len: self.max_len,
             k: self.k,
+        })
+    }
+
+    fn max_len(&self) -> Option<usize> {
+        Some(self.max_len)
+    }
+
+    fn with_max_len(&self, max_len: usize) -> Self {
+        Self {
+            max_len,
+            ..self.clone()
+        }
+    }
+
+    /// Layerwise sharing: one `[k, max_len]` projection for every layer, initialised as the
+    /// per-layer ones.
+    fn layer_shared(&self) -> Option<SharedParameterSpec> {
+        (self.sharing == LinformerSharing::Layerwise).then(|| SharedParameterSpec {
+            shape: [self.k, self.max_len],
+            bound: projection_bound(self.k),
         })
     }
 }
@@ -150,7 +186,7 @@ impl AttentionCore for LinformerAttention {
     ///
     /// # Panics
     /// If `seq_k` exceeds the `max_len` the layer was built with, or a layerwise-shared layer
-    /// gets no [`AttnInput::shared_projection`].
+    /// gets no [`SharedParameter`] side input.
     fn attend(&self, input: AttnInput) -> Tensor<4> {
         let [b, h, _, lk, _, _] = input.dims();
         assert!(
@@ -158,12 +194,12 @@ impl AttentionCore for LinformerAttention {
             "linformer: input length {lk} exceeds max_len {} fixed at init; rebuild with a larger max_len",
             self.max_len
         );
-        let (e, f) = match (&self.e, &self.f, &input.shared_projection) {
+        let (e, f) = match (&self.e, &self.f, input.extras.side.get::<SharedParameter>()) {
             (Some(e), Some(f), _) => (e.val(), f.val()),
             (Some(e), None, _) => (e.val(), e.val()),
-            (None, _, Some(shared)) => (shared.clone(), shared.clone()),
+            (None, _, Some(shared)) => (shared.0.clone(), shared.0.clone()),
             (None, _, None) => panic!(
-                "linformer (layerwise sharing): the model must pass the shared projection in AttnInput::shared_projection"
+                "linformer (layerwise sharing): the model must pass the shared projection as a SharedParameter side input"
             ),
         };
         assert!(
@@ -202,5 +238,66 @@ impl AttentionCore for LinformerAttention {
 
     fn mode(&self) -> AttentionMode {
         self.mode
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Case, Contract, Oracle, Spec};
+    use burn::module::Param;
+
+    /// With `k = N`, `E = F = I`: full attention (without padding: zeroed padded rows still
+    /// take part in the softmax, see the module docs).
+    fn linformer_with(sharing: LinformerSharing) -> Spec<Attention> {
+        let config = move |_: &Case| {
+            LinformerAttentionConfig {
+                k: 5,
+                max_len: 40,
+                sharing,
+            }
+            .into()
+        };
+        let mut spec = from_config(config).exact_unpadded(
+            "k = N, E = F = I",
+            Oracle::Full,
+            1e-5,
+            move |mode, case, device| {
+                let n = case.seq_k;
+                let mut core = build(
+                    &LinformerAttentionConfig {
+                        k: n,
+                        max_len: n,
+                        sharing,
+                    }
+                    .into(),
+                    mode,
+                    case,
+                    device,
+                );
+                let Attention::Linformer(l) = &mut core else {
+                    unreachable!("linformer spec")
+                };
+                let eye = || Param::from_tensor(Tensor::<2>::eye(n, device));
+                l.e = l.e.as_ref().map(|_| eye());
+                l.f = l.f.as_ref().map(|_| eye());
+                core
+            },
+        );
+        spec.name = format!("linformer ({sharing:?})");
+        spec
+    }
+
+    /// One E and one F per layer, and E = F.
+    impl Contract for LinformerAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            vec![
+                linformer_with(LinformerSharing::Headwise),
+                linformer_with(LinformerSharing::KeyValue),
+            ]
+        }
     }
 }

@@ -9,7 +9,7 @@
 //!   every token attends to them, and they attend to every token. Local rows take one softmax
 //!   over the window plus the global keys (global positions are removed from the window so no
 //!   key counts twice). Global rows are recomputed over all keys with the separate global
-//!   projections (`AttnInput::global_heads`, made by `MultiHeadAttention` when
+//!   projections (the [`GlobalHeads`] side input, made by `MultiHeadAttention` when
 //!   `global_projections = true`, initialised as copies of the local ones by the long-document
 //!   conversion) and overwrite those rows.
 //! - Computation: the window runs on the shared block-sparse kernel (blocks of w, look-around
@@ -26,14 +26,14 @@ use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
+use crate::extras::GlobalHeads;
 use crate::decoding::{DecodeCache, WindowCache};
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::block_sparse::{
     BlockPlan, BlockSparse, ElementRule, ExtraKeys, block_sparse_attention,
 };
 use crate::kernels::dense::masked_softmax_matmul;
-use crate::mask::DenseMask;
 
 /// Configuration of [`LongformerAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,10 +69,21 @@ impl LongformerAttentionConfig {
         exactness: Exactness::ExactWhen(
             "on its window + global pattern (full when w >= N or all tokens are global)",
         ),
+        needs_grid: false,
+        global_tokens: true,
     };
 
+}
+
+impl CoreConfig for LongformerAttentionConfig {
+    type Core = LongformerAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -110,6 +121,10 @@ impl LongformerAttentionConfig {
             dilation,
         })
     }
+
+    fn global_projections(&self) -> bool {
+        self.global_projections
+    }
 }
 
 /// Longformer attention. See the [module docs](self).
@@ -122,6 +137,7 @@ pub struct LongformerAttention {
 }
 
 impl LongformerAttention {
+    #[cfg(feature = "testing")]
     /// Whether query `i` may see key `j` through the window of head `h`.
     fn in_window(&self, h: usize, i: usize, j: usize) -> bool {
         let d = self.dilation[h];
@@ -269,6 +285,7 @@ impl AttentionCore for LongformerAttention {
         let device = input.query.device();
         let scale = 1.0 / (dk as f64).sqrt();
         let global = input
+            .extras
             .global
             .as_ref()
             .map(|g| g.positions(b, n))
@@ -383,7 +400,7 @@ impl AttentionCore for LongformerAttention {
 
         // Global rows: every key, through the global projections (or the local ones, tied).
         if let Some((idx, g, is_global, onehot)) = global_info {
-            let (gq, gk, gv) = match &input.global_heads {
+            let (gq, gk, gv) = match input.extras.side.get::<GlobalHeads>() {
                 Some(gh) => (gh.query.clone(), gh.key.clone(), gh.value.clone()),
                 None => (input.query.clone(), input.key.clone(), input.value.clone()),
             };
@@ -439,12 +456,65 @@ impl AttentionCore for LongformerAttention {
         )
     }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+}
+
+#[cfg(feature = "testing")]
+impl LongformerAttention {
+    /// The key positions each query may attend to, as data (the contract suite's pattern
+    /// oracle).
+    pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [b, h, n, lk, _, _] = input.dims();
-        let global = input.global.as_ref().map(|g| g.positions(b, n));
-        Some(DenseMask::per_example([b, h, n, lk], |bi, head, i, j| {
+        let global = input.extras.global.as_ref().map(|g| g.positions(b, n));
+        Some(crate::mask::DenseMask::per_example([b, h, n, lk], |bi, head, i, j| {
             let is_g = |p: usize| global.as_ref().is_some_and(|g| g[bi].contains(&p));
             is_g(i) || is_g(j) || self.in_window(head, i, j)
         }))
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Contract, Oracle, Spec};
+
+    fn longformer_with(dilation: Vec<usize>) -> Spec<Attention> {
+        let d2 = dilation.clone();
+        let mut spec = pattern_spec(
+            move |case| {
+                LongformerAttentionConfig {
+                    window: 2,
+                    // Cycled over the heads of the case.
+                    dilation: (0..case.heads).map(|h| d2[h % d2.len()]).collect(),
+                    global_projections: false,
+                }
+                .into()
+            },
+            |core, input| match core {
+                Attention::Longformer(a) => a.pattern(input),
+                _ => None,
+            },
+        );
+        spec = exact_config(spec, "w >= N", Oracle::Full, 1e-5, |case| {
+            LongformerAttentionConfig {
+                window: case.seq_k,
+                dilation: vec![1],
+                global_projections: false,
+            }
+            .into()
+        });
+        spec.decorate = Some(first_token_global);
+        spec.name = format!("longformer (dilation {dilation:?})");
+        spec
+    }
+
+    /// Window 2 per side with the first token global (bidirectional), with dilation 1 and
+    /// with dilations 1 and 2 on the two heads.
+    impl Contract for LongformerAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            vec![longformer_with(vec![1]), longformer_with(vec![1, 2])]
+        }
     }
 }

@@ -61,6 +61,7 @@ pub fn causal_block_mask(
     k.greater(q)
 }
 
+#[cfg(feature = "testing")]
 /// An attention pattern as plain data: `[batch, heads, seq_q, seq_k]` booleans, `true` =
 /// masked, where `batch` and `heads` may be 1 to broadcast.
 ///
@@ -71,6 +72,7 @@ pub struct DenseMask {
     masked: Vec<bool>,
 }
 
+#[cfg(feature = "testing")]
 impl DenseMask {
     /// A mask from the rule `allowed(query, key)`, shared by every batch row and head.
     pub fn from_allowed(

@@ -33,12 +33,10 @@ use burn::nn::Initializer;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
-use crate::config::ConfigError;
-use crate::decoding::DecodeCache;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
 use crate::kernels::dense::masked_softmax_matmul;
-use crate::mask::DenseMask;
 
 const WHY_NOT_CROSS: &str =
     "the paper defines self-attention layers (t2t has no memory antecedent)";
@@ -66,10 +64,21 @@ impl MemoryCompressedLocalAttentionConfig {
         time: "O(N·b·d)",
         memory: "O(N·b)",
         exactness: Exactness::ExactWhen("on its block pattern (full when b >= N)"),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for MemoryCompressedLocalAttentionConfig {
+    type Core = MemoryCompressedLocalAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -94,6 +103,7 @@ pub struct MemoryCompressedLocalAttention {
 }
 
 impl MemoryCompressedLocalAttention {
+    #[cfg(feature = "testing")]
     fn allowed(&self, i: usize, j: usize) -> bool {
         let (bi, bj) = (i / self.block, j / self.block);
         match self.mode {
@@ -138,26 +148,21 @@ impl AttentionCore for MemoryCompressedLocalAttention {
         self.mode
     }
 
-    fn decode_cache(
-        &self,
-        batch: usize,
-        dims: HeadDims,
-        max_len: usize,
-        device: &Device,
-    ) -> Option<DecodeCache> {
-        // The pattern depends on block boundaries of the whole sequence: no incremental cache.
-        let _ = (batch, dims, max_len, device);
-        None
-    }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+}
+
+#[cfg(feature = "testing")]
+impl MemoryCompressedLocalAttention {
+    /// The key positions each query may attend to, as data (the contract suite's pattern
+    /// oracle).
+    pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, _, n, lk, _, _] = input.dims();
         let b = self.block.min(n.max(1));
         let clipped = MemoryCompressedLocalAttention {
             mode: self.mode,
             block: b,
         };
-        Some(DenseMask::from_allowed(n, lk, |i, j| clipped.allowed(i, j)))
+        Some(crate::mask::DenseMask::from_allowed(n, lk, |i, j| clipped.allowed(i, j)))
     }
 }
 
@@ -192,10 +197,21 @@ impl MemoryCompressedAttentionConfig {
         exactness: Exactness::Approximate(
             "keys and values compressed by a learned strided convolution; full with k = 1 and an identity convolution",
         ),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for MemoryCompressedAttentionConfig {
+    type Core = MemoryCompressedAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -346,15 +362,75 @@ impl AttentionCore for MemoryCompressedAttention {
         self.mode
     }
 
-    fn decode_cache(
-        &self,
-        batch: usize,
-        dims: HeadDims,
-        max_len: usize,
-        device: &Device,
-    ) -> Option<DecodeCache> {
-        // The pattern depends on block boundaries of the whole sequence: no incremental cache.
-        let _ = (batch, dims, max_len, device);
-        None
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Case, Contract, Oracle, Spec};
+    use burn::module::Param;
+
+    /// Blocks of 4 on the pattern; one block covering the input is full (causal full)
+    /// attention.
+    impl Contract for MemoryCompressedLocalAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let spec = pattern_spec(
+                |_| MemoryCompressedLocalAttentionConfig { block: 4 }.into(),
+                |core, input| match core {
+                    Attention::MemoryCompressedLocal(a) => a.pattern(input),
+                    _ => None,
+                },
+            );
+            vec![exact_config(spec, "block >= N", Oracle::Full, 1e-5, |case| {
+                MemoryCompressedLocalAttentionConfig { block: case.seq_k }.into()
+            })]
+        }
+    }
+
+    /// Factor 3 with a null slot; k = 1 with an identity convolution and no null slot is full
+    /// attention.
+    impl Contract for MemoryCompressedAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let general = |_: &Case| {
+                MemoryCompressedAttentionConfig {
+                    factor: 3,
+                    null_slot: true,
+                }
+                .into()
+            };
+            vec![from_config(general).causal_memory(false).exact(
+                "k = 1, identity convolution",
+                Oracle::Full,
+                1e-5,
+                |mode, case, device| {
+                    let mut core = build(
+                        &MemoryCompressedAttentionConfig {
+                            factor: 1,
+                            null_slot: false,
+                        }
+                        .into(),
+                        mode,
+                        case,
+                        device,
+                    );
+                    let Attention::MemoryCompressed(m) = &mut core else {
+                        unreachable!("memory-compressed spec")
+                    };
+                    let eye = |d: usize| {
+                        Param::from_tensor(
+                            Tensor::<2>::eye(d, device)
+                                .reshape([1, d, d])
+                                .expand([case.heads, d, d]),
+                        )
+                    };
+                    m.conv_key = eye(case.d_k);
+                    m.conv_value = eye(case.d_v);
+                    core
+                },
+            )]
+        }
     }
 }

@@ -20,9 +20,10 @@ use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{DType, Device, Tensor};
 
-use crate::config::ConfigError;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
-use crate::mask::{DenseMask, causal_block_mask};
+use crate::decoding::DecodeCache;
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, kv_cache, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::mask::causal_block_mask;
 
 /// Configuration of [`MemoryEfficientAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,10 +56,21 @@ impl MemoryEfficientAttentionConfig {
         time: "O(N²·d)",
         memory: "O(query_block·key_block) forward",
         exactness: Exactness::Exact,
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for MemoryEfficientAttentionConfig {
+    type Core = MemoryEfficientAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -75,6 +87,12 @@ impl MemoryEfficientAttentionConfig {
             key_block: self.key_block,
             scale: self.scale,
         })
+    }
+
+    /// Its forward streams over key blocks, but autodiff stores every block's probabilities and
+    /// their gradient: about four `N × N` matrices per head.
+    fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
+        backward.then(|| 4 * (batch * heads * n * n * 4) as u64)
     }
 }
 
@@ -180,8 +198,44 @@ impl AttentionCore for MemoryEfficientAttention {
         self.mode
     }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
-        let [_, _, lq, lk, _, _] = input.dims();
-        Some(DenseMask::none(lq, lk))
+    /// Causal mode decodes with a key/value cache.
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        kv_cache(self.mode, batch, dims, max_len, device)
+    }
+
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Case, Contract, Oracle, Spec};
+
+    /// Exact everywhere; checked with tiny, ragged blocks so every code path (several query and
+    /// key blocks, a partial last block, causal block skipping) runs.
+    impl Contract for MemoryEfficientAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let tiny_blocks = |_: &Case| {
+                MemoryEfficientAttentionConfig {
+                    query_block: 3,
+                    key_block: 4,
+                    scale: None,
+                }
+                .into()
+            };
+            let spec = from_config(tiny_blocks);
+            let spec = exact_config(spec, "blocks 3 x 4", Oracle::Full, 1e-5, tiny_blocks);
+            vec![exact_config(spec, "one block", Oracle::Full, 1e-5, |_| {
+                MemoryEfficientAttentionConfig::default().into()
+            })]
+        }
     }
 }

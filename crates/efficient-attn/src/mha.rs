@@ -1,5 +1,5 @@
 //! The multi-head wrapper: projections, head split/merge and dropout around any
-//! [`AttentionCore`].
+//! [`AttentionCore`], ours or yours.
 
 use burn::module::Module;
 use burn::nn::{
@@ -8,16 +8,17 @@ use burn::nn::{
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, Tensor};
 
-use crate::config::{Attention, AttentionConfig, ConfigError};
+use crate::config::{Attention, AttentionConfig};
 use crate::decoding::DecodeCache;
-use crate::interface::{
-    AttentionCore, AttentionMode, AttnInput, GlobalHeads, GlobalTokens, Grid, HeadDims,
-};
+use crate::error::ConfigError;
+use crate::extras::{Extras, GlobalHeads, WithExtras};
+use crate::interface::{AttentionCore, AttentionMode, AttnInput, CoreConfig, HeadDims};
 
-/// Configuration of [`MultiHeadAttention`].
+/// Configuration of [`MultiHeadAttention`]. `A` is the attention's configuration: the
+/// TOML-selectable [`AttentionConfig`] by default, or your own [`CoreConfig`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(crate = "burn::serde", default, deny_unknown_fields)]
-pub struct MultiHeadAttentionConfig {
+pub struct MultiHeadAttentionConfig<A = AttentionConfig> {
     /// Model width (paper: d_model = 512).
     pub d_model: usize,
     /// Number of heads (paper: h = 8).
@@ -36,7 +37,7 @@ pub struct MultiHeadAttentionConfig {
     /// arXiv:2104.09864), applied after projection and before the core; `None` for none.
     pub rotary: Option<RotaryConfig>,
     /// The attention variant.
-    pub attention: AttentionConfig,
+    pub attention: A,
 }
 
 /// Rotary position embedding settings.
@@ -58,7 +59,7 @@ impl Default for RotaryConfig {
     }
 }
 
-impl Default for MultiHeadAttentionConfig {
+impl<A: Default> Default for MultiHeadAttentionConfig<A> {
     fn default() -> Self {
         Self {
             d_model: 512,
@@ -69,13 +70,14 @@ impl Default for MultiHeadAttentionConfig {
             bias: true,
             mode: AttentionMode::Bidirectional,
             rotary: None,
-            attention: AttentionConfig::default(),
+            attention: A::default(),
         }
     }
 }
 
 impl MultiHeadAttentionConfig {
-    /// A layer of width `d_model` with `n_heads` heads and the paper's other defaults.
+    /// A layer of width `d_model` with `n_heads` heads, full attention and the paper's other
+    /// defaults.
     pub fn new(d_model: usize, n_heads: usize) -> Self {
         Self {
             d_model,
@@ -88,6 +90,23 @@ impl MultiHeadAttentionConfig {
     pub fn with_attention(mut self, attention: impl Into<AttentionConfig>) -> Self {
         self.attention = attention.into();
         self
+    }
+}
+
+impl<A: CoreConfig> MultiHeadAttentionConfig<A> {
+    /// The same layer with another attention: one of ours, or your own [`CoreConfig`].
+    pub fn with_core<B: CoreConfig>(self, attention: B) -> MultiHeadAttentionConfig<B> {
+        MultiHeadAttentionConfig {
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            d_k: self.d_k,
+            d_context: self.d_context,
+            dropout: self.dropout,
+            bias: self.bias,
+            mode: self.mode,
+            rotary: self.rotary,
+            attention,
+        }
     }
 
     /// Sets the mode.
@@ -107,8 +126,12 @@ impl MultiHeadAttentionConfig {
         self.d_k.unwrap_or(self.d_model / self.n_heads.max(1))
     }
 
-    /// Builds the layer.
-    pub fn init(&self, device: &Device) -> Result<MultiHeadAttention, ConfigError> {
+    /// Checks the layer's shape, dropout and rotary settings (not the attention's own fields,
+    /// which [`CoreConfig::init`] checks): every model validates its layers through this.
+    ///
+    /// # Errors
+    /// The field and what was expected.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         ConfigError::check_nonzero("d_model", self.d_model)?;
         ConfigError::check_nonzero("n_heads", self.n_heads)?;
         if self.d_k.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
@@ -127,8 +150,7 @@ impl MultiHeadAttentionConfig {
         }
         let d_k = self.head_dim();
         ConfigError::check_nonzero("d_k", d_k)?;
-        let rotary = match &self.rotary {
-            None => None,
+        match &self.rotary {
             Some(_) if self.mode == AttentionMode::Cross => {
                 return Err(ConfigError::InvalidField {
                     field: "rotary",
@@ -143,12 +165,23 @@ impl MultiHeadAttentionConfig {
                     got: format!("d_k = {d_k}"),
                 });
             }
-            Some(r) => Some(
-                RotaryEncodingConfig::new(r.max_len, d_k)
-                    .with_theta(r.theta as f32)
-                    .init(device),
-            ),
-        };
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    /// An invalid layer ([`validate`](Self::validate)) or attention configuration.
+    pub fn init(&self, device: &Device) -> Result<MultiHeadAttention<A::Core>, ConfigError> {
+        self.validate()?;
+        let d_k = self.head_dim();
+        let rotary = self.rotary.as_ref().map(|r| {
+            RotaryEncodingConfig::new(r.max_len, d_k)
+                .with_theta(r.theta as f32)
+                .init(device)
+        });
         let inner = d_k * self.n_heads;
         let d_context = self.d_context.unwrap_or(self.d_model);
         let linear = |d_in, d_out| {
@@ -180,12 +213,13 @@ impl MultiHeadAttentionConfig {
     }
 }
 
-/// Multi-head attention with any variant as its core.
+/// Multi-head attention with any core: one of ours ([`Attention`], the default) or your own
+/// [`AttentionCore`].
 ///
 /// `x → (Q, K, V) = (x W_q, c W_k, c W_v)` split into heads, attended by the core, merged and
 /// projected by `W_o`, then dropout; `c = x` except in cross mode.
 #[derive(Module, Debug)]
-pub struct MultiHeadAttention {
+pub struct MultiHeadAttention<C = Attention> {
     /// Query projection.
     pub query: Linear,
     /// Key projection.
@@ -196,8 +230,8 @@ pub struct MultiHeadAttention {
     pub output: Linear,
     /// Dropout on the attention output.
     pub dropout: Dropout,
-    /// The attention variant.
-    pub core: Attention,
+    /// The attention core.
+    pub core: C,
     /// Rotary position table, if configured.
     pub rotary: Option<RotaryEncoding>,
     /// Separate projections for global tokens (Longformer), if the variant asks for them.
@@ -238,22 +272,26 @@ pub struct ProjectedContext {
     pub mask_pad: Option<Tensor<2, Bool>>,
 }
 
-/// Input of [`MultiHeadAttention::forward`].
+/// Input of [`MultiHeadAttention::forward`]: the sequence, its [`Extras`] (set with the
+/// [`WithExtras`] builders), and in cross mode the context with its padding.
 ///
 /// # Shapes
 /// - `x`: `[batch, seq_q, d_model]`
 /// - `context`: `[batch, seq_k, d_context]` (cross mode only)
-/// - `mask_pad`: `[batch, seq_q]`, `true` = padding
+/// - `extras.mask_pad`: `[batch, seq_q]`, `true` = padding
 /// - `mask_pad_context`: `[batch, seq_k]`, `true` = padding
 #[derive(Clone, Debug)]
 pub struct MhaInput {
     x: Tensor<3>,
     context: Option<Tensor<3>>,
-    mask_pad: Option<Tensor<2, Bool>>,
     mask_pad_context: Option<Tensor<2, Bool>>,
-    global: Option<GlobalTokens>,
-    grid: Option<Grid>,
-    shared_projection: Option<Tensor<2>>,
+    extras: Extras,
+}
+
+impl WithExtras for MhaInput {
+    fn extras_mut(&mut self) -> &mut Extras {
+        &mut self.extras
+    }
 }
 
 impl MhaInput {
@@ -262,11 +300,8 @@ impl MhaInput {
         Self {
             x,
             context: None,
-            mask_pad: None,
             mask_pad_context: None,
-            global: None,
-            grid: None,
-            shared_projection: None,
+            extras: Extras::new(),
         }
     }
 
@@ -278,38 +313,14 @@ impl MhaInput {
         }
     }
 
-    /// Padding of `x`.
-    pub fn mask_pad(mut self, mask: Tensor<2, Bool>) -> Self {
-        self.mask_pad = Some(mask);
-        self
-    }
-
     /// Padding of the context.
     pub fn mask_pad_context(mut self, mask: Tensor<2, Bool>) -> Self {
         self.mask_pad_context = Some(mask);
         self
     }
-
-    /// Global tokens, for variants that have them.
-    pub fn with_global(mut self, global: GlobalTokens) -> Self {
-        self.global = Some(global);
-        self
-    }
-
-    /// 2-D layout of the sequence, for image variants.
-    pub fn with_grid(mut self, grid: Grid) -> Self {
-        self.grid = Some(grid);
-        self
-    }
-
-    /// A projection shared by every layer (Linformer's layerwise sharing), `[k, max_len]`.
-    pub fn with_shared_projection(mut self, projection: Tensor<2>) -> Self {
-        self.shared_projection = Some(projection);
-        self
-    }
 }
 
-impl MultiHeadAttention {
+impl<C: AttentionCore + Module> MultiHeadAttention<C> {
     /// Attend.
     ///
     /// # Shapes
@@ -332,35 +343,33 @@ impl MultiHeadAttention {
             _ => {}
         }
         let source = input.context.clone().unwrap_or_else(|| input.x.clone());
-        let global_heads = match (&self.global, &input.global) {
-            (Some(g), Some(_)) => {
-                let gq = self.split_heads(g.query.forward(input.x.clone()));
-                let gk = self.split_heads(g.key.forward(input.x.clone()));
-                let (gq, gk) = self.rotate(gq, gk, 0);
-                Some(GlobalHeads {
-                    query: gq,
-                    key: gk,
-                    value: self.split_heads(g.value.forward(input.x.clone())),
-                })
-            }
-            _ => None,
-        };
+        let mut extras = input.extras;
+        if let (Some(g), Some(_)) = (&self.global, &extras.global) {
+            let gq = self.split_heads(g.query.forward(input.x.clone()));
+            let gk = self.split_heads(g.key.forward(input.x.clone()));
+            let (gq, gk) = self.rotate(gq, gk, 0);
+            extras.side.insert(GlobalHeads {
+                query: gq,
+                key: gk,
+                value: self.split_heads(g.value.forward(input.x.clone())),
+            });
+        }
         let q = self.split_heads(self.query.forward(input.x)); // [batch, heads, seq_q, d_k]
         let k = self.split_heads(self.key.forward(source.clone())); // [batch, heads, seq_k, d_k]
         let v = self.split_heads(self.value.forward(source)); // [batch, heads, seq_k, d_k]
         let (q, k) = self.rotate(q, k, 0);
 
-        let mut attn = AttnInput::new(q, k, v);
-        let key_pad = match mode {
+        let mask_pad_k = match mode {
             AttentionMode::Cross => input.mask_pad_context,
-            _ => input.mask_pad.clone(),
+            _ => extras.mask_pad.clone(),
         };
-        attn.mask_pad_q = input.mask_pad;
-        attn.mask_pad_k = key_pad;
-        attn.global = input.global;
-        attn.grid = input.grid;
-        attn.shared_projection = input.shared_projection;
-        attn.global_heads = global_heads;
+        let attn = AttnInput {
+            query: q,
+            key: k,
+            value: v,
+            mask_pad_k,
+            extras,
+        };
         self.merge_heads(self.core.attend(attn))
     }
 

@@ -29,8 +29,8 @@ use burn::tensor::module::conv1d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
-use crate::config::ConfigError;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 
 /// Configuration of [`NystromformerAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,10 +66,21 @@ impl NystromformerAttentionConfig {
         exactness: Exactness::Approximate(
             "Nyström low-rank; exact with m = N and enough pinv iterations",
         ),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for NystromformerAttentionConfig {
+    type Core = NystromformerAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -132,7 +143,7 @@ pub struct NystromformerAttention {
 ///
 /// # Shapes
 /// - a: `[batch, heads, n, n]` → `[batch, heads, n, n]`
-pub fn iterative_pinv(a: Tensor<4>, iterations: usize) -> Tensor<4> {
+pub(crate) fn iterative_pinv(a: Tensor<4>, iterations: usize) -> Tensor<4> {
     let [b, h, n, _] = a.dims();
     let device = a.device();
     let eye = Tensor::<2>::eye(n, &device)
@@ -260,5 +271,43 @@ impl AttentionCore for NystromformerAttention {
 
     fn mode(&self) -> AttentionMode {
         self.mode
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Case, Contract, Oracle, Spec};
+
+    /// 4 landmarks and a convolution skip in general; one landmark per token and 30
+    /// pseudo-inverse iterations is full attention.
+    impl Contract for NystromformerAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            let config = |_: &Case| {
+                NystromformerAttentionConfig {
+                    landmarks: 4,
+                    pinv_iterations: 6,
+                    conv_kernel: Some(3),
+                }
+                .into()
+            };
+            vec![exact_config(
+                from_config(config),
+                "m = N landmarks, 30 iterations",
+                Oracle::Full,
+                1e-4,
+                |case| {
+                    NystromformerAttentionConfig {
+                        landmarks: case.seq_k,
+                        pinv_iterations: 30,
+                        conv_kernel: None,
+                    }
+                    .into()
+                },
+            )]
+        }
     }
 }

@@ -31,9 +31,9 @@ use burn::serde::{Deserialize, Serialize};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::decoding::{self, DecodeCache};
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::prefix_sum;
 use crate::rng::SeededRng;
 
@@ -102,10 +102,21 @@ impl PerformerAttentionConfig {
         time: "O(N·m·d)",
         memory: "O(N·m + m·d_v) bidirectional; O(N/C·m·d_v) causal; O(m·d_v) per decoded token",
         exactness: Exactness::Approximate("random-feature estimate of softmax; error ~ m^-1/2"),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for PerformerAttentionConfig {
+    type Core = PerformerAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`, drawing the first set of features.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -136,7 +147,7 @@ impl PerformerAttentionConfig {
 }
 
 /// The `draw`-th set of `m` directions in dimension `d` for `seed`, row-major `[m, d]`.
-pub fn draw_features(m: usize, d: usize, how: FeatureDraw, seed: u64, draw: u64) -> Vec<f32> {
+pub(crate) fn draw_features(m: usize, d: usize, how: FeatureDraw, seed: u64, draw: u64) -> Vec<f32> {
     let mut rng = SeededRng::new(seed.wrapping_mul(0x9e37_79b9).wrapping_add(draw));
     let mut rows: Vec<Vec<f64>> = Vec::with_capacity(m);
     match how {
@@ -356,5 +367,59 @@ impl AttentionCore for PerformerAttention {
     fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
         let (phi_q, phi_k) = self.feature_maps(&input);
         decoding::recurrent_step(cache, phi_q, phi_k, input.value)
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Case, Contract, Oracle, Spec};
+    use crate::testing::{GradCheck, ReferenceFn};
+
+    fn performer_with(kernel: PerformerKernel) -> Spec<Attention> {
+        let config = move |_: &Case| {
+            PerformerAttentionConfig {
+                features: 16,
+                kernel,
+                chunk: 3,
+                seed: 5,
+                ..Default::default()
+            }
+            .into()
+        };
+        let reference: ReferenceFn<Attention> = |core, input, mode| match core {
+            Attention::Performer(a) => {
+                let (phi_q, phi_k) = a.feature_maps(input);
+                kernel_reference(phi_q, phi_k, input, mode)
+            }
+            _ => unreachable!("performer spec"),
+        };
+        let mut spec = exact_config(
+            from_config(config),
+            "masked quadratic form of its features",
+            Oracle::Reference("masked quadratic form", reference),
+            1e-5,
+            config,
+        );
+        spec.name = format!("performer ({kernel:?} kernel)");
+        spec
+    }
+
+    /// FAVOR+ softmax features (their approximation error against softmax is tested
+    /// separately: it falls like m^-1/2), and ReLU features.
+    impl Contract for PerformerAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            vec![
+                performer_with(PerformerKernel::Softmax),
+                // ReLU features have kinks: central differences need a small step.
+                performer_with(PerformerKernel::Relu).grad(GradCheck::Central {
+                    eps: 1e-3,
+                    tolerance: 3e-2,
+                }),
+            ]
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! Values are drawn on the host from a seed, so they are identical on every backend and
 //! independent of the device's global RNG (which tests running in parallel would share).
 
+#[cfg(feature = "testing")]
 use burn::tensor::{Device, Tensor, TensorData};
 
 /// SplitMix64 (Steele, Lea and Flood 2014): tiny, fast, and good enough for sampling.
@@ -50,11 +51,7 @@ impl SeededRng {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
-    /// `n` standard normal values.
-    pub fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal() as f32).collect()
-    }
-
+    #[cfg(feature = "testing")]
     /// A tensor of standard normal values, scaled by `std`.
     pub fn normal_tensor<const D: usize>(
         &mut self,
@@ -99,6 +96,15 @@ mod tests {
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
         assert!(mean.abs() < 0.03, "mean {mean}");
         assert!((var - 1.0).abs() < 0.05, "var {var}");
+    }
+
+    /// The stream is pinned: random features, block plans and the data of earlier runs depend
+    /// on it (`train` pins the same values for its copy of the stream).
+    #[test]
+    fn the_stream_is_pinned() {
+        let mut r = SeededRng::new(7);
+        let draws: Vec<usize> = (0..6).map(|_| r.below(1000)).collect();
+        assert_eq!(draws, [980, 381, 627, 344, 936, 187]);
     }
 
     #[test]

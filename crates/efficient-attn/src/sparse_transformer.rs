@@ -27,12 +27,10 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use crate::config::ConfigError;
-use crate::decoding::DecodeCache;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
 use crate::kernels::dense::masked_softmax_matmul;
-use crate::mask::DenseMask;
 
 /// The factorisation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,10 +74,21 @@ impl SparseTransformerAttentionConfig {
         time: "O(N·(l + N/l)·d) = O(N√N·d)",
         memory: "O(N·(l + N/l))",
         exactness: Exactness::ExactWhen("on its factorised pattern (A¹ heads full when l >= N)"),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for SparseTransformerAttentionConfig {
+    type Core = SparseTransformerAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -332,22 +341,53 @@ impl AttentionCore for SparseTransformerAttention {
         self.mode
     }
 
-    fn decode_cache(
-        &self,
-        batch: usize,
-        dims: HeadDims,
-        max_len: usize,
-        device: &Device,
-    ) -> Option<DecodeCache> {
-        // The pattern depends on block boundaries of the whole sequence: no incremental cache.
-        let _ = (batch, dims, max_len, device);
-        None
-    }
 
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
+}
+
+#[cfg(feature = "testing")]
+impl SparseTransformerAttention {
+    /// The key positions each query may attend to, as data (the contract suite's pattern
+    /// oracle).
+    pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, h, n, lk, _, _] = input.dims();
-        Some(DenseMask::per_head(h, n, lk, |head, i, j| {
+        Some(crate::mask::DenseMask::per_head(h, n, lk, |head, i, j| {
             self.allowed(head, i, j)
         }))
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::Attention;
+    use crate::testing::specs::*;
+    use crate::testing::{Case, Contract, Spec};
+
+    fn sparse_with(pattern: SparsePattern) -> Spec<Attention> {
+        let config = move |_: &Case| {
+            SparseTransformerAttentionConfig {
+                pattern,
+                stride: 4,
+                summary: 2,
+            }
+            .into()
+        };
+        let mut spec = pattern_spec(config, |core, input| match core {
+            Attention::SparseTransformer(a) => a.pattern(input),
+            _ => None,
+        });
+        spec.name = format!("sparse-transformer ({pattern:?})");
+        spec
+    }
+
+    /// Strided pattern with l = 4, fixed pattern with l = 4, c = 2.
+    impl Contract for SparseTransformerAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            vec![
+                sparse_with(SparsePattern::Strided),
+                sparse_with(SparsePattern::Fixed),
+            ]
+        }
     }
 }

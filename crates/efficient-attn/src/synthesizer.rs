@@ -26,8 +26,9 @@ use burn::serde::{Deserialize, Serialize};
 use burn::tensor::activation::{relu, sigmoid};
 use burn::tensor::{Bool, Device, Tensor};
 
-use crate::config::ConfigError;
-use crate::interface::{AttentionCore, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::decoding::DecodeCache;
+use crate::error::ConfigError;
+use crate::interface::{AttentionCore, CoreConfig, kv_cache, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::dense::masked_softmax_matmul;
 use crate::mask::causal_mask;
 
@@ -94,10 +95,21 @@ impl SynthesizerAttentionConfig {
         exactness: Exactness::Approximate(
             "synthesised weights, not dot-product attention; full attention when mixed with σ(α)=0",
         ),
+        needs_grid: false,
+        global_tokens: false,
     };
 
+}
+
+impl CoreConfig for SynthesizerAttentionConfig {
+    type Core = SynthesizerAttention;
+
+    fn info(&self) -> &'static VariantInfo {
+        &Self::INFO
+    }
+
     /// Builds the attention for `mode`.
-    pub fn init(
+    fn init(
         &self,
         mode: AttentionMode,
         dims: HeadDims,
@@ -158,6 +170,23 @@ impl SynthesizerAttentionConfig {
             mode,
             max_len: self.max_len,
         })
+    }
+
+    fn max_len(&self) -> Option<usize> {
+        Some(self.max_len)
+    }
+
+    fn with_max_len(&self, max_len: usize) -> Self {
+        Self {
+            max_len,
+            ..self.clone()
+        }
+    }
+
+    /// The synthesised `N × N` weights: three matrices per head forward, six with backward.
+    fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
+        let matrix = (batch * heads * n * n * 4) as u64;
+        Some(if backward { 6 * matrix } else { 3 * matrix })
     }
 }
 
@@ -263,5 +292,95 @@ impl AttentionCore for SynthesizerAttention {
 
     fn mode(&self) -> AttentionMode {
         self.mode
+    }
+
+    /// Causal mode decodes with a key/value cache (the new rows of the synthesised weights
+    /// are those of the positions being decoded).
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        kv_cache(self.mode, batch, dims, max_len, device)
+    }
+}
+
+
+#[cfg(feature = "testing")]
+mod contract {
+    use super::*;
+    use crate::config::{Attention, AttentionConfig};
+    use crate::testing::specs::*;
+    use crate::testing::{Contract, Oracle, Spec};
+    use burn::module::Param;
+
+    use crate::testing::{ReferenceFn, oracle};
+
+    fn synthesizer_with(synthesis: Synthesis) -> Spec<Attention> {
+        let config = move |mixing| {
+            AttentionConfig::from(SynthesizerAttentionConfig {
+                synthesis,
+                mixing,
+                max_len: 40,
+                rank: 3,
+                trainable: true,
+            })
+        };
+        let spec = from_config(move |_| config(SynthesizerMixing::Alone));
+        let mut spec = spec.exact(
+            "mixed with dot product, σ(α) = 0",
+            Oracle::Full,
+            1e-5,
+            move |mode, case, device| {
+                let mut core = build(&config(SynthesizerMixing::DotProduct), mode, case, device);
+                let Attention::Synthesizer(s) = &mut core else {
+                    unreachable!("synthesizer spec")
+                };
+                s.alpha = Some(Param::from_tensor(Tensor::<1>::full(
+                    [case.heads],
+                    -1.0e4,
+                    device,
+                )));
+                core
+            },
+        );
+        if synthesis == Synthesis::Random {
+            let uniform: ReferenceFn<Attention> = |_, input, mode| {
+                let mut zero_q = input.clone();
+                zero_q.query = input.query.zeros_like();
+                oracle(&zero_q, mode, None, None)
+            };
+            spec = spec.exact(
+                "R = 0: uniform weights",
+                Oracle::Reference("uniform weights over visible keys", uniform),
+                1e-5,
+                move |mode, case, device| {
+                    let mut core = build(&config(SynthesizerMixing::Alone), mode, case, device);
+                    let Attention::Synthesizer(s) = &mut core else {
+                        unreachable!("synthesizer spec")
+                    };
+                    s.random = Some(Param::from_tensor(Tensor::<3>::zeros(
+                        [case.heads, 40, 40],
+                        device,
+                    )));
+                    core
+                },
+            );
+        }
+        spec.name = format!("synthesizer ({synthesis:?})");
+        spec
+    }
+
+    /// Random, dense and factorised-random synthesis.
+    impl Contract for SynthesizerAttentionConfig {
+        fn contract() -> Vec<Spec<Attention>> {
+            vec![
+                synthesizer_with(Synthesis::Random),
+                synthesizer_with(Synthesis::Dense),
+                synthesizer_with(Synthesis::FactorizedRandom),
+            ]
+        }
     }
 }

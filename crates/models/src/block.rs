@@ -7,10 +7,10 @@ use burn::nn::{
     RmsNormConfig,
 };
 use burn::tensor::activation::{gelu, relu, silu};
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 use efficient_attn::{
-    AttentionConfig, AttentionMode, GlobalTokens, Grid, MhaCache, MhaInput, MultiHeadAttention,
-    MultiHeadAttentionConfig, ProjectedContext, RotaryConfig,
+    Attention, AttentionCore, AttentionMode, CoreConfig, Extras, MhaCache, MhaInput,
+    MultiHeadAttention, ProjectedContext, RotaryConfig, WithExtras,
 };
 
 use crate::config::{FeedForwardKind, ModelConfigError, NormKind, NormPlacement, StackConfig};
@@ -96,45 +96,16 @@ impl FeedForward {
     }
 }
 
-/// What every self-attention layer of a stack receives besides its input.
-#[derive(Clone, Debug, Default)]
-pub struct LayerContext {
-    /// Padding, `[batch, seq]`, `true` = padded.
-    pub mask_pad: Option<Tensor<2, Bool>>,
-    /// Global tokens (Longformer, ETC, BigBird).
-    pub global: Option<GlobalTokens>,
-    /// 2-D layout (Image Transformer, Axial).
-    pub grid: Option<Grid>,
-    /// A projection shared by every layer (Linformer's layerwise sharing).
-    pub shared_projection: Option<Tensor<2>>,
-}
-
-impl LayerContext {
-    fn input(&self, x: Tensor<3>) -> MhaInput {
-        let mut input = MhaInput::self_attn(x);
-        if let Some(m) = &self.mask_pad {
-            input = input.mask_pad(m.clone());
-        }
-        if let Some(g) = &self.global {
-            input = input.with_global(g.clone());
-        }
-        if let Some(g) = self.grid {
-            input = input.with_grid(g);
-        }
-        if let Some(p) = &self.shared_projection {
-            input = input.with_shared_projection(p.clone());
-        }
-        input
-    }
-}
-
 /// Self-attention (+ optional cross-attention) + feed-forward, each a residual branch.
+///
+/// `C` is the attention core: [`Attention`] (any variant of `efficient-attn`, chosen from
+/// configuration) by default, or your own [`AttentionCore`].
 #[derive(Module, Debug)]
-pub struct TransformerLayer {
+pub struct TransformerLayer<C = Attention> {
     /// Self-attention.
-    pub self_attention: MultiHeadAttention,
+    pub self_attention: MultiHeadAttention<C>,
     /// Cross-attention to an encoder's output (encoder-decoder decoders only).
-    pub cross_attention: Option<MultiHeadAttention>,
+    pub cross_attention: Option<MultiHeadAttention<C>>,
     /// Feed-forward.
     pub feed_forward: FeedForward,
     /// Norm of the self-attention branch.
@@ -150,46 +121,33 @@ pub struct TransformerLayer {
 }
 
 /// Builds one layer.
-pub(crate) struct LayerSpec<'a> {
-    pub stack: &'a StackConfig,
-    pub attention: &'a AttentionConfig,
+pub(crate) struct LayerSpec<'a, A> {
+    pub stack: &'a StackConfig<A>,
+    pub attention: &'a A,
     pub mode: AttentionMode,
     pub rotary: Option<RotaryConfig>,
-    pub cross: Option<&'a AttentionConfig>,
+    pub cross: Option<&'a A>,
     pub d_context: usize,
 }
 
-impl TransformerLayer {
-    pub(crate) fn new(
-        spec: LayerSpec<'_>,
+impl<C: AttentionCore + Module> TransformerLayer<C> {
+    pub(crate) fn new<A: CoreConfig<Core = C>>(
+        spec: LayerSpec<'_, A>,
         path: &str,
         device: &Device,
     ) -> Result<Self, ModelConfigError> {
         let s = spec.stack;
-        let mha = |attention: &AttentionConfig,
-                   mode: AttentionMode,
-                   rotary: Option<RotaryConfig>,
-                   d_context| {
-            MultiHeadAttentionConfig {
-                d_model: s.d_model,
-                n_heads: s.n_heads,
-                d_k: None,
-                d_context,
-                dropout: s.dropout,
-                bias: true,
-                mode,
-                rotary,
-                attention: attention.clone(),
-            }
+        let self_attention = s
+            .attention_layer(spec.attention.clone(), spec.mode, spec.rotary.clone(), None)
             .init(device)
-        };
-        let self_attention = mha(spec.attention, spec.mode, spec.rotary.clone(), None)
             .map_err(|e| ModelConfigError::attention(format!("{path}.attention"), e))?;
         let cross_attention = match spec.cross {
             Some(c) => Some(
-                mha(c, AttentionMode::Cross, None, Some(spec.d_context)).map_err(|e| {
-                    ModelConfigError::attention(format!("{path}.cross_attention"), e)
-                })?,
+                s.attention_layer(c.clone(), AttentionMode::Cross, None, Some(spec.d_context))
+                    .init(device)
+                    .map_err(|e| {
+                        ModelConfigError::attention(format!("{path}.cross_attention"), e)
+                    })?,
             ),
             None => None,
         };
@@ -239,14 +197,17 @@ impl TransformerLayer {
 
     /// # Shapes
     /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    /// - extras: what the sequence carries (padding `[batch, seq]`, global tokens, grid, side
+    ///   inputs)
     pub fn forward(
         &self,
         x: Tensor<3>,
-        ctx: &LayerContext,
+        extras: &Extras,
         context: Option<&ProjectedContext>,
     ) -> Tensor<3> {
         let x = self.branch(x, &self.norm_attention, |h| {
-            self.self_attention.forward(ctx.input(h))
+            self.self_attention
+                .forward(MhaInput::self_attn(h).with_extras(extras.clone()))
         });
         let x = self.cross_branch(x, context);
         self.feed_forward_branch(x)

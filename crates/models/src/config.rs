@@ -4,7 +4,9 @@
 use std::fmt;
 
 use burn::serde::{Deserialize, Serialize};
-use efficient_attn::{AttentionConfig, AttentionMode, ConfigError};
+use efficient_attn::{
+    AttentionConfig, AttentionMode, ConfigError, CoreConfig, MultiHeadAttentionConfig, RotaryConfig,
+};
 
 /// Which normalisation layer the blocks use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,10 +91,17 @@ impl fmt::Display for ModelConfigError {
 
 impl std::error::Error for ModelConfigError {}
 
-/// A stack of transformer layers.
+/// A stack of transformer layers. `A` configures the attention of each layer: the
+/// TOML-selectable [`AttentionConfig`] by default, or your own
+/// [`CoreConfig`](efficient_attn::CoreConfig).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(crate = "burn::serde", default, deny_unknown_fields)]
-pub struct StackConfig {
+#[serde(
+    crate = "burn::serde",
+    default,
+    deny_unknown_fields,
+    bound(deserialize = "A: Deserialize<'de> + Default")
+)]
+pub struct StackConfig<A = AttentionConfig> {
     /// Layers (paper: N = 6).
     pub n_layers: usize,
     /// Model width (paper: d_model = 512).
@@ -112,15 +121,15 @@ pub struct StackConfig {
     /// Feed-forward block.
     pub feed_forward: FeedForwardKind,
     /// The self-attention variant of every layer (unless a list or pattern is given).
-    pub attention: AttentionConfig,
+    pub attention: A,
     /// One self-attention variant per layer.
-    pub attention_layers: Option<Vec<AttentionConfig>>,
+    pub attention_layers: Option<Vec<A>>,
     /// Self-attention variants repeated cyclically over the layers (e.g. the
     /// Memory-Compressed paper's local/compressed alternation).
-    pub attention_pattern: Option<Vec<AttentionConfig>>,
+    pub attention_pattern: Option<Vec<A>>,
 }
 
-impl Default for StackConfig {
+impl<A: Default> Default for StackConfig<A> {
     fn default() -> Self {
         Self {
             n_layers: 6,
@@ -132,7 +141,7 @@ impl Default for StackConfig {
             placement: NormPlacement::Pre,
             norm_eps: 1e-5,
             feed_forward: FeedForwardKind::Gelu,
-            attention: AttentionConfig::default(),
+            attention: A::default(),
             attention_layers: None,
             attention_pattern: None,
         }
@@ -147,12 +156,51 @@ impl StackConfig {
         self.attention_pattern = None;
         self
     }
+}
+
+impl<A: CoreConfig> StackConfig<A> {
+    /// The same stack with your own attention core's configuration in every layer.
+    pub fn with_core<B: CoreConfig>(self, attention: B) -> StackConfig<B> {
+        StackConfig {
+            n_layers: self.n_layers,
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            d_ff: self.d_ff,
+            dropout: self.dropout,
+            norm: self.norm,
+            placement: self.placement,
+            norm_eps: self.norm_eps,
+            feed_forward: self.feed_forward,
+            attention,
+            attention_layers: None,
+            attention_pattern: None,
+        }
+    }
+
+    /// The multi-head attention layer this stack builds around `attention`: the one place a
+    /// layer's width, heads and dropout become an attention configuration (and are validated).
+    pub fn attention_layer(
+        &self,
+        attention: A,
+        mode: AttentionMode,
+        rotary: Option<RotaryConfig>,
+        d_context: Option<usize>,
+    ) -> MultiHeadAttentionConfig<A> {
+        MultiHeadAttentionConfig {
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            d_k: None,
+            d_context,
+            dropout: self.dropout,
+            bias: true,
+            mode,
+            rotary,
+            attention,
+        }
+    }
 
     /// The variant of each layer.
-    pub fn resolve_attention(
-        &self,
-        stack: &'static str,
-    ) -> Result<Vec<AttentionConfig>, ModelConfigError> {
+    pub fn resolve_attention(&self, stack: &'static str) -> Result<Vec<A>, ModelConfigError> {
         let n_layers = self.n_layers;
         match (&self.attention_layers, &self.attention_pattern) {
             (Some(_), Some(_)) => Err(ModelConfigError::new(
@@ -175,13 +223,15 @@ impl StackConfig {
         }
     }
 
-    /// Checks the widths and returns the per-layer attention, validated for `mode`: a variant
-    /// without that mode is an error naming the layer and the variant.
+    /// Checks the stack and returns the per-layer attention, validated for `mode`: a variant
+    /// without that mode is an error naming the layer and the variant. The layer's width,
+    /// heads and dropout are checked by the attention layer's own validation
+    /// ([`MultiHeadAttentionConfig::validate`]), reported at `stack.<field>`.
     pub fn check(
         &self,
         stack: &'static str,
         mode: AttentionMode,
-    ) -> Result<Vec<AttentionConfig>, ModelConfigError> {
+    ) -> Result<Vec<A>, ModelConfigError> {
         let positive = |field: &str, v: usize| {
             if v == 0 {
                 Err(ModelConfigError::new(
@@ -193,25 +243,21 @@ impl StackConfig {
             }
         };
         positive("n_layers", self.n_layers)?;
-        positive("d_model", self.d_model)?;
-        positive("n_heads", self.n_heads)?;
         positive("d_ff", self.d_ff)?;
-        if !self.d_model.is_multiple_of(self.n_heads) {
-            return Err(ModelConfigError::new(
-                format!("{stack}.n_heads"),
-                format!(
-                    "a divisor of d_model = {}, got {}",
-                    self.d_model, self.n_heads
-                ),
-            ));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(ModelConfigError::new(
-                format!("{stack}.dropout"),
-                "a probability in [0, 1)",
-            ));
-        }
         let layers = self.resolve_attention(stack)?;
+        self.attention_layer(self.attention.clone(), mode, None, None)
+            .validate()
+            .map_err(|e| match e {
+                ConfigError::InvalidField {
+                    field,
+                    expected,
+                    got,
+                } => ModelConfigError::new(
+                    format!("{stack}.{field}"),
+                    format!("{expected}, got {got}"),
+                ),
+                other => ModelConfigError::attention(stack, other),
+            })?;
         for (i, attention) in layers.iter().enumerate() {
             let info = attention.info();
             if !info.supports(mode) {

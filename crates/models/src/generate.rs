@@ -1,7 +1,8 @@
 //! Choosing the next token from logits: greedy, or sampling with temperature and top-k.
 
 use burn::tensor::{Int, Tensor, TensorData};
-use efficient_attn::rng::SeededRng;
+use rand_xoshiro::SplitMix64;
+use rand_xoshiro::rand_core::{RngCore, SeedableRng};
 
 /// A decoding strategy.
 #[derive(Clone, Debug)]
@@ -16,8 +17,24 @@ pub enum Sampler {
         /// Keep only the k most likely tokens.
         top_k: Option<usize>,
         /// The generator.
-        rng: SeededRng,
+        rng: SampleRng,
     },
+}
+
+/// The seeded generator of [`Sampler::Sample`] (SplitMix64).
+#[derive(Clone, Debug)]
+pub struct SampleRng(SplitMix64);
+
+impl SampleRng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(SplitMix64::seed_from_u64(seed ^ 0x5851_f42d_4c95_7f2d))
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn uniform(&mut self) -> f64 {
+        (self.0.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
 }
 
 impl Sampler {
@@ -27,7 +44,7 @@ impl Sampler {
         Self::Sample {
             temperature,
             top_k,
-            rng: SeededRng::new(seed),
+            rng: SampleRng::new(seed),
         }
     }
 

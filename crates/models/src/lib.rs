@@ -1,23 +1,38 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub mod block;
-pub mod config;
-pub mod embedding;
-pub mod generate;
-pub mod model;
-pub mod presets;
-pub mod pretrained;
-pub mod stack;
+//! # What is API
+//!
+//! Every type is re-exported at the crate root, one path each; the modules are private, except
+//! [`presets`] (configurations from papers, grouped as functions).
+//!
+//! The models are generic over the attention core `C`: [`Attention`](efficient_attn::Attention)
+//! (any variant of `efficient-attn`, selected from TOML) by default, or your own
+//! [`AttentionCore`](efficient_attn::AttentionCore), configured by a
+//! [`CoreConfig`](efficient_attn::CoreConfig) in the configs' `A` parameter.
 
+mod block;
+mod config;
+mod embedding;
+mod generate;
+mod model;
+pub mod presets;
+mod pretrained;
+mod stack;
+
+pub use crate::block::{FeedForward, Norm, TransformerLayer};
 pub use crate::config::{
     FeedForwardKind, ModelConfigError, NormKind, NormPlacement, PositionKind, StackConfig,
 };
 pub use crate::embedding::{EmbeddingSettings, TokenEmbedding};
-pub use crate::generate::Sampler;
+pub use crate::generate::{SampleRng, Sampler};
 pub use crate::model::{
     ClassifierConfig, DecodeState, Encoder, EncoderConfig, EncoderInput, LanguageModel,
     LanguageModelConfig, LmHead, Pooling, Seq2Seq, Seq2SeqConfig, SequenceClassifier,
-    TokenClassifier,
+    TokenClassifier, mean_pool,
 };
-pub use crate::pretrained::{BertCheckpoint, ConversionReport, ImportError, convert};
+pub use crate::pretrained::{
+    BERT_KEY_MAP, BertCheckpoint, ConversionReport, HfBertConfig, ImportError, convert,
+    load_weights,
+};
+pub use crate::stack::{Stack, StackSpec};

@@ -6,30 +6,33 @@ use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use efficient_attn::{
-    AttentionConfig, AttentionMode, GlobalTokens, Grid, MhaCache, ProjectedContext,
+    Attention, AttentionConfig, AttentionCore, AttentionMode, CoreConfig, Extras, MhaCache,
+    ProjectedContext, WithExtras,
 };
 
-use crate::block::LayerContext;
 use crate::config::{ModelConfigError, StackConfig};
 use crate::embedding::{EmbeddingSettings, TokenEmbedding};
 use crate::stack::{Stack, StackSpec};
 
-/// What an encoder reads.
+/// What an encoder reads: tokens, optional token types, and the [`Extras`] the sequence
+/// carries (padding, global tokens, grid), set with the [`WithExtras`] builders.
 ///
 /// # Shapes
-/// - tokens, token_types: `[batch, seq]`; mask_pad: `[batch, seq]`, `true` = padding
+/// - tokens, token_types: `[batch, seq]`; `extras.mask_pad`: `[batch, seq]`, `true` = padding
 #[derive(Clone, Debug)]
 pub struct EncoderInput {
     /// Token ids.
     pub tokens: Tensor<2, Int>,
-    /// Padding.
-    pub mask_pad: Option<Tensor<2, Bool>>,
     /// Token types (BERT segments).
     pub token_types: Option<Tensor<2, Int>>,
-    /// Global tokens, for variants that have them.
-    pub global: Option<GlobalTokens>,
-    /// 2-D layout, for image variants.
-    pub grid: Option<Grid>,
+    /// Padding, global tokens, grid and side inputs.
+    pub extras: Extras,
+}
+
+impl WithExtras for EncoderInput {
+    fn extras_mut(&mut self) -> &mut Extras {
+        &mut self.extras
+    }
 }
 
 impl EncoderInput {
@@ -37,23 +40,9 @@ impl EncoderInput {
     pub fn new(tokens: Tensor<2, Int>) -> Self {
         Self {
             tokens,
-            mask_pad: None,
             token_types: None,
-            global: None,
-            grid: None,
+            extras: Extras::new(),
         }
-    }
-
-    /// Sets the padding mask.
-    pub fn mask_pad(mut self, mask: Tensor<2, Bool>) -> Self {
-        self.mask_pad = Some(mask);
-        self
-    }
-
-    /// Sets global tokens.
-    pub fn with_global(mut self, global: GlobalTokens) -> Self {
-        self.global = Some(global);
-        self
     }
 
     /// Sets the token types.
@@ -63,19 +52,27 @@ impl EncoderInput {
     }
 }
 
-/// Configuration of an [`Encoder`].
+/// Configuration of an [`Encoder`]; `A` configures the attention (see [`StackConfig`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(crate = "burn::serde", default, deny_unknown_fields)]
-pub struct EncoderConfig {
+#[serde(
+    crate = "burn::serde",
+    default,
+    deny_unknown_fields,
+    bound(deserialize = "A: Deserialize<'de> + Default")
+)]
+pub struct EncoderConfig<A = AttentionConfig> {
     /// Embeddings.
     pub embedding: EmbeddingSettings,
     /// Layers (bidirectional self-attention).
-    pub stack: StackConfig,
+    pub stack: StackConfig<A>,
 }
 
-impl EncoderConfig {
+impl<A: CoreConfig> EncoderConfig<A> {
     /// Builds the encoder.
-    pub fn init(&self, device: &Device) -> Result<Encoder, ModelConfigError> {
+    ///
+    /// # Errors
+    /// The key path of an invalid setting.
+    pub fn init(&self, device: &Device) -> Result<Encoder<A::Core>, ModelConfigError> {
         Ok(Encoder {
             embedding: self
                 .embedding
@@ -95,28 +92,23 @@ impl EncoderConfig {
     }
 }
 
-/// Embeddings and a bidirectional stack.
+/// Embeddings and a bidirectional stack over the attention core `C` ([`Attention`] by
+/// default, or your own [`AttentionCore`]).
 #[derive(Module, Debug)]
-pub struct Encoder {
+pub struct Encoder<C = Attention> {
     /// Embeddings.
     pub embedding: TokenEmbedding,
     /// Layers.
-    pub stack: Stack,
+    pub stack: Stack<C>,
 }
 
-impl Encoder {
+impl<C: AttentionCore + Module> Encoder<C> {
     /// # Shapes
     /// - input: see [`EncoderInput`]
     /// - output: `[batch, seq, d_model]`
     pub fn forward(&self, input: EncoderInput) -> Tensor<3> {
         let x = self.embedding.forward(input.tokens, input.token_types, 0);
-        let ctx = LayerContext {
-            mask_pad: input.mask_pad,
-            global: input.global,
-            grid: input.grid,
-            shared_projection: None,
-        };
-        self.stack.forward(x, &ctx, &[])
+        self.stack.forward(x, input.extras, &[])
     }
 }
 
@@ -133,10 +125,15 @@ pub enum Pooling {
 
 /// Configuration of a [`SequenceClassifier`] or [`TokenClassifier`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(crate = "burn::serde", default, deny_unknown_fields)]
-pub struct ClassifierConfig {
+#[serde(
+    crate = "burn::serde",
+    default,
+    deny_unknown_fields,
+    bound(deserialize = "A: Deserialize<'de> + Default")
+)]
+pub struct ClassifierConfig<A = AttentionConfig> {
     /// The encoder.
-    pub encoder: EncoderConfig,
+    pub encoder: EncoderConfig<A>,
     /// Number of classes.
     pub n_classes: usize,
     /// Pooling (sequence classification only).
@@ -145,7 +142,7 @@ pub struct ClassifierConfig {
     pub dropout: f64,
 }
 
-impl Default for ClassifierConfig {
+impl<A: Default> Default for ClassifierConfig<A> {
     fn default() -> Self {
         Self {
             encoder: EncoderConfig::default(),
@@ -156,7 +153,7 @@ impl Default for ClassifierConfig {
     }
 }
 
-impl ClassifierConfig {
+impl<A: CoreConfig> ClassifierConfig<A> {
     fn check(&self) -> Result<(), ModelConfigError> {
         if self.n_classes < 2 {
             return Err(ModelConfigError::new("n_classes", "at least 2 classes"));
@@ -165,7 +162,13 @@ impl ClassifierConfig {
     }
 
     /// Builds a sequence classifier.
-    pub fn init_sequence(&self, device: &Device) -> Result<SequenceClassifier, ModelConfigError> {
+    ///
+    /// # Errors
+    /// The key path of an invalid setting.
+    pub fn init_sequence(
+        &self,
+        device: &Device,
+    ) -> Result<SequenceClassifier<A::Core>, ModelConfigError> {
         self.check()?;
         Ok(SequenceClassifier {
             encoder: self.encoder.init(device)?,
@@ -176,7 +179,13 @@ impl ClassifierConfig {
     }
 
     /// Builds a token classifier.
-    pub fn init_token(&self, device: &Device) -> Result<TokenClassifier, ModelConfigError> {
+    ///
+    /// # Errors
+    /// The key path of an invalid setting.
+    pub fn init_token(
+        &self,
+        device: &Device,
+    ) -> Result<TokenClassifier<A::Core>, ModelConfigError> {
         self.check()?;
         Ok(TokenClassifier {
             encoder: self.encoder.init(device)?,
@@ -188,9 +197,9 @@ impl ClassifierConfig {
 
 /// Encoder, pooling and a linear layer: one label per sequence.
 #[derive(Module, Debug)]
-pub struct SequenceClassifier {
+pub struct SequenceClassifier<C = Attention> {
     /// The encoder.
-    pub encoder: Encoder,
+    pub encoder: Encoder<C>,
     /// Dropout before the output layer.
     pub dropout: Dropout,
     /// Output layer.
@@ -215,12 +224,12 @@ pub fn mean_pool(h: Tensor<3>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<2> {
     }
 }
 
-impl SequenceClassifier {
+impl<C: AttentionCore + Module> SequenceClassifier<C> {
     /// # Shapes
     /// - input: see [`EncoderInput`]
     /// - output: `[batch, n_classes]` logits
     pub fn forward(&self, input: EncoderInput) -> Tensor<2> {
-        let mask = input.mask_pad.clone();
+        let mask = input.extras.mask_pad.clone();
         let h = self.encoder.forward(input); // [batch, seq, d_model]
         let [b, _, d] = h.dims();
         let pooled = match self.pooling {
@@ -233,16 +242,16 @@ impl SequenceClassifier {
 
 /// Encoder and a linear layer: one label per token.
 #[derive(Module, Debug)]
-pub struct TokenClassifier {
+pub struct TokenClassifier<C = Attention> {
     /// The encoder.
-    pub encoder: Encoder,
+    pub encoder: Encoder<C>,
     /// Dropout before the output layer.
     pub dropout: Dropout,
     /// Output layer.
     pub output: Linear,
 }
 
-impl TokenClassifier {
+impl<C: AttentionCore + Module> TokenClassifier<C> {
     /// # Shapes
     /// - input: see [`EncoderInput`]
     /// - output: `[batch, seq, n_classes]` logits
@@ -289,19 +298,27 @@ impl LmHead {
 
 /// Configuration of a decoder-only [`LanguageModel`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(crate = "burn::serde", default, deny_unknown_fields)]
-pub struct LanguageModelConfig {
+#[serde(
+    crate = "burn::serde",
+    default,
+    deny_unknown_fields,
+    bound(deserialize = "A: Deserialize<'de> + Default")
+)]
+pub struct LanguageModelConfig<A = AttentionConfig> {
     /// Embeddings.
     pub embedding: EmbeddingSettings,
     /// Layers (causal self-attention: every variant must have a causal mode).
-    pub stack: StackConfig,
+    pub stack: StackConfig<A>,
     /// Tie the output layer to the token embedding (Press & Wolf 2017).
     pub tie_embeddings: bool,
 }
 
-impl LanguageModelConfig {
+impl<A: CoreConfig> LanguageModelConfig<A> {
     /// Builds the model.
-    pub fn init(&self, device: &Device) -> Result<LanguageModel, ModelConfigError> {
+    ///
+    /// # Errors
+    /// The key path of an invalid setting.
+    pub fn init(&self, device: &Device) -> Result<LanguageModel<A::Core>, ModelConfigError> {
         Ok(LanguageModel {
             embedding: self
                 .embedding
@@ -329,11 +346,11 @@ impl LanguageModelConfig {
 
 /// A decoder-only language model.
 #[derive(Module, Debug)]
-pub struct LanguageModel {
+pub struct LanguageModel<C = Attention> {
     /// Embeddings.
     pub embedding: TokenEmbedding,
     /// Causal layers.
-    pub stack: Stack,
+    pub stack: Stack<C>,
     /// Output head.
     pub head: LmHead,
 }
@@ -347,7 +364,7 @@ pub struct DecodeState {
     pub position: usize,
 }
 
-impl LanguageModel {
+impl<C: AttentionCore + Module> LanguageModel<C> {
     /// Next-token logits for every position.
     ///
     /// # Shapes
@@ -355,12 +372,12 @@ impl LanguageModel {
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, tokens: Tensor<2, Int>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<3> {
         let x = self.embedding.forward(tokens, None, 0);
-        let ctx = LayerContext {
+        let extras = Extras {
             mask_pad,
             ..Default::default()
         };
         self.head
-            .forward(self.stack.forward(x, &ctx, &[]), &self.embedding)
+            .forward(self.stack.forward(x, extras, &[]), &self.embedding)
     }
 
     /// An empty decoding state for `batch` sequences of up to `max_len` positions, or an error
@@ -421,35 +438,43 @@ impl LanguageModel {
 
 /// Configuration of a [`Seq2Seq`] encoder-decoder model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(crate = "burn::serde", default, deny_unknown_fields)]
-pub struct Seq2SeqConfig {
+#[serde(
+    crate = "burn::serde",
+    default,
+    deny_unknown_fields,
+    bound(deserialize = "A: Deserialize<'de> + Default")
+)]
+pub struct Seq2SeqConfig<A = AttentionConfig> {
     /// Embeddings shared by source and target.
     pub embedding: EmbeddingSettings,
     /// Encoder layers.
-    pub encoder: StackConfig,
+    pub encoder: StackConfig<A>,
     /// Decoder layers (causal self-attention).
-    pub decoder: StackConfig,
+    pub decoder: StackConfig<A>,
     /// Decoder-to-encoder attention (full by default).
-    pub cross_attention: AttentionConfig,
+    pub cross_attention: A,
     /// Tie the output layer to the token embedding.
     pub tie_embeddings: bool,
 }
 
-impl Default for Seq2SeqConfig {
+impl<A: Default> Default for Seq2SeqConfig<A> {
     fn default() -> Self {
         Self {
             embedding: EmbeddingSettings::default(),
             encoder: StackConfig::default(),
             decoder: StackConfig::default(),
-            cross_attention: AttentionConfig::default(),
+            cross_attention: A::default(),
             tie_embeddings: true,
         }
     }
 }
 
-impl Seq2SeqConfig {
+impl<A: CoreConfig> Seq2SeqConfig<A> {
     /// Builds the model.
-    pub fn init(&self, device: &Device) -> Result<Seq2Seq, ModelConfigError> {
+    ///
+    /// # Errors
+    /// The key path of an invalid setting.
+    pub fn init(&self, device: &Device) -> Result<Seq2Seq<A::Core>, ModelConfigError> {
         if self.encoder.d_model != self.decoder.d_model {
             return Err(ModelConfigError::new(
                 "decoder.d_model",
@@ -498,18 +523,18 @@ impl Seq2SeqConfig {
 
 /// An encoder-decoder model with cross-attention.
 #[derive(Module, Debug)]
-pub struct Seq2Seq {
+pub struct Seq2Seq<C = Attention> {
     /// Shared embeddings.
     pub embedding: TokenEmbedding,
     /// Encoder.
-    pub encoder: Stack,
+    pub encoder: Stack<C>,
     /// Decoder.
-    pub decoder: Stack,
+    pub decoder: Stack<C>,
     /// Output head.
     pub head: LmHead,
 }
 
-impl Seq2Seq {
+impl<C: AttentionCore + Module> Seq2Seq<C> {
     /// Encodes the source and projects it for every decoder layer's cross-attention.
     ///
     /// # Shapes
@@ -520,11 +545,11 @@ impl Seq2Seq {
         mask_pad: Option<Tensor<2, Bool>>,
     ) -> Vec<ProjectedContext> {
         let x = self.embedding.forward(source, None, 0);
-        let ctx = LayerContext {
+        let extras = Extras {
             mask_pad: mask_pad.clone(),
             ..Default::default()
         };
-        let memory = self.encoder.forward(x, &ctx, &[]);
+        let memory = self.encoder.forward(x, extras, &[]);
         self.decoder.project_contexts(memory, mask_pad)
     }
 
@@ -542,12 +567,12 @@ impl Seq2Seq {
     ) -> Tensor<3> {
         let contexts = self.encode(source, source_pad);
         let x = self.embedding.forward(target, None, 0);
-        let ctx = LayerContext {
+        let extras = Extras {
             mask_pad: target_pad,
             ..Default::default()
         };
         self.head
-            .forward(self.decoder.forward(x, &ctx, &contexts), &self.embedding)
+            .forward(self.decoder.forward(x, extras, &contexts), &self.embedding)
     }
 
     /// Generates up to `max_len` target tokens after `bos`, stopping a sequence at `eos`

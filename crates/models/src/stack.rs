@@ -5,28 +5,30 @@ use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Bool, Device, Tensor};
 use efficient_attn::{
-    AttentionConfig, AttentionMode, LinformerSharing, MhaCache, ProjectedContext, RotaryConfig,
+    Attention, AttentionCore, AttentionMode, CoreConfig, Extras, MhaCache, ProjectedContext,
+    RotaryConfig, SharedParameter, SharedParameterSpec,
 };
 
-use crate::block::{LayerContext, LayerSpec, Norm, TransformerLayer};
+use crate::block::{LayerSpec, Norm, TransformerLayer};
 use crate::config::{ModelConfigError, NormPlacement, StackConfig};
 
-/// A stack of [`TransformerLayer`]s.
+/// A stack of [`TransformerLayer`]s over the attention core `C` ([`Attention`] by default).
 #[derive(Module, Debug)]
-pub struct Stack {
+pub struct Stack<C = Attention> {
     /// The layers.
-    pub layers: Vec<TransformerLayer>,
+    pub layers: Vec<TransformerLayer<C>>,
     /// Norm after the last layer (pre-norm stacks only).
     pub final_norm: Option<Norm>,
-    /// Linformer's layerwise-shared projection `[k, max_len]`, owned here so it is one
-    /// parameter trained once, and passed to every layer.
+    /// A parameter every layer shares (Linformer's layerwise projection), owned here so it is
+    /// one parameter trained once, and passed to every layer as a [`SharedParameter`]. (The
+    /// field keeps its first name so that checkpoints stay loadable.)
     pub shared_projection: Option<Param<Tensor<2>>>,
 }
 
 /// How a stack is built.
-pub struct StackSpec<'a> {
+pub struct StackSpec<'a, A = efficient_attn::AttentionConfig> {
     /// Its configuration.
-    pub config: &'a StackConfig,
+    pub config: &'a StackConfig<A>,
     /// `encoder` or `decoder`, for error paths.
     pub name: &'static str,
     /// Self-attention mode of every layer.
@@ -34,14 +36,17 @@ pub struct StackSpec<'a> {
     /// Rotary positions, if the model uses them.
     pub rotary: Option<RotaryConfig>,
     /// Cross-attention to an encoder (decoders of encoder-decoder models).
-    pub cross: Option<&'a AttentionConfig>,
+    pub cross: Option<&'a A>,
     /// Width of the encoder output cross-attention reads.
     pub d_context: usize,
 }
 
-impl Stack {
+impl<C: AttentionCore + Module> Stack<C> {
     /// Builds the stack; a variant without the stack's mode is an error naming the layer.
-    pub fn new(spec: StackSpec<'_>, device: &Device) -> Result<Self, ModelConfigError> {
+    pub fn new<A: CoreConfig<Core = C>>(
+        spec: StackSpec<'_, A>,
+        device: &Device,
+    ) -> Result<Self, ModelConfigError> {
         let per_layer = spec.config.check(spec.name, spec.mode)?;
         if let Some(cross) = spec.cross
             && !cross.info().supports(AttentionMode::Cross)
@@ -70,34 +75,29 @@ impl Stack {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let c = spec.config;
-        // One shared projection for the layers that ask for layerwise sharing (they must agree
-        // on its shape).
-        let mut shared: Option<(usize, usize)> = None;
+        // One shared parameter for the layers that ask for one (they must agree on it).
+        let mut shared: Option<(usize, SharedParameterSpec)> = None;
         for (i, attention) in per_layer.iter().enumerate() {
-            if let AttentionConfig::Linformer(l) = attention
-                && l.sharing == LinformerSharing::Layerwise
-            {
-                match shared {
-                    None => shared = Some((l.k, l.max_len)),
-                    Some(shape) if shape != (l.k, l.max_len) => {
-                        return Err(ModelConfigError::new(
-                            format!("{}.layers[{i}].attention", spec.name),
-                            format!(
-                                "layerwise-shared Linformer layers must agree on k and max_len; layer 0 has {shape:?}"
-                            ),
-                        ));
-                    }
-                    Some(_) => {}
+            match (attention.layer_shared(), &shared) {
+                (Some(want), None) => shared = Some((i, want)),
+                (Some(want), Some((first, have))) if want != *have => {
+                    return Err(ModelConfigError::new(
+                        format!("{}.layers[{i}].attention", spec.name),
+                        format!(
+                            "layers that share a parameter must agree on it: layer {first} has shape {:?}, this one {:?}",
+                            have.shape, want.shape
+                        ),
+                    ));
                 }
+                _ => {}
             }
         }
-        let shared_projection = shared.map(|(k, max_len)| {
-            let bound = 1.0 / (k as f64).sqrt();
+        let shared_projection = shared.map(|(_, spec)| {
             Initializer::Uniform {
-                min: -bound,
-                max: bound,
+                min: -spec.bound,
+                max: spec.bound,
             }
-            .init([k, max_len], device)
+            .init(spec.shape, device)
         });
         Ok(Self {
             layers,
@@ -109,26 +109,21 @@ impl Stack {
 
     /// # Shapes
     /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    /// - extras: what the sequence carries (padding `[batch, seq]`, global tokens, grid, side
+    ///   inputs); the stack adds its [`SharedParameter`] if it has one
     /// - `contexts`: one projected encoder output per layer (cross-attention), or empty
     pub fn forward(
         &self,
         mut x: Tensor<3>,
-        ctx: &LayerContext,
+        extras: Extras,
         contexts: &[ProjectedContext],
     ) -> Tensor<3> {
-        let shared;
-        let ctx = match &self.shared_projection {
-            Some(p) => {
-                shared = LayerContext {
-                    shared_projection: Some(p.val()),
-                    ..ctx.clone()
-                };
-                &shared
-            }
-            None => ctx,
-        };
+        let mut extras = extras;
+        if let Some(p) = &self.shared_projection {
+            extras.side.insert(SharedParameter(p.val()));
+        }
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, ctx, contexts.get(i));
+            x = layer.forward(x, &extras, contexts.get(i));
         }
         self.finish(x)
     }

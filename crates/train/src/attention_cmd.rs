@@ -2,10 +2,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::Device;
-use efficient_attn::rng::SeededRng;
+use burn::tensor::{Device, Distribution, Tensor};
 use efficient_attn::{
-    AttentionConfig, AttentionCore, AttentionMode, AttnInput, HeadDims, VariantInfo,
+    AttentionConfig, AttentionCore, AttentionMode, AttnInput, HeadDims, VariantInfo, WithExtras,
 };
 use serde::Serialize;
 
@@ -126,10 +125,22 @@ pub fn demo(
         seq,
         d_head,
     } = *settings;
-    let mut rng = SeededRng::new(0);
-    let q = rng.normal_tensor([batch, heads, seq, d_head], 1.0, device);
-    let k = rng.normal_tensor([batch, heads, seq, d_head], 1.0, device);
-    let v = rng.normal_tensor([batch, heads, seq, d_head], 1.0, device);
+    device.seed(0);
+    let q = Tensor::random(
+        [batch, heads, seq, d_head],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let k = Tensor::random(
+        [batch, heads, seq, d_head],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let v = Tensor::random(
+        [batch, heads, seq, d_head],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
     let input = AttnInput::new(q, k, v);
     let dims = HeadDims::new(heads, d_head);
     let reference = AttentionConfig::default()
@@ -146,7 +157,7 @@ pub fn demo(
         let core = config
             .init(mode, dims, device)
             .map_err(|e| format!("{}: {e}", info.kind))?;
-        let input = crate::bench::decorate(kind, input.clone(), seq);
+        let input = input.clone().with_extras(info.demo_extras(seq, mode));
         let _ = core.attend(input.clone()); // warm-up
         device.sync().map_err(|e| format!("{e:?}"))?;
         let start = Instant::now();

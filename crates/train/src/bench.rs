@@ -13,11 +13,10 @@
 use std::process::Command;
 use std::time::Instant;
 
-use burn::tensor::{Device, Tensor};
-use efficient_attn::rng::SeededRng;
+use burn::tensor::{Device, Distribution, Tensor};
 use efficient_attn::{
-    AttentionConfig, AttentionCore, AttentionMode, AttnInput, GlobalTokens, Grid, HeadDims,
-    ImageTransformer2dAttentionConfig, LinformerAttentionConfig, SynthesizerAttentionConfig,
+    AttentionConfig, AttentionCore, AttentionMode, AttnInput, CoreConfig, Grid, HeadDims,
+    WithExtras,
 };
 use serde::{Deserialize, Serialize};
 
@@ -105,79 +104,20 @@ pub struct BenchSettings {
     pub budget_bytes: u64,
 }
 
-/// The variant's default config, adapted to length `n` where the variant is sized by a maximum
-/// length (Linformer, Synthesizer).
+/// The variant's default config, adapted to sequences of exactly `n` positions: sized
+/// variants set their maximum length to `n` ([`CoreConfig::with_max_len`]), 2-D variants fit
+/// their blocks to the near-square grid of `n` ([`CoreConfig::fit_grid`]).
+///
+/// # Errors
+/// An unknown kind.
 pub fn config_for_length(kind: &str, n: usize) -> Result<AttentionConfig, String> {
-    let config = AttentionConfig::from_kind(kind).ok_or_else(|| {
-        let kinds: Vec<&str> = AttentionConfig::all_defaults()
-            .iter()
-            .map(|c| c.info().kind)
-            .collect();
-        format!(
-            "unknown variant `{kind}`: expected one of {}",
-            kinds.join(", ")
-        )
-    })?;
-    Ok(match config {
-        AttentionConfig::Linformer(c) => LinformerAttentionConfig { max_len: n, ..c }.into(),
-        AttentionConfig::Synthesizer(c) => SynthesizerAttentionConfig { max_len: n, ..c }.into(),
-        AttentionConfig::ImageTransformer2d(c) => {
-            // Query blocks must tile the (square-ish) grid `decorate` uses.
-            let rows = (1..=n)
-                .filter(|r| n.is_multiple_of(*r) && r * r <= n)
-                .max()
-                .unwrap_or(1);
-            let cols = n / rows;
-            let fit = |want: usize, side: usize| {
-                (1..=want.min(side))
-                    .rev()
-                    .find(|q| side.is_multiple_of(*q))
-                    .unwrap_or(1)
-            };
-            ImageTransformer2dAttentionConfig {
-                query_shape: [fit(c.query_shape[0], rows), fit(c.query_shape[1], cols)],
-                ..c
-            }
-            .into()
-        }
-        other => other,
+    let config = AttentionConfig::try_from_kind(kind)?;
+    let config = config.with_max_len(n);
+    Ok(if config.info().needs_grid {
+        config.fit_grid(Grid::near_square(n))
+    } else {
+        config
     })
-}
-
-/// The inputs some variants need besides q, k and v: a square-ish grid for 2-D variants, and
-/// the first token as a global token (a CLS token) for variants with global tokens.
-pub fn decorate(kind: &str, input: AttnInput, n: usize) -> AttnInput {
-    match kind {
-        "image-transformer-2d" | "axial" => {
-            let rows = (1..=n)
-                .filter(|r| n.is_multiple_of(*r) && r * r <= n)
-                .max()
-                .unwrap_or(1);
-            input.with_grid(Grid::new(rows, n / rows))
-        }
-        "longformer" | "etc" => input.with_global(GlobalTokens::Prefix(1)),
-        _ => input,
-    }
-}
-
-/// A rough upper bound of a case's peak memory for variants whose cost is quadratic, used to
-/// skip cases beyond the budget; `None` for sub-quadratic variants.
-pub fn quadratic_estimate(
-    kind: &str,
-    n: usize,
-    batch: usize,
-    heads: usize,
-    pass: Pass,
-) -> Option<u64> {
-    let matrix = (batch * heads * n * n * 4) as u64;
-    match (kind, pass) {
-        // Burn's fused op and our streaming form are O(N) in the forward; autodiff stores the
-        // probabilities (and their gradient) of every block.
-        ("full" | "memory-efficient", Pass::ForwardBackward) => Some(4 * matrix),
-        ("synthesizer", Pass::Forward) => Some(3 * matrix),
-        ("synthesizer", Pass::ForwardBackward) => Some(6 * matrix),
-        _ => None,
-    }
 }
 
 /// Resident set and its peak, in bytes, from `/proc/self/status` (Linux).
@@ -215,12 +155,13 @@ pub fn run_case(
     let core = config
         .init(mode, HeadDims::new(heads, d_head), &device)
         .map_err(|e| e.to_string())?;
-    let mut rng = SeededRng::new(0);
+    device.seed(0);
     let shape = [batch, heads, n, d_head];
-    let q = rng.normal_tensor(shape, 1.0, &device);
-    let k = rng.normal_tensor(shape, 1.0, &device);
-    let v = rng.normal_tensor(shape, 1.0, &device);
-    let extras = |input: AttnInput| decorate(kind, input, n);
+    let q = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let k = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let v = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let extras = config.info().demo_extras(n, mode);
+    let extras = |input: AttnInput| input.with_extras(extras.clone());
     device.sync().map_err(|e| format!("{e:?}"))?;
     let baseline = memory_status().map(|(rss, _)| rss);
 
@@ -315,9 +256,12 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
                     );
                     continue;
                 }
-                if let Some(bytes) =
-                    quadratic_estimate(variant, n, settings.batch, settings.heads, pass)
-                    && bytes > settings.budget_bytes
+                if let Some(bytes) = config.memory_estimate(
+                    n,
+                    settings.batch,
+                    settings.heads,
+                    pass == Pass::ForwardBackward,
+                ) && bytes > settings.budget_bytes
                 {
                     let note = format!(
                         "skipped: needs about {:.1} GiB, budget {:.1} GiB",
@@ -381,11 +325,16 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
     Ok(records)
 }
 
+/// The kind every other variant is compared with: exact attention, the default variant.
+pub fn baseline_kind() -> &'static str {
+    AttentionConfig::default().info().kind
+}
+
 /// Sets `ratio_to_full` from the `full` record with the same length, mode and pass.
 pub fn fill_ratios(records: &mut [BenchRecord]) {
     let full: Vec<(usize, String, Pass, f64)> = records
         .iter()
-        .filter(|r| r.variant == "full")
+        .filter(|r| r.variant == baseline_kind())
         .filter_map(|r| Some((r.n, r.mode.clone(), r.pass, r.median_ms?)))
         .collect();
     for r in records.iter_mut() {
@@ -468,14 +417,14 @@ fn time_median(reps: usize, device: &Device, mut f: impl FnMut() -> f32) -> f64 
 
 /// Measures [`GemmReport`] at size `n`.
 pub fn gemm_report(n: usize, device: &Device, name: &str, reps: usize) -> GemmReport {
-    let mut rng = SeededRng::new(1);
-    let a = rng.normal_tensor([n, n], 1.0, device);
-    let b = rng.normal_tensor([n, n], 1.0, device);
+    device.seed(1);
+    let a = Tensor::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::random([n, n], Distribution::Normal(0.0, 1.0), device);
     let probe = |t: Tensor<2>| t.narrow(0, 0, 1).sum().into_scalar::<f32>();
     let square = time_median(reps, device, || probe(a.clone().matmul(b.clone())));
-    let q = rng.normal_tensor([1, 8, n, 64], 1.0, device);
-    let k = rng.normal_tensor([1, 8, n, 64], 1.0, device);
-    let p = rng.normal_tensor([1, 8, n, n], 1.0, device);
+    let q = Tensor::random([1, 8, n, 64], Distribution::Normal(0.0, 1.0), device);
+    let k = Tensor::random([1, 8, n, 64], Distribution::Normal(0.0, 1.0), device);
+    let p = Tensor::random([1, 8, n, n], Distribution::Normal(0.0, 1.0), device);
     let probe4 = |t: Tensor<4>| t.narrow(2, 0, 1).sum().into_scalar::<f32>();
     let qk = time_median(reps, device, || {
         probe4(q.clone().matmul(k.clone().swap_dims(2, 3)))

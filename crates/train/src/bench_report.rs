@@ -216,7 +216,7 @@ fn lra_comparison(records: &[BenchRecord], device: &str) -> String {
         pass_title(pass)
     );
     let ratio = |variant: &str, n: usize, f: &dyn Fn(&BenchRecord) -> Option<f64>| {
-        let full = find(records, device, "full", n, pass).and_then(f)?;
+        let full = find(records, device, crate::bench::baseline_kind(), n, pass).and_then(f)?;
         let v = find(records, device, variant, n, pass).and_then(f)?;
         Some(full / v)
     };
@@ -245,6 +245,8 @@ fn charts(
     unit: &str,
     value: &dyn Fn(&BenchRecord) -> Option<f64>,
 ) -> Vec<Chart> {
+    // Each variant keeps its colour in every chart: its index among all the variant names.
+    let names: BTreeSet<&str> = records.iter().map(|r| r.variant.as_str()).collect();
     let mut out = Vec::new();
     for (device, mode) in settings(records) {
         for pass in [Pass::Forward, Pass::ForwardBackward] {
@@ -261,6 +263,7 @@ fn charts(
                         .collect();
                     points.sort_by(|a, b| a.0.total_cmp(&b.0));
                     Series {
+                        color: names.iter().position(|n| *n == v),
                         name: v,
                         points,
                         markers: true,

@@ -278,28 +278,22 @@ fn run(cli: Cli) -> Result<(), String> {
             sets,
             device,
         } => {
-            let (first, valid) = train::experiment::eval(&config, &sets, &checkpoint, device)?;
-            match valid {
-                Some(v) => {
+            let report = train::experiment::eval(&config, &sets, &checkpoint, device)?;
+            let (accuracy, unit) = if report.per_token {
+                ("token accuracy", "tokens")
+            } else {
+                ("accuracy", "examples")
+            };
+            let splits = [("test", report.test), ("valid", Some(report.valid))];
+            for (name, result) in splits {
+                if let Some(r) = result {
                     println!(
-                        "test:  loss {:.4}, accuracy {:.2}% ({} examples)",
-                        first.loss,
-                        100.0 * first.accuracy,
-                        first.count
-                    );
-                    println!(
-                        "valid: loss {:.4}, accuracy {:.2}% ({} examples)",
-                        v.loss,
-                        100.0 * v.accuracy,
-                        v.count
+                        "{name:<6} loss {:.4}, {accuracy} {:.2}% ({} {unit})",
+                        r.loss,
+                        100.0 * r.accuracy,
+                        r.count
                     );
                 }
-                None => println!(
-                    "valid: loss {:.4}, token accuracy {:.2}% ({} tokens)",
-                    first.loss,
-                    100.0 * first.accuracy,
-                    first.count
-                ),
             }
             Ok(())
         }

@@ -227,16 +227,19 @@ pub fn plot_curves(csv: &Path, png: &Path) -> Result<PathBuf, String> {
                 name: "train (per step)".into(),
                 points: train_loss,
                 markers: false,
+                color: None,
             },
             Series {
                 name: "train (smoothed)".into(),
                 points: smoothed,
                 markers: false,
+                color: None,
             },
             Series {
                 name: "valid (per epoch)".into(),
                 points: valid_loss,
                 markers: true,
+                color: None,
             },
         ],
         legend: Legend::Inside,
@@ -258,6 +261,7 @@ pub fn plot_curves(csv: &Path, png: &Path) -> Result<PathBuf, String> {
                     .map(|(e, v)| (e as f64, v))
                     .collect(),
                 markers: true,
+                color: None,
             })
             .filter(|s| !s.points.is_empty())
             .collect();

@@ -19,8 +19,8 @@ use crate::data::loader::{ClassBatcher, ClassItem, MakeBatch};
 use crate::data::prepare::resolve;
 use crate::data::tokenize::{self, TextTokenizer};
 use crate::device::DeviceChoice;
-use crate::experiment::SavedClassifier;
-use crate::tasks::{ClassifierTask, NanGuard};
+use crate::run_dir::run_dir_of;
+use crate::tasks::{ClassifierWithLoss, NanGuard, SavedClassifier};
 
 /// The prediction for one document.
 #[derive(Clone, Debug, Serialize)]
@@ -62,11 +62,7 @@ pub fn predict(
             config.task
         ));
     }
-    let run_dir = checkpoint
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let run_dir = run_dir_of(checkpoint);
     let saved_path = run_dir.join("model.json");
     let saved: SavedClassifier =
         serde_json::from_str(&std::fs::read_to_string(&saved_path).map_err(|e| {
@@ -106,7 +102,7 @@ pub fn predict(
         .model
         .init_sequence(&dev)
         .map_err(|e| format!("{}: model.{e}", saved_path.display()))?;
-    let task = ClassifierTask::new(model, saved.global_prefix, saved.grid, NanGuard::default())
+    let task = ClassifierWithLoss::new(model, saved.global_prefix, saved.grid, NanGuard::default())
         .try_load_record(record)
         .map_err(|e| {
             format!(

@@ -12,8 +12,9 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use efficient_attn::mask::padding_mask;
-use efficient_attn::{AttentionMode, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
+use efficient_attn::{
+    AttentionMode, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig, WithExtras, padding_mask,
+};
 use models::{EmbeddingSettings, Encoder, EncoderConfig, EncoderInput, StackConfig};
 
 const D_MODEL: usize = 32;

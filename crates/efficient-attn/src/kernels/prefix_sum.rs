@@ -139,6 +139,7 @@ pub fn causal_chunked(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>, chunk: u
     }
 }
 
+#[cfg(feature = "testing")]
 /// Kernel attention with an explicit `[seq_q, seq_k]` product and an optional mask
 /// (`true` = masked): the oracle for [`bidirectional`], [`causal_chunked`] and
 /// [`KernelState::step`]. O(N²·m) time and O(N²) memory.

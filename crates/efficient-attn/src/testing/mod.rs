@@ -30,9 +30,42 @@ use std::sync::Mutex;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
+use crate::config::Attention;
+use crate::extras::WithExtras;
 use crate::interface::{AttentionCore, AttentionMode, AttnInput};
-use crate::reference::oracle;
-use crate::rng::SeededRng;
+
+/// Internals the tests and benchmarks reach (kernels, the dense oracle, the seeded generator,
+/// pattern masks). Not covered by semver.
+pub use crate::kernels::{block_sparse, dense, prefix_sum};
+pub use crate::mask::{DenseMask, causal_mask};
+pub use crate::reference::{dense_attention, oracle, oracle_mask};
+pub use crate::rng::SeededRng;
+
+/// Nyströmformer's Newton–Schulz pseudo-inverse, for its convergence test.
+///
+/// # Shapes
+/// - a: `[batch, heads, m, m]` → `[batch, heads, m, m]`
+pub fn iterative_pinv(a: Tensor<4>, iterations: usize) -> Tensor<4> {
+    crate::nystromformer::iterative_pinv(a, iterations)
+}
+
+/// Performer's random feature matrix (`m × d`, row-major), for its statistics tests.
+pub fn draw_features(
+    m: usize,
+    d: usize,
+    how: crate::FeatureDraw,
+    seed: u64,
+    draw: u64,
+) -> Vec<f32> {
+    crate::performer::draw_features(m, d, how, seed, draw)
+}
+
+/// A registered variant's contract: the specs the suite checks it with. Every variant's config
+/// implements it in the variant's own file.
+pub trait Contract {
+    /// One spec per configuration family worth checking (e.g. Performer's two kernels).
+    fn contract() -> Vec<Spec<Attention>>;
+}
 
 /// A problem size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,12 +113,17 @@ pub type Builder<C> = Box<dyn Fn(AttentionMode, &Case, &Device) -> C + Send + Sy
 /// A reference computation: the variant, its input and mode in, the expected output out.
 pub type ReferenceFn<C> = fn(&C, &AttnInput, AttentionMode) -> Tensor<4>;
 
+/// The key positions each query may attend to, as data: `None` if the instance is not
+/// exact softmax attention on a fixed pattern.
+pub type PatternFn<C> = fn(&C, &AttnInput) -> Option<DenseMask>;
+
 /// What an exact-regime configuration must equal.
 pub enum Oracle<C> {
     /// Dense softmax attention with only padding and (in causal mode) causal masks.
     Full,
-    /// Dense softmax attention restricted to the variant's own [`AttentionCore::pattern`].
-    Pattern,
+    /// Dense softmax attention restricted to a pattern (padding and causality are added by the
+    /// oracle).
+    Pattern(PatternFn<C>),
     /// Another computation of the same function (e.g. a kernel's masked quadratic form),
     /// named for messages.
     Reference(&'static str, ReferenceFn<C>),
@@ -584,10 +622,10 @@ pub fn check_exact<C: AttentionCore>(
                 .mask_pad_keys(bool_tensor(&pad_k, device));
             let want = match &exact.oracle {
                 Oracle::Full => oracle(&input, mode, None, None),
-                Oracle::Pattern => {
-                    let pattern = core.pattern(&input).ok_or_else(|| {
+                Oracle::Pattern(pattern) => {
+                    let pattern = pattern(&core, &input).ok_or_else(|| {
                         format!(
-                            "exact case `{}` asks for the pattern oracle but pattern() is None",
+                            "exact case `{}` asks for the pattern oracle but the instance has no pattern",
                             exact.name
                         )
                     })?;
@@ -857,40 +895,6 @@ pub fn check_cross_device<C: AttentionCore + Module>(
     Ok(())
 }
 
-/// The registry: every variant the contract suite checks, one line each.
-///
-/// `$mac` is called with `$args` followed by the `name => spec` list.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __registered_variants {
-    ($mac:ident, $($args:tt)*) => {
-        $crate::$mac!($($args)*;
-            full => $crate::testing::specs::full(),
-            memory_efficient => $crate::testing::specs::memory_efficient(),
-            linear_transformer => $crate::testing::specs::linear_transformer(),
-            performer => $crate::testing::specs::performer(),
-            performer_relu => $crate::testing::specs::performer_relu(),
-            linformer => $crate::testing::specs::linformer(),
-            linformer_key_value => $crate::testing::specs::linformer_key_value(),
-            nystromformer => $crate::testing::specs::nystromformer(),
-            synthesizer => $crate::testing::specs::synthesizer(),
-            synthesizer_dense => $crate::testing::specs::synthesizer_dense(),
-            synthesizer_factorized => $crate::testing::specs::synthesizer_factorized(),
-            memory_compressed_local => $crate::testing::specs::memory_compressed_local(),
-            memory_compressed => $crate::testing::specs::memory_compressed(),
-            image_transformer_1d => $crate::testing::specs::image_transformer_1d(),
-            image_transformer_2d => $crate::testing::specs::image_transformer_2d(),
-            sparse_transformer_strided => $crate::testing::specs::sparse_transformer_strided(),
-            sparse_transformer_fixed => $crate::testing::specs::sparse_transformer_fixed(),
-            longformer => $crate::testing::specs::longformer(),
-            longformer_dilated => $crate::testing::specs::longformer_dilated(),
-            etc => $crate::testing::specs::etc(),
-            bigbird => $crate::testing::specs::bigbird(),
-            axial => $crate::testing::specs::axial(),
-        );
-    };
-}
-
 /// Generates one `#[test]` per check for every registered variant on one device.
 ///
 /// ```ignore
@@ -919,17 +923,89 @@ macro_rules! contract_tests_against {
     };
 }
 
+/// Generates one `#[test]` per check for your own spec (a core outside this crate).
+///
+/// ```ignore
+/// efficient_attn::contract_tests_for!(my_attention, my_spec(), burn::tensor::Device::flex());
+/// ```
+#[macro_export]
+macro_rules! contract_tests_for {
+    ($name:ident, $spec:expr, $device:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn run(check: $crate::testing::Check) {
+                let device = $device;
+                $crate::testing::run(&$spec, check, &device);
+            }
+            #[test]
+            fn shapes() {
+                run($crate::testing::Check::Shapes)
+            }
+            #[test]
+            fn exact() {
+                run($crate::testing::Check::Exact)
+            }
+            #[test]
+            fn padding() {
+                run($crate::testing::Check::Padding)
+            }
+            #[test]
+            fn causal() {
+                run($crate::testing::Check::Causal)
+            }
+            #[test]
+            fn batch() {
+                run($crate::testing::Check::Batch)
+            }
+            #[test]
+            fn determinism() {
+                run($crate::testing::Check::Determinism)
+            }
+            #[test]
+            fn gradients() {
+                run($crate::testing::Check::Gradients)
+            }
+        }
+    };
+}
+
+/// Every spec of every registered variant, with its `kind`.
+pub fn registered_specs() -> Vec<(&'static str, Spec<Attention>)> {
+    let all: Vec<Vec<(&'static str, Spec<Attention>)>> =
+        crate::__registered_variants!(__registered_specs,);
+    all.into_iter().flatten().collect()
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __registered_specs {
+    ($(;)? $($module:ident { $($variant:ident($kind:literal, $config:ident => $core:ident)),+ $(,)? }),* $(,)?) => {
+        vec![$($(
+            <$crate::$config as $crate::testing::Contract>::contract()
+                .into_iter()
+                .map(|spec| ($kind, spec))
+                .collect::<Vec<_>>(),
+        )+)*]
+    };
+}
+
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __contract_modules {
-    ($device:expr; $($name:ident => $spec:expr),* $(,)?) => {
-        $(
-            mod $name {
+    ($device:expr; $($module:ident { $($variant:ident($kind:literal, $config:ident => $core:ident)),+ $(,)? }),* $(,)?) => {
+        $($(
+            #[allow(non_snake_case)]
+            mod $variant {
                 #[allow(unused_imports)]
                 use super::*;
                 fn run(check: $crate::testing::Check) {
                     let device = $device;
-                    $crate::testing::run(&$spec, check, &device);
+                    let specs = <$crate::$config as $crate::testing::Contract>::contract();
+                    assert!(!specs.is_empty(), "{} has no contract spec", $kind);
+                    for spec in &specs {
+                        $crate::testing::run(spec, check, &device);
+                    }
                 }
                 #[test] fn shapes() { run($crate::testing::Check::Shapes) }
                 #[test] fn exact() { run($crate::testing::Check::Exact) }
@@ -939,21 +1015,27 @@ macro_rules! __contract_modules {
                 #[test] fn determinism() { run($crate::testing::Check::Determinism) }
                 #[test] fn gradients() { run($crate::testing::Check::Gradients) }
             }
-        )*
+        )+)*
     };
 }
 
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __contract_modules_against {
-    ($device:expr, $reference:expr, $tolerance:expr; $($name:ident => $spec:expr),* $(,)?) => {
-        $(
-            mod $name {
+    ($device:expr, $reference:expr, $tolerance:expr; $($module:ident { $($variant:ident($kind:literal, $config:ident => $core:ident)),+ $(,)? }),* $(,)?) => {
+        $($(
+            #[allow(non_snake_case)]
+            mod $variant {
                 #[allow(unused_imports)]
                 use super::*;
+                fn specs() -> Vec<$crate::testing::Spec<$crate::Attention>> {
+                    <$crate::$config as $crate::testing::Contract>::contract()
+                }
                 fn run(check: $crate::testing::Check) {
                     let Some(device) = $device else { return };
-                    $crate::testing::run(&$spec, check, &device);
+                    for spec in &specs() {
+                        $crate::testing::run(spec, check, &device);
+                    }
                 }
                 #[test] fn shapes() { run($crate::testing::Check::Shapes) }
                 #[test] fn exact() { run($crate::testing::Check::Exact) }
@@ -965,11 +1047,13 @@ macro_rules! __contract_modules_against {
                 #[test] fn matches_reference_device() {
                     let Some(device) = $device else { return };
                     let reference = $reference;
-                    if let Err(v) = $crate::testing::check_cross_device(&$spec, &device, &reference, $tolerance) {
-                        panic!("{v}");
+                    for spec in &specs() {
+                        if let Err(v) = $crate::testing::check_cross_device(spec, &device, &reference, $tolerance) {
+                            panic!("{v}");
+                        }
                     }
                 }
             }
-        )*
+        )+)*
     };
 }

@@ -4,7 +4,7 @@
 use burn::tensor::{Device, Distribution, Tensor};
 use efficient_attn::testing::{Case, Check, Oracle, Spec, check_all_modes};
 use efficient_attn::{
-    AttentionCore, AttentionMode, AttnInput, DenseMask, FullAttentionConfig, HeadDims,
+    AttentionCore, AttentionMode, AttnInput, CoreConfig, FullAttentionConfig, HeadDims,
 };
 
 /// Which bug a [`Broken`] variant has.
@@ -69,11 +69,6 @@ impl AttentionCore for Broken {
 
     fn mode(&self) -> AttentionMode {
         self.mode
-    }
-
-    fn pattern(&self, input: &AttnInput) -> Option<DenseMask> {
-        let [_, _, lq, lk, _, _] = input.dims();
-        Some(DenseMask::none(lq, lk))
     }
 }
 

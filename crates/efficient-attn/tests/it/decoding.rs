@@ -1,13 +1,11 @@
-//! Incremental decoding: for every variant that has a causal mode, decoding a sequence in
-//! pieces (one token at a time, or a prompt then tokens) with the variant's cache gives the same
-//! output as one causal forward over the whole sequence.
+//! Incremental decoding: for every registered variant that has a causal mode, decoding a
+//! sequence in pieces (a prompt, then one token at a time) with the variant's cache gives the
+//! same output as one causal forward over the whole sequence. The variants are built as their
+//! contract specs build them (small windows and blocks, so caches roll over).
 
 use burn::tensor::{Device, Tensor};
-use efficient_attn::rng::SeededRng;
-use efficient_attn::testing::Case;
-use efficient_attn::{
-    AttentionConfig, AttentionCore, AttentionMode, AttnInput, DecodeCache, HeadDims,
-};
+use efficient_attn::testing::{Case, SeededRng, build_seeded, registered_specs};
+use efficient_attn::{AttentionConfig, AttentionCore, AttentionMode, AttnInput, HeadDims};
 
 fn case_input(case: Case, seed: u64, device: &Device) -> AttnInput {
     let mut rng = SeededRng::new(seed);
@@ -21,36 +19,23 @@ fn case_input(case: Case, seed: u64, device: &Device) -> AttnInput {
 #[test]
 fn decoding_in_pieces_equals_one_causal_forward_for_every_causal_variant() {
     let device = Device::flex();
-    let dims = HeadDims::new(2, 8);
-    let n = 13;
+    let mode = AttentionMode::Causal;
     let mut checked = Vec::new();
     let mut without_cache = Vec::new();
-    for kind in AttentionConfig::KINDS {
-        let config = match *kind {
-            // Sized by a maximum length.
-            "synthesizer" => efficient_attn::SynthesizerAttentionConfig {
-                max_len: n,
-                ..Default::default()
-            }
-            .into(),
-            "longformer" => efficient_attn::LongformerAttentionConfig {
-                window: 3,
-                ..Default::default()
-            }
-            .into(),
-            _ => AttentionConfig::from_kind(kind).unwrap(),
-        };
-        if !config.info().supports(AttentionMode::Causal) {
+    for (kind, spec) in registered_specs() {
+        if !spec.modes.contains(&mode) {
             continue;
         }
-        let core = config.init(AttentionMode::Causal, dims, &device).unwrap();
+        let case = spec.case(mode, 2, 2, 13, 8);
+        let n = case.seq_q;
+        let dims = HeadDims::new(case.heads, case.d_k);
+        let core = build_seeded(&spec.build, spec.materialize, mode, &case, &device, 1);
         let Some(mut cache) = core.decode_cache(2, dims, n, &device) else {
-            without_cache.push(*kind);
+            without_cache.push(spec.name.clone());
             continue;
         };
-        let x = case_input(Case::self_attn(2, 2, n, 8), 1, &device);
+        let x = spec.decorated(case_input(case, 1, &device), mode);
         let whole = core.attend(x.clone());
-        // A prompt of 5 positions, then one token at a time.
         let mut pieces = Vec::new();
         let mut start = 0;
         for len in std::iter::once(5).chain(std::iter::repeat_n(1, n - 5)) {
@@ -61,20 +46,23 @@ fn decoding_in_pieces_equals_one_causal_forward_for_every_causal_variant() {
             ));
             start += len;
         }
-        assert_eq!(cache.len(), n);
+        assert_eq!(cache.len(), n, "{kind}");
         let stepped = Tensor::cat(pieces, 2);
         let diff = stepped.sub(whole).abs().max().into_scalar::<f32>();
         assert!(
             diff < 1e-5,
-            "{kind}: decoding differs from the causal forward by {diff:e}"
+            "{}: decoding differs from the causal forward by {diff:e}",
+            spec.name
         );
-        checked.push(*kind);
+        checked.push(spec.name.clone());
     }
-    assert!(
-        checked.contains(&"full") && checked.contains(&"performer"),
-        "{checked:?}"
-    );
-    eprintln!("decoding checked for {checked:?}");
+    for must in ["full", "memory-efficient", "linear-transformer"] {
+        assert!(
+            checked.iter().any(|c| c == must),
+            "{must} not checked: {checked:?}"
+        );
+    }
+    eprintln!("decoding checked for {checked:?}; no cache yet: {without_cache:?}");
 }
 
 #[test]
@@ -98,5 +86,4 @@ fn bidirectional_layers_have_no_decoding_cache() {
         .init(AttentionMode::Bidirectional, dims, &device)
         .unwrap();
     assert!(core.decode_cache(1, dims, 4, &device).is_none());
-    let _: Option<DecodeCache> = None;
 }

@@ -5,15 +5,12 @@
 use burn::module::Module;
 use burn::store::ModuleRecord;
 use burn::tensor::{Device, Tensor};
-use efficient_attn::kernels::prefix_sum;
-use efficient_attn::reference::oracle;
-use efficient_attn::rng::SeededRng;
-use efficient_attn::testing::Case;
+use efficient_attn::testing::{Case, SeededRng, oracle, prefix_sum};
 use efficient_attn::{
-    Attention, AttentionConfig, AttentionCore, AttentionMode, AttnInput, FeatureDraw, HeadDims,
-    LinearTransformerAttentionConfig, LinformerAttentionConfig, LinformerSharing,
-    NystromformerAttentionConfig, PerformerAttentionConfig, PerformerKernel,
-    SynthesizerAttentionConfig,
+    Attention, AttentionConfig, AttentionCore, AttentionMode, AttnInput, CoreConfig, FeatureDraw,
+    HeadDims, LinearTransformerAttentionConfig, LinformerAttentionConfig, LinformerSharing,
+    NystromformerAttentionConfig, PerformerAttentionConfig, PerformerKernel, SharedParameter,
+    SynthesizerAttentionConfig, WithExtras,
 };
 
 fn input(case: Case, std: f64, seed: u64, device: &Device) -> AttnInput {
@@ -42,7 +39,7 @@ fn linear_transformer_parallel_chunked_and_recurrent_forms_agree() {
         let x = input(Case::cross(2, 2, lq, lk, 8), 1.0, 1, &device);
         let phi_q = core.features(x.query.clone());
         let phi_k = core.features(x.key.clone());
-        let mask = efficient_attn::mask::causal_mask(lq, lk, &device)
+        let mask = efficient_attn::testing::causal_mask(lq, lk, &device)
             .reshape([1, 1, lq, lk])
             .expand([2, 2, lq, lk]);
         let quadratic = prefix_sum::masked_quadratic(phi_q, phi_k, x.value.clone(), Some(mask));
@@ -208,7 +205,7 @@ fn performer_redraw_schedule_and_checkpoint() {
 fn performer_orthogonal_blocks() {
     let d = 8;
     let w =
-        efficient_attn::performer::draw_features(2 * d, d, FeatureDraw::OrthogonalFixedNorm, 1, 0);
+        efficient_attn::testing::draw_features(2 * d, d, FeatureDraw::OrthogonalFixedNorm, 1, 0);
     for block in 0..2 {
         for i in 0..d {
             for j in 0..d {
@@ -285,7 +282,7 @@ fn linformer_layerwise_uses_the_shared_projection() {
     assert!(core.e.is_none() && core.f.is_none());
     let x = input(Case::cross(2, 2, 12, 12, 4), 1.0, 5, &device);
     let want = oracle(&x, AttentionMode::Bidirectional, None, None);
-    let got = core.attend(x.with_shared_projection(Tensor::eye(12, &device)));
+    let got = core.attend(x.with_side(SharedParameter(Tensor::eye(12, &device))));
     assert!(max_abs_diff(got, want) < 1e-5);
 }
 
@@ -299,7 +296,7 @@ fn nystrom_pinv_converges() {
         .reshape([1, 1, 16, 16])
         .expand([2, 2, 16, 16]);
     let err = |iters| {
-        let z = efficient_attn::nystromformer::iterative_pinv(a.clone(), iters);
+        let z = efficient_attn::testing::iterative_pinv(a.clone(), iters);
         max_abs_diff(a.clone().matmul(z), eye.clone())
     };
     let (e6, e30) = (err(6), err(30));

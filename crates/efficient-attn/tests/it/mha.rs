@@ -1,10 +1,10 @@
 //! The multi-head wrapper around any core.
 
 use burn::tensor::{Device, Tensor, TensorData, Tolerance};
-use efficient_attn::mask::padding_mask;
-use efficient_attn::rng::SeededRng;
+use efficient_attn::testing::SeededRng;
 use efficient_attn::{
     AttentionMode, HeadDims, MemoryEfficientAttentionConfig, MhaInput, MultiHeadAttentionConfig,
+    WithExtras, padding_mask,
 };
 
 fn x(batch: usize, seq: usize, d: usize, seed: u64, device: &Device) -> Tensor<3> {

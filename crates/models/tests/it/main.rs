@@ -5,10 +5,11 @@ mod pretrained;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use efficient_attn::mask::padding_mask;
+use efficient_attn::padding_mask;
 use efficient_attn::{
     AttentionConfig, LinearTransformerAttentionConfig, LinformerAttentionConfig,
     MemoryEfficientAttentionConfig, PerformerAttentionConfig, SynthesizerAttentionConfig,
+    WithExtras,
 };
 use models::{
     ClassifierConfig, EmbeddingSettings, EncoderConfig, EncoderInput, FeedForwardKind,

@@ -11,12 +11,12 @@ use std::path::PathBuf;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use efficient_attn::mask::padding_mask;
+use efficient_attn::padding_mask;
 use efficient_attn::{
     AttentionConfig, GlobalTokens, LongformerAttentionConfig, MemoryEfficientAttentionConfig,
-    PerformerAttentionConfig,
+    PerformerAttentionConfig, WithExtras,
 };
-use models::pretrained::load_weights;
+use models::load_weights;
 use models::{BertCheckpoint, EncoderInput, ImportError, convert};
 use serde_json::Value;
 

@@ -144,35 +144,39 @@ pub fn apply_sets(table: &mut Table, sets: &[String]) -> Result<(), ConfigFileEr
 
 /// Attention tables are `kind`-tagged; serde buffers them, losing the field path of a bad
 /// value. Check each one through `AttentionConfig::deserialize_kind` first, so errors name it.
+/// A table is an attention table when its `kind` is a registered attention kind
+/// ([`AttentionConfig::KINDS`]), wherever it sits; an unknown kind is reported by the typed
+/// pass that follows, at its key path.
 fn check_attention_tables(
     value: &Value,
     path: &str,
     file: Option<&Path>,
 ) -> Result<(), ConfigFileError> {
-    let Value::Table(table) = value else {
-        return Ok(());
-    };
-    for (key, child) in table {
-        let child_path = if path.is_empty() {
-            key.clone()
-        } else {
-            format!("{path}.{key}")
-        };
-        let is_attention = matches!(key.as_str(), "attention" | "cross_attention");
-        let is_attention_list = matches!(key.as_str(), "attention_layers" | "attention_pattern");
-        if is_attention {
-            check_one_attention(child, &child_path, file)?;
-        } else if is_attention_list {
-            if let Value::Array(items) = child {
-                for (i, item) in items.iter().enumerate() {
-                    check_one_attention(item, &format!("{child_path}[{i}]"), file)?;
-                }
+    match value {
+        Value::Table(table) => {
+            let is_attention = matches!(
+                table.get("kind"),
+                Some(Value::String(k)) if AttentionConfig::KINDS.contains(&k.as_str())
+            );
+            if is_attention {
+                return check_one_attention(value, path, file);
             }
-        } else {
-            check_attention_tables(child, &child_path, file)?;
+            for (key, child) in table {
+                let child_path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                check_attention_tables(child, &child_path, file)?;
+            }
+            Ok(())
         }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| check_attention_tables(item, &format!("{path}[{i}]"), file)),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn check_one_attention(

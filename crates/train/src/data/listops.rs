@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use efficient_attn::rng::SeededRng;
+use crate::rng::DataRng;
 
 /// An operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -172,7 +172,7 @@ pub struct ListOpsExample {
     pub label: u8,
 }
 
-fn generate_tree(depth: usize, s: &ListOpsSettings, rng: &mut SeededRng) -> Tree {
+fn generate_tree(depth: usize, s: &ListOpsSettings, rng: &mut DataRng) -> Tree {
     let r = if depth < s.max_depth {
         rng.uniform()
     } else {
@@ -203,7 +203,7 @@ pub fn generate(s: &ListOpsSettings) -> Result<[Vec<ListOpsExample>; 3], String>
         return Err("listops: max_args must be at least 2 and max_depth at least 1".into());
     }
     let total = s.train + s.valid + s.test;
-    let mut rng = SeededRng::new(s.seed);
+    let mut rng = DataRng::new(s.seed);
     let mut seen = HashSet::with_capacity(total);
     let mut trees = Vec::with_capacity(total);
     let mut draws: u64 = 0;

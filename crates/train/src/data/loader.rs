@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::rng::DataRng;
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use efficient_attn::rng::SeededRng;
 
 /// A token sequence with a class label.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,7 +258,7 @@ impl<I, O> EpochLoader<I, O> {
         let (start, end) = self.range;
         let mut idx: Vec<usize> = (start..end).collect();
         if self.shuffle {
-            let perm = SeededRng::new(mix(self.seed, epoch as u64)).permutation(idx.len());
+            let perm = DataRng::new(mix(self.seed, epoch as u64)).permutation(idx.len());
             idx = perm.into_iter().map(|p| start + p).collect();
         }
         idx

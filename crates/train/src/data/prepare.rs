@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use efficient_attn::rng::SeededRng;
+use crate::rng::DataRng;
 
 use super::listops::{self, ListOpsExample};
 use super::loader::{ClassItem, LmItem, Seq2SeqItem};
@@ -176,7 +176,7 @@ fn listops_data(config: &ExperimentConfig, config_dir: &Path) -> Result<ClassDat
 }
 
 fn shuffled<T>(mut items: Vec<T>, seed: u64, limit: Option<usize>) -> Vec<T> {
-    let perm = SeededRng::new(seed).permutation(items.len());
+    let perm = DataRng::new(seed).permutation(items.len());
     let mut slots: Vec<Option<T>> = items.drain(..).map(Some).collect();
     let mut out: Vec<T> = perm.into_iter().filter_map(|i| slots[i].take()).collect();
     if let Some(l) = limit {
@@ -381,7 +381,7 @@ fn seq2seq_data(task: &Seq2SeqTask) -> Result<Seq2SeqData, String> {
     if task.min_len == 0 || task.min_len > task.max_len || task.symbols == 0 {
         return Err("seq2seq: need 0 < min_len <= max_len and symbols > 0".into());
     }
-    let mut rng = SeededRng::new(task.seed);
+    let mut rng = DataRng::new(task.seed);
     let mut pair = || {
         let len = task.min_len + rng.below(task.max_len - task.min_len + 1);
         let source: Vec<u32> = (0..len)

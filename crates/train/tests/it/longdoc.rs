@@ -6,7 +6,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use efficient_attn::{AttentionConfig, PerformerAttentionConfig};
 use models::{BertCheckpoint, ClassifierConfig, Pooling, convert};
 use train::data::loader::ClassBatch;
-use train::tasks::{ClassifierTask, NanGuard};
+use train::tasks::{ClassifierWithLoss, NanGuard};
 
 use crate::workspace;
 
@@ -44,7 +44,7 @@ fn one_step_lowers_the_loss_of_a_converted_encoder_on_a_fixed_batch() {
     .init_sequence(&device)
     .unwrap();
     model.encoder = encoder;
-    let mut task = ClassifierTask::new(model, 0, None, NanGuard::default());
+    let mut task = ClassifierWithLoss::new(model, 0, None, NanGuard::default());
 
     // "This is an example sentence." and a second sentence, twice, with opposite labels.
     let rows: [[i64; 8]; 4] = [

@@ -1,0 +1,306 @@
+//! Fitting and evaluating any task's model: burn-train's supervised training with our atomic
+//! checkpoints, epoch-seeded loaders, metrics, early stopping, resume and device strategy, and
+//! a plain evaluation loop.
+
+use std::fmt;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::data::dataloader::DataLoader;
+use burn::tensor::Device;
+use burn::train::checkpoint::KeepLastNCheckpoints;
+use burn::train::metric::store::{Aggregate, Direction, Split};
+use burn::train::metric::{AccuracyMetric, LossMetric, PerplexityMetric};
+use burn::train::{
+    ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, MetricEarlyStoppingStrategy,
+    MultiDeviceOptim, StoppingCondition, SupervisedTraining,
+};
+use serde::Serialize;
+
+use crate::config::ExperimentConfig;
+use crate::data::loader::{EpochLoader, MakeBatch};
+use crate::metrics_log::{CsvMetricLogger, plot_curves};
+use crate::optim::{Schedule, optimizer};
+use crate::progress::PlainProgress;
+use crate::run_dir::AtomicCheckpointer;
+use crate::tasks::{NanGuard, Task};
+
+/// Everything a run needs besides the task's data and model.
+pub struct RunContext {
+    /// The resolved experiment.
+    pub config: ExperimentConfig,
+    /// The experiment file's folder (relative data paths).
+    pub config_dir: PathBuf,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Devices; the first is the main one.
+    pub devices: Vec<Device>,
+    /// Their names, for reports.
+    pub device_names: String,
+    /// The last complete checkpoint when resuming.
+    pub resume_from: Option<usize>,
+}
+
+impl RunContext {
+    /// The main device.
+    pub fn main_device(&self) -> &Device {
+        &self.devices[0]
+    }
+}
+
+/// Loss and accuracy on a split.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EvalResult {
+    /// Mean loss per example (or per token).
+    pub loss: f64,
+    /// Accuracy (per example, or per token).
+    pub accuracy: f64,
+    /// Examples (or tokens) evaluated.
+    pub count: usize,
+}
+
+/// Why training ended before its last epoch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StopReason {
+    /// The training loss became NaN or infinite; no checkpoint was written after it.
+    NonFiniteLoss {
+        /// The value.
+        value: f32,
+        /// The (1-based) training batch.
+        batch: usize,
+    },
+    /// Interrupted for another reason (burn-train's message).
+    Interrupted(String),
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NonFiniteLoss { value, batch } => write!(
+                f,
+                "the training loss became {value} at batch {batch}; stopping without writing a checkpoint (the last good one is kept)"
+            ),
+            Self::Interrupted(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl Serialize for StopReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What [`fit`] returns: the final model, why it stopped early (if it did) and the wall time.
+pub struct Fitted<M> {
+    /// The model after the last epoch (or the interruption).
+    pub model: M,
+    /// Why training stopped early.
+    pub stopped: Option<StopReason>,
+    /// Wall time of training, in seconds.
+    pub seconds: f64,
+}
+
+/// Optimiser steps per epoch for `items` training items.
+pub fn steps_per_epoch(items: usize, config: &ExperimentConfig) -> usize {
+    items
+        .div_ceil(config.train.batch_size.max(1))
+        .div_ceil(config.train.grad_accumulation.max(1))
+}
+
+/// The training loader (epoch-seeded order, reseeded dropout, starting after a resumed epoch)
+/// and the validation loader.
+pub fn loaders<I, O>(
+    ctx: &RunContext,
+    train: Vec<I>,
+    valid: Vec<I>,
+    batcher: Arc<dyn MakeBatch<I, O>>,
+) -> (Arc<dyn DataLoader<O>>, Arc<dyn DataLoader<O>>)
+where
+    I: Clone + Send + Sync + 'static,
+    O: Send + 'static,
+{
+    let t = &ctx.config.train;
+    let first_epoch = ctx.resume_from.unwrap_or(0) + 1;
+    let train = EpochLoader::new(
+        train,
+        batcher.clone(),
+        t.batch_size,
+        t.seed,
+        true,
+        true,
+        first_epoch,
+        ctx.main_device().clone(),
+    );
+    let valid = EpochLoader::new(
+        valid,
+        batcher,
+        t.eval_batch_size,
+        t.seed,
+        false,
+        false,
+        1,
+        ctx.main_device().clone(),
+    );
+    (Arc::new(train), Arc::new(valid))
+}
+
+/// Trains `model` with burn-train: optimiser, schedule, metrics, atomic checkpoints, early
+/// stopping, resume and the device strategy.
+///
+/// # Errors
+/// If the metrics file cannot be opened.
+pub fn fit<T: Task>(
+    ctx: &RunContext,
+    model: T::Model,
+    train: Arc<dyn DataLoader<T::Batch>>,
+    valid: Arc<dyn DataLoader<T::Batch>>,
+    steps_per_epoch: usize,
+    pad: Option<usize>,
+    guard: &NanGuard,
+) -> Result<Fitted<T::Model>, String> {
+    let t = &ctx.config.train;
+    let total_steps = steps_per_epoch * t.epochs;
+    let schedule = Schedule::new(
+        t.schedule,
+        t.lr,
+        ctx.config.model.stack.d_model,
+        total_steps,
+    );
+    let learner = Learner::new(model, optimizer(&ctx.config), schedule);
+    let checkpoints = ctx.run_dir.join("checkpoint");
+    let csv = CsvMetricLogger::open(&ctx.run_dir.join("metrics.csv"))?;
+    let interrupter = guard.interrupter();
+    let mut training = SupervisedTraining::new(&ctx.run_dir, train, valid)
+        .with_metric_logger(burn::train::logger::FileMetricLogger::new(
+            ctx.run_dir.clone(),
+        ))
+        .with_metric_logger(csv)
+        .with_custom_checkpointers(
+            AtomicCheckpointer::new(&checkpoints, "model"),
+            AtomicCheckpointer::new(&checkpoints, "optim"),
+            AtomicCheckpointer::new(&checkpoints, "scheduler"),
+        )
+        .with_checkpointing_strategy(KeepLastNCheckpoints::new(t.keep_checkpoints.max(1)))
+        .with_interrupter(interrupter.clone())
+        .num_epochs(t.epochs);
+    if !std::io::stdout().is_terminal() {
+        training = training.renderer(Box::new(PlainProgress::new(Duration::from_secs(10))));
+    }
+    training = match pad {
+        Some(pad) => training.metrics((
+            AccuracyMetric::new().with_pad_token(pad),
+            LossMetric::new(),
+            PerplexityMetric::new().with_pad_token(pad),
+        )),
+        None => training.metrics((AccuracyMetric::new(), LossMetric::new())),
+    };
+    if t.grad_accumulation > 1 {
+        training = training.grads_accumulation(t.grad_accumulation);
+    }
+    if let Some(stop) = t.early_stopping {
+        training = training.early_stopping(MetricEarlyStoppingStrategy::new(
+            &LossMetric::new(),
+            Aggregate::Mean,
+            Direction::Lowest,
+            Split::Valid,
+            StoppingCondition::NoImprovementSince {
+                n_epochs: stop.patience,
+            },
+        ));
+    }
+    if let Some(epoch) = ctx.resume_from {
+        training = training.checkpoint(epoch);
+    }
+    let strategy = if ctx.devices.len() > 1 {
+        ExecutionStrategy::MultiDevice(ctx.devices.clone(), MultiDeviceOptim::OptimMainDevice)
+    } else {
+        ExecutionStrategy::SingleDevice(ctx.main_device().clone())
+    };
+    training = training.with_training_strategy(strategy.into());
+    ctx.main_device().seed(ctx.config.train.seed);
+    let start = Instant::now();
+    let result = training.launch(learner);
+    let seconds = start.elapsed().as_secs_f64();
+    let stopped = guard.non_finite().or_else(|| {
+        interrupter.should_stop().then(|| {
+            StopReason::Interrupted(
+                interrupter
+                    .interruption()
+                    .and_then(|i| i.reason)
+                    .unwrap_or_else(|| "stopped early".to_string()),
+            )
+        })
+    });
+    Ok(Fitted {
+        model: result.model,
+        stopped,
+        seconds,
+    })
+}
+
+/// Mean loss and accuracy of `model` over `items`; with `pad`, per token and ignoring it.
+pub fn evaluate<I, O, M>(
+    model: &M,
+    items: &[I],
+    batcher: &dyn MakeBatch<I, O>,
+    batch_size: usize,
+    device: &Device,
+    pad: Option<usize>,
+) -> EvalResult
+where
+    I: Clone,
+    M: InferenceStep<Input = O, Output = ClassificationOutput>,
+{
+    let (mut loss_sum, mut correct, mut count) = (0.0, 0usize, 0usize);
+    for chunk in items.chunks(batch_size.max(1)) {
+        let out = model.step(batcher.batch(chunk, device));
+        let targets: Vec<i64> = out
+            .targets
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap_or_default();
+        let predicted: Vec<i64> = out
+            .output
+            .clone()
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap_or_default();
+        let counted = targets
+            .iter()
+            .filter(|t| pad.is_none_or(|p| **t != p as i64))
+            .count();
+        correct += targets
+            .iter()
+            .zip(&predicted)
+            .filter(|(t, p)| pad.is_none_or(|pd| **t != pd as i64) && t == p)
+            .count();
+        loss_sum += out.loss.into_scalar::<f64>() * counted as f64;
+        count += counted;
+    }
+    EvalResult {
+        loss: loss_sum / count.max(1) as f64,
+        accuracy: correct as f64 / count.max(1) as f64,
+        count,
+    }
+}
+
+/// Draws `curves.png` from the run's `metrics.csv` (a warning if it cannot).
+pub fn plot_run_curves(run_dir: &Path) {
+    let csv = run_dir.join("metrics.csv");
+    match plot_curves(&csv, &run_dir.join("curves.png")) {
+        Ok(p) => eprintln!("training curves: {}", p.display()),
+        Err(e) => eprintln!("warning: no training curves: {e}"),
+    }
+}
+
+/// Peak resident memory of this process, in bytes (Linux).
+pub fn peak_memory() -> Option<u64> {
+    crate::bench::memory_status().map(|(_, hwm)| hwm)
+}

@@ -1,0 +1,123 @@
+//! Causal language modelling on text windows.
+
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::tensor::Device;
+use burn::train::ClassificationOutput;
+use efficient_attn::AttentionMode;
+use models::{LanguageModel, LanguageModelConfig};
+
+use super::{NanGuard, Splits, Task, embedding, token_output};
+use crate::config::ExperimentConfig;
+use crate::data::loader::{LmBatch, LmBatcher, LmItem, MakeBatch};
+use crate::data::prepare::LmData;
+use crate::fit::RunContext;
+
+/// A language model with its loss (per token, ignoring padding).
+#[derive(Module, Debug)]
+pub struct LanguageModelWithLoss {
+    /// The model.
+    pub model: LanguageModel,
+    /// Padding id (ignored by the loss and metrics).
+    pub pad: usize,
+    #[module(skip)]
+    guard: NanGuard,
+}
+
+impl LanguageModelWithLoss {
+    /// Wraps a language model.
+    pub fn new(model: LanguageModel, pad: usize, guard: NanGuard) -> Self {
+        Self { model, pad, guard }
+    }
+
+    /// Loss and flattened logits of a batch.
+    pub fn forward(&self, batch: LmBatch) -> ClassificationOutput {
+        let logits = self.model.forward(batch.inputs, Some(batch.mask_pad));
+        token_output(logits, batch.targets, self.pad)
+    }
+}
+
+burn_train_steps!(LanguageModelWithLoss, LmBatch);
+
+/// Language modelling over prepared [`LmData`].
+pub struct LanguageModelTask {
+    data: LmData,
+}
+
+impl LanguageModelTask {
+    /// The task over `data`.
+    pub fn new(data: LmData) -> Self {
+        Self { data }
+    }
+
+    /// Checks the model sections before anything is written: a causal stack.
+    ///
+    /// # Errors
+    /// The key and what was expected.
+    pub fn check_config(config: &ExperimentConfig) -> Result<(), String> {
+        config
+            .model
+            .stack
+            .check("decoder", AttentionMode::Causal)
+            .map(|_| ())
+            .map_err(|e| format!("model.{e}"))
+    }
+}
+
+impl Task for LanguageModelTask {
+    type Item = LmItem;
+    type Batch = LmBatch;
+    type Model = LanguageModelWithLoss;
+    type ModelConfig = LanguageModelConfig;
+
+    fn model_config(&self, ctx: &RunContext) -> Result<LanguageModelConfig, String> {
+        let c = &ctx.config;
+        Ok(LanguageModelConfig {
+            embedding: embedding(c, self.data.vocab_size, self.data.seq_len)?,
+            stack: c.model.stack.clone(),
+            tie_embeddings: c.model.tie_embeddings,
+        })
+    }
+
+    fn build(
+        &self,
+        config: &LanguageModelConfig,
+        device: &Device,
+        guard: NanGuard,
+    ) -> Result<LanguageModelWithLoss, String> {
+        let model = config.init(device).map_err(|e| format!("model.{e}"))?;
+        Ok(LanguageModelWithLoss::new(
+            model,
+            self.data.pad as usize,
+            guard,
+        ))
+    }
+
+    fn batcher(&self, _: &LanguageModelConfig) -> Arc<dyn MakeBatch<LmItem, LmBatch>> {
+        Arc::new(LmBatcher { pad: self.data.pad })
+    }
+
+    fn splits(&self) -> Splits<'_, LmItem> {
+        Splits {
+            train: &self.data.train,
+            valid: &self.data.valid,
+            test: None,
+        }
+    }
+
+    fn pad_token(&self) -> Option<usize> {
+        Some(self.data.pad as usize)
+    }
+
+    fn describe(&self, parameters: usize) -> String {
+        let d = &self.data;
+        format!(
+            "language model: {} train / {} valid windows of {} tokens, vocabulary {}; {parameters} parameters",
+            d.train.len(),
+            d.valid.len(),
+            d.seq_len,
+            d.vocab_size
+        )
+    }
+}
