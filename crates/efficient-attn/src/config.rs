@@ -120,9 +120,16 @@ macro_rules! __attention_enums {
                 }
             }
 
-            fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
+            fn memory_estimate(
+                &self,
+                n: usize,
+                batch: usize,
+                heads: usize,
+                backward: bool,
+                device: &Device,
+            ) -> Option<u64> {
                 match self {
-                    $($(Self::$variant(c) => c.memory_estimate(n, batch, heads, backward),)+)*
+                    $($(Self::$variant(c) => c.memory_estimate(n, batch, heads, backward, device),)+)*
                 }
             }
         }

@@ -1,9 +1,11 @@
 //! Full (vanilla) softmax attention.
 //!
 //! - Paper: Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762.
-//! - Cost: O(N²·d) time. Burn's fused [`attention`] op runs it; on Flex and CubeCL
-//!   backends the forward is tiled (flash-style), but under autodiff Burn decomposes it into
-//!   matmul/softmax/matmul and stores the N × N weights: O(N²) memory when training.
+//! - Cost: O(N²·d) time. On Flex it runs the fused CPU kernel (FlashAttention-2 forward and
+//!   backward, [`crate::kernels::fused`]): O(N·d) memory when training too. On other devices
+//!   Burn's fused [`attention`] op runs it; its forward is tiled, but under autodiff Burn
+//!   decomposes it into matmul/softmax/matmul and stores the N × N weights: O(N²) memory when
+//!   training.
 //! - Exact: yes. It is the baseline every other variant is measured against.
 //! - Modes: bidirectional, causal (bottom-right aligned, so keys may include a memory), cross.
 //! - Deviation: no dropout on attention probabilities (the fused op has none);
@@ -17,6 +19,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::decoding::DecodeCache;
 use crate::error::ConfigError;
+use crate::kernels::fused;
 use crate::interface::{AttentionCore, CoreConfig, kv_cache, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 
 /// Configuration of [`FullAttention`].
@@ -34,7 +37,7 @@ impl FullAttentionConfig {
         paper: "Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762",
         modes: &AttentionMode::ALL,
         time: "O(N²·d)",
-        memory: "O(N²) under autodiff; tiled forward on Flex/CubeCL",
+        memory: "O(N·d) on Flex (fused forward and backward); O(N²) under autodiff elsewhere",
         exactness: Exactness::Exact,
         needs_grid: false,
         global_tokens: false,
@@ -65,10 +68,17 @@ impl CoreConfig for FullAttentionConfig {
         })
     }
 
-    /// Under autodiff Burn stores the probabilities and their gradient: about four `N × N`
-    /// matrices per head.
-    fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
-        backward.then(|| 4 * (batch * heads * n * n * 4) as u64)
+    /// Off Flex, autodiff stores the probabilities and their gradient: about four `N × N`
+    /// matrices per head. On Flex the fused kernel's backward recomputes them: O(N·d).
+    fn memory_estimate(
+        &self,
+        n: usize,
+        batch: usize,
+        heads: usize,
+        backward: bool,
+        device: &Device,
+    ) -> Option<u64> {
+        (backward && !fused::device_runs_fused(device)).then(|| 4 * (batch * heads * n * n * 4) as u64)
     }
 }
 
@@ -85,28 +95,27 @@ impl AttentionCore for FullAttention {
     /// - input: see [`AttnInput`]
     /// - output: `[batch, heads, seq_q, d_v]`
     fn attend(&self, input: AttnInput) -> Tensor<4> {
-        let [b, h, lq, lk, _, _] = input.dims();
-        if self.mode.is_causal() {
+        let [_, _, lq, lk, d_k, _] = input.dims();
+        let causal = self.mode.is_causal();
+        if causal {
             assert!(
                 lk >= lq,
                 "full attention (causal): needs seq_k >= seq_q, got seq_q {lq}, seq_k {lk}"
             );
         }
-        let mask = input
-            .mask_pad_k
-            .map(|pad| pad.reshape([b, 1, 1, lk]).expand([b, h, lq, lk]));
-        attention(
-            input.query,
-            input.key,
-            input.value,
-            mask,
-            None,
-            AttentionModuleOptions {
-                scale: self.scale,
-                softcap: None,
-                is_causal: self.mode.is_causal(),
-            },
-        )
+        if fused::runs_fused(&input.query) {
+            let scale = self.scale.unwrap_or(1.0 / (d_k as f64).sqrt());
+            return fused::flash_attention(
+                input.query,
+                input.key,
+                input.value,
+                input.mask_pad_k.as_ref(),
+                causal,
+                scale,
+                fused::DEFAULT_TILES,
+            );
+        }
+        self.attend_composed(input)
     }
 
     fn mode(&self) -> AttentionMode {
@@ -123,7 +132,28 @@ impl AttentionCore for FullAttention {
     ) -> Option<DecodeCache> {
         kv_cache(self.mode, batch, dims, max_len, device)
     }
+}
 
+impl FullAttention {
+    /// Burn's fused `attention` op: what runs off Flex, and the oracle of the fused kernel.
+    pub(crate) fn attend_composed(&self, input: AttnInput) -> Tensor<4> {
+        let [b, h, lq, lk, _, _] = input.dims();
+        let mask = input
+            .mask_pad_k
+            .map(|pad| pad.reshape([b, 1, 1, lk]).expand([b, h, lq, lk]));
+        attention(
+            input.query,
+            input.key,
+            input.value,
+            mask,
+            None,
+            AttentionModuleOptions {
+                scale: self.scale,
+                softcap: None,
+                is_causal: self.mode.is_causal(),
+            },
+        )
+    }
 }
 
 

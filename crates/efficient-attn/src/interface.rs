@@ -432,10 +432,17 @@ pub trait CoreConfig: Clone + fmt::Debug {
     }
 
     /// An upper bound of the extra bytes one call needs at length `n` with `batch × heads`
-    /// heads (and its backward pass when `backward`), for cores whose memory grows
-    /// quadratically: benchmarks skip cases beyond their budget. `None`: sub-quadratic.
-    fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
-        let _ = (n, batch, heads, backward);
+    /// heads (and its backward pass when `backward`) on `device`, for cores whose memory grows
+    /// quadratically there: benchmarks skip cases beyond their budget. `None`: sub-quadratic.
+    fn memory_estimate(
+        &self,
+        n: usize,
+        batch: usize,
+        heads: usize,
+        backward: bool,
+        device: &Device,
+    ) -> Option<u64> {
+        let _ = (n, batch, heads, backward, device);
         None
     }
 }

@@ -8,8 +8,10 @@
 //!   `m' = max(m, rowmax(s))`, `l' = l·e^(m−m') + Σ e^(s−m')`, `acc' = acc·e^(m−m') + e^(s−m')·V`,
 //!   and finally `out = acc / l`.
 //! - Cost: O(N²·d) time; forward memory O(query_block · key_block) per (batch, head) for scores,
-//!   never the N × N matrix. Under autodiff, Burn keeps each block's probabilities for the
-//!   backward pass (O(N²) in total); a fused backward would need a backend extension.
+//!   never the N × N matrix. On Flex this is the fused CPU kernel ([`crate::kernels::fused`],
+//!   blocks capped at its default tiles) with its own backward: O(N·d) memory when training.
+//!   Elsewhere it is composed of tensor operations, and autodiff keeps each block's
+//!   probabilities for the backward pass (O(N²) in total).
 //! - Exact: yes (equal to dense attention up to f32 rounding; the contract suite checks 1e-5).
 //! - Modes: bidirectional, causal (bottom-right aligned; key blocks wholly in a query block's
 //!   future are skipped, halving the work), cross.
@@ -22,6 +24,7 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::decoding::DecodeCache;
 use crate::error::ConfigError;
+use crate::kernels::fused;
 use crate::interface::{AttentionCore, CoreConfig, kv_cache, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::mask::causal_block_mask;
 
@@ -54,7 +57,7 @@ impl MemoryEfficientAttentionConfig {
         paper: "Rabe & Staats 2021, Self-attention Does Not Need O(n²) Memory, arXiv:2112.05682",
         modes: &AttentionMode::ALL,
         time: "O(N²·d)",
-        memory: "O(query_block·key_block) forward",
+        memory: "O(query_block·key_block) forward; O(N·d) training on Flex",
         exactness: Exactness::Exact,
         needs_grid: false,
         global_tokens: false,
@@ -89,10 +92,17 @@ impl CoreConfig for MemoryEfficientAttentionConfig {
         })
     }
 
-    /// Its forward streams over key blocks, but autodiff stores every block's probabilities and
-    /// their gradient: about four `N × N` matrices per head.
-    fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
-        backward.then(|| 4 * (batch * heads * n * n * 4) as u64)
+    /// Off Flex, autodiff stores the probabilities and their gradient: about four `N × N`
+    /// matrices per head. On Flex the fused kernel's backward recomputes them: O(N·d).
+    fn memory_estimate(
+        &self,
+        n: usize,
+        batch: usize,
+        heads: usize,
+        backward: bool,
+        device: &Device,
+    ) -> Option<u64> {
+        (backward && !fused::device_runs_fused(device)).then(|| 4 * (batch * heads * n * n * 4) as u64)
     }
 }
 
@@ -128,7 +138,7 @@ impl AttentionCore for MemoryEfficientAttention {
     /// - input: see [`AttnInput`]
     /// - output: `[batch, heads, seq_q, d_v]`
     fn attend(&self, input: AttnInput) -> Tensor<4> {
-        let [b, h, lq, lk, dk, dv] = input.dims();
+        let [_, _, lq, lk, dk, _] = input.dims();
         let causal = self.mode.is_causal();
         if causal {
             assert!(
@@ -136,8 +146,51 @@ impl AttentionCore for MemoryEfficientAttention {
                 "memory-efficient attention (causal): needs seq_k >= seq_q, got seq_q {lq}, seq_k {lk}"
             );
         }
-        let offset = lk.saturating_sub(lq);
         let scale = self.scale.unwrap_or(1.0 / (dk as f64).sqrt());
+        if fused::runs_fused(&input.query) {
+            // The fused kernel is this algorithm with its own backward; the blocks are its
+            // tiles, capped at its defaults (larger tiles only cost cache).
+            let tiles = [
+                self.query_block.min(fused::DEFAULT_TILES[0]),
+                self.key_block.min(fused::DEFAULT_TILES[1]),
+            ];
+            return fused::flash_attention(
+                input.query,
+                input.key,
+                input.value,
+                input.mask_pad_k.as_ref(),
+                causal,
+                scale,
+                tiles,
+            );
+        }
+        self.attend_composed(input)
+    }
+
+    fn mode(&self) -> AttentionMode {
+        self.mode
+    }
+
+    /// Causal mode decodes with a key/value cache.
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        kv_cache(self.mode, batch, dims, max_len, device)
+    }
+}
+
+impl MemoryEfficientAttention {
+    /// The streaming softmax as Burn tensor operations: what runs off Flex, and the oracle of
+    /// the fused kernel.
+    pub(crate) fn attend_composed(&self, input: AttnInput) -> Tensor<4> {
+        let [b, h, lq, lk, dk, dv] = input.dims();
+        let scale = self.scale.unwrap_or(1.0 / (dk as f64).sqrt());
+        let causal = self.mode.is_causal();
+        let offset = lk.saturating_sub(lq);
         let device = input.query.device();
         let dtype = input.query.dtype();
         if lq == 0 {
@@ -193,22 +246,6 @@ impl AttentionCore for MemoryEfficientAttention {
             Tensor::cat(outputs, 2)
         }
     }
-
-    fn mode(&self) -> AttentionMode {
-        self.mode
-    }
-
-    /// Causal mode decodes with a key/value cache.
-    fn decode_cache(
-        &self,
-        batch: usize,
-        dims: HeadDims,
-        max_len: usize,
-        device: &Device,
-    ) -> Option<DecodeCache> {
-        kv_cache(self.mode, batch, dims, max_len, device)
-    }
-
 }
 
 

@@ -184,7 +184,14 @@ impl CoreConfig for SynthesizerAttentionConfig {
     }
 
     /// The synthesised `N × N` weights: three matrices per head forward, six with backward.
-    fn memory_estimate(&self, n: usize, batch: usize, heads: usize, backward: bool) -> Option<u64> {
+    fn memory_estimate(
+        &self,
+        n: usize,
+        batch: usize,
+        heads: usize,
+        backward: bool,
+        _: &Device,
+    ) -> Option<u64> {
         let matrix = (batch * heads * n * n * 4) as u64;
         Some(if backward { 6 * matrix } else { 3 * matrix })
     }

@@ -222,6 +222,7 @@ pub fn run_case(
 pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the efformer binary: {e}"))?;
+    let device = settings.device.device()?;
     let mut records = Vec::new();
     let total = settings.variants.len() * settings.lengths.len() * settings.passes.len();
     let mut done = 0;
@@ -261,6 +262,7 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
                     settings.batch,
                     settings.heads,
                     pass == Pass::ForwardBackward,
+                    &device,
                 ) && bytes > settings.budget_bytes
                 {
                     let note = format!(
@@ -399,6 +401,9 @@ pub struct GemmReport {
     pub qk_contiguous_gflops: f64,
     /// Full attention forward, counting its two products (4·h·n²·d).
     pub attention_gflops: f64,
+    /// The linear layers of `bench-train`'s model (8 × 1,024 tokens of width 256): `[m, k]·[k, n]`
+    /// as `(m, k, n, GFLOP/s)`.
+    pub linear_gflops: Vec<(usize, usize, usize, f64)>,
 }
 
 fn time_median(reps: usize, device: &Device, mut f: impl FnMut() -> f32) -> f64 {
@@ -440,6 +445,20 @@ pub fn gemm_report(n: usize, device: &Device, name: &str, reps: usize) -> GemmRe
     });
     let flop_sq = 2.0 * (n as f64).powi(3);
     let flop_qk = 2.0 * 8.0 * (n as f64).powi(2) * 64.0;
+    let linear_gflops = [
+        (8192, 256, 768),
+        (8192, 256, 1024),
+        (8192, 1024, 256),
+        (256, 8192, 1024),
+    ]
+    .into_iter()
+    .map(|(m, k, n)| {
+        let a = Tensor::<2>::random([m, k], Distribution::Normal(0.0, 1.0), device);
+        let b = Tensor::<2>::random([k, n], Distribution::Normal(0.0, 1.0), device);
+        let t = time_median(reps, device, || probe(a.clone().matmul(b.clone())));
+        (m, k, n, 2.0 * (m * k * n) as f64 / t / 1e9)
+    })
+    .collect();
     GemmReport {
         device: name.to_string(),
         n,
@@ -448,5 +467,6 @@ pub fn gemm_report(n: usize, device: &Device, name: &str, reps: usize) -> GemmRe
         pv_gflops: flop_qk / pv / 1e9,
         qk_contiguous_gflops: flop_qk / qk_contiguous / 1e9,
         attention_gflops: 2.0 * flop_qk / att / 1e9,
+        linear_gflops,
     }
 }

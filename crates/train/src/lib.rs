@@ -4,6 +4,7 @@
 pub mod attention_cmd;
 pub mod bench;
 pub mod bench_report;
+pub mod bench_train;
 pub mod config;
 pub mod data;
 pub mod device;

@@ -138,6 +138,37 @@ enum Command {
         #[arg(long, default_value = "docs/benchmarks.md")]
         doc: PathBuf,
     },
+    /// Time whole training steps (forward, backward, AdamW) of a fixed 4-layer model, as
+    /// `train_step_bench.py` does in PyTorch; one process per case.
+    BenchTrain {
+        /// Attention kinds (comma-separated).
+        #[arg(long, value_delimiter = ',', default_values_t = ["full".to_string(), "linear-transformer".to_string()])]
+        attentions: Vec<String>,
+        /// Sequence lengths.
+        #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 4096])]
+        lengths: Vec<usize>,
+        /// Timed steps per case (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Device.
+        #[arg(long, default_value = "flex")]
+        device: DeviceChoice,
+        /// Write the records to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// One training-step case in this process (used by `bench-train`; prints one JSON record).
+    #[command(hide = true)]
+    BenchTrainCase {
+        #[arg(long)]
+        attention: String,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        steps: usize,
+        #[arg(long)]
+        device: DeviceChoice,
+    },
     /// One benchmark case in this process (used by `bench`; prints one JSON record).
     #[command(hide = true)]
     BenchCase {
@@ -209,6 +240,10 @@ fn parse_mode(s: &str) -> Result<AttentionMode, String> {
         .find(|m| m.name() == s)
         .ok_or_else(|| format!("unknown mode `{s}`: expected bidirectional, causal or cross"))
 }
+
+/// Tensors are allocated and freed per operation: a caching allocator keeps their pages mapped.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -397,6 +432,50 @@ fn run(cli: Cli) -> Result<(), String> {
                 doc.display(),
                 time.display(),
                 memory.display()
+            );
+            Ok(())
+        }
+        Command::BenchTrain {
+            attentions,
+            lengths,
+            steps,
+            device,
+            json,
+        } => {
+            let records = train::bench_train::run_all(&attentions, &lengths, steps, device)?;
+            println!(
+                "{:<20} {:>6} {:>10} {:>12} {:>10}",
+                "attention", "n", "ms/step", "tokens/s", "peak MiB"
+            );
+            for r in &records {
+                println!(
+                    "{:<20} {:>6} {:>10.0} {:>12.0} {:>10.0}",
+                    r.attention,
+                    r.n,
+                    r.median_ms,
+                    r.tokens_per_s,
+                    r.peak_bytes.unwrap_or(0) as f64 / (1u64 << 20) as f64
+                );
+            }
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
+                std::fs::write(&path, text)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            Ok(())
+        }
+        Command::BenchTrainCase {
+            attention,
+            n,
+            steps,
+            device,
+        } => {
+            let dev = device.device()?;
+            let mut record = train::bench_train::run_case(&attention, n, steps, &dev)?;
+            record.device = device.to_string();
+            println!(
+                "{}",
+                serde_json::to_string(&record).map_err(|e| e.to_string())?
             );
             Ok(())
         }

@@ -2,5 +2,7 @@
 //! cost; variants are thin layers that choose features, patterns or plans and call these.
 
 pub mod block_sparse;
+pub mod cpu;
 pub mod dense;
+pub mod fused;
 pub mod prefix_sum;

@@ -4,6 +4,7 @@
 mod broken;
 mod config;
 mod decoding;
+mod fused;
 mod kernels;
 mod mha;
 

@@ -1,0 +1,17 @@
+//! CPU kernels on plain `f32` slices: the fused attentions behind the Flex backend's custom
+//! ops ([`crate::kernels::fused`]).
+//!
+//! This is the one module of the workspace with `unsafe` code, confined to two leaf files:
+//! - [`gemm`]: a checked, slice-based wrapper around the `gemm` crate (the matrix-product
+//!   micro-kernels Burn's Flex backend uses), whose entry point takes raw pointers;
+//! - [`simd`]: the row operations of the online softmax (scale, bias, max, exp, sums) compiled
+//!   for AVX-512 and AVX2+FMA and chosen at run time, with a portable fallback; calling a
+//!   `#[target_feature]` function needs `unsafe` after the feature check.
+//!
+//! Everything above them ([`flash`]) is safe code over slices.
+
+pub mod flash;
+#[allow(unsafe_code)]
+pub mod gemm;
+#[allow(unsafe_code)]
+pub mod simd;

@@ -1,0 +1,342 @@
+//! The element-wise row operations of the online softmax, vectorised.
+//!
+//! Each operation is written once as plain Rust over slices (a polynomial `exp` the compiler
+//! vectorises, per-lane partial sums and maxima so that reductions vectorise without
+//! reassociating floating-point sums) and compiled three times: for AVX-512, for AVX2 + FMA,
+//! and for the baseline target. [`RowOps::detect`] picks the widest the CPU supports, once per
+//! kernel call; the portable build is the fallback on other CPUs and architectures.
+
+/// Lanes of the partial sums and maxima (one AVX-512 register of `f32`).
+const LANES: usize = 16;
+
+/// `exp(x)` for `x ≤ 88`, within 2 ulp on `[-87.3, 88]`; `0` below `-87.3` (so `-∞`, a masked
+/// score, gives exactly 0). Cody–Waite range reduction `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`,
+/// then a degree-6 polynomial of `e^r` and the exponent bits of `2^n`.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let clamped = x.clamp(-87.3, 88.0);
+    // `t`'s low mantissa bits hold the integer n: no float-to-int conversion (which does not
+    // vectorise, `as` being saturating).
+    let t = clamped * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5e-1;
+    let e = (p * r * r + r) + 1.0;
+    let n_bits = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits((n_bits.wrapping_add(127) as u32) << 23);
+    if x < -87.3 { 0.0 } else { e * scale }
+}
+
+/// `row[j] = row[j]·scale + bias[j]` (the bias is 0 or `-∞` per key), returning the row's
+/// maximum (`-∞` if every entry is masked).
+#[inline(always)]
+fn scale_bias_max_generic(row: &mut [f32], scale: f32, bias: Option<&[f32]>) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    match bias {
+        Some(bias) => {
+            let bias = &bias[..row.len()];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            let mut bias_chunks = bias.chunks_exact(LANES);
+            for (c, b) in (&mut chunks).zip(&mut bias_chunks) {
+                for l in 0..LANES {
+                    c[l] = c[l] * scale + b[l];
+                    lanes[l] = lanes[l].max(c[l]);
+                }
+            }
+            for (x, b) in chunks
+                .into_remainder()
+                .iter_mut()
+                .zip(bias_chunks.remainder())
+            {
+                *x = *x * scale + b;
+                lanes[0] = lanes[0].max(*x);
+            }
+        }
+        None => {
+            let mut chunks = row.chunks_exact_mut(LANES);
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    c[l] *= scale;
+                    lanes[l] = lanes[l].max(c[l]);
+                }
+            }
+            for x in chunks.into_remainder() {
+                *x *= scale;
+                lanes[0] = lanes[0].max(*x);
+            }
+        }
+    }
+    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `row[j] = exp(row[j] - shift)`, returning the sum of the new row.
+#[inline(always)]
+fn exp_sum_generic(row: &mut [f32], shift: f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp(c[l] - shift);
+            lanes[l] += c[l];
+        }
+    }
+    for x in chunks.into_remainder() {
+        *x = exp(*x - shift);
+        lanes[0] += *x;
+    }
+    lanes.iter().sum()
+}
+
+/// `row[j] = exp(row[j]·scale + bias[j] - shift)`: the probabilities of a row whose
+/// log-sum-exp `shift` is known (the backward pass).
+#[inline(always)]
+fn exp_affine_generic(row: &mut [f32], scale: f32, bias: Option<&[f32]>, shift: f32) {
+    match bias {
+        Some(bias) => {
+            let bias = &bias[..row.len()];
+            for (x, b) in row.iter_mut().zip(bias) {
+                *x = exp(*x * scale + b - shift);
+            }
+        }
+        None => {
+            for x in row.iter_mut() {
+                *x = exp(*x * scale - shift);
+            }
+        }
+    }
+}
+
+/// `dp[j] = p[j]·(dp[j] - d)`: the softmax gradient of a row, with `d = Σ dO ⊙ O`.
+#[inline(always)]
+fn softmax_grad_generic(dp: &mut [f32], p: &[f32], d: f32) {
+    let p = &p[..dp.len()];
+    for (g, p) in dp.iter_mut().zip(p) {
+        *g = p * (*g - d);
+    }
+}
+
+/// `Σ a[j]·b[j]`.
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let b = &b[..a.len()];
+    let mut ac = a.chunks_exact(LANES);
+    let mut bc = b.chunks_exact(LANES);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for l in 0..LANES {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `row[j] *= factor`.
+#[inline(always)]
+fn scale_generic(row: &mut [f32], factor: f32) {
+    for x in row.iter_mut() {
+        *x *= factor;
+    }
+}
+
+/// Declares one set of row operations compiled with `$features` (or for the baseline target
+/// when no features are given).
+macro_rules! row_ops {
+    ($module:ident $(, $features:literal)?) => {
+        mod $module {
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn scale_bias_max(row: &mut [f32], scale: f32, bias: Option<&[f32]>) -> f32 {
+                super::scale_bias_max_generic(row, scale, bias)
+            }
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn exp_sum(row: &mut [f32], shift: f32) -> f32 {
+                super::exp_sum_generic(row, shift)
+            }
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn exp_affine(row: &mut [f32], scale: f32, bias: Option<&[f32]>, shift: f32) {
+                super::exp_affine_generic(row, scale, bias, shift)
+            }
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn softmax_grad(dp: &mut [f32], p: &[f32], d: f32) {
+                super::softmax_grad_generic(dp, p, d)
+            }
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+                super::dot_generic(a, b)
+            }
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn scale(row: &mut [f32], factor: f32) {
+                super::scale_generic(row, factor)
+            }
+        }
+    };
+}
+
+row_ops!(portable);
+#[cfg(target_arch = "x86_64")]
+row_ops!(avx2, "avx2,fma");
+#[cfg(target_arch = "x86_64")]
+row_ops!(avx512, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma");
+
+/// Which build of the row operations runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// The baseline target.
+    Portable,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512 (F, BW, DQ, VL).
+    Avx512,
+}
+
+/// The row operations of the widest instruction set the CPU supports.
+#[derive(Clone, Copy, Debug)]
+pub struct RowOps {
+    level: Level,
+}
+
+impl RowOps {
+    /// Detects the CPU's instruction sets (cached by the standard library).
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma");
+            if avx512 {
+                return Self {
+                    level: Level::Avx512,
+                };
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Self { level: Level::Avx2 };
+            }
+        }
+        Self::portable()
+    }
+
+    /// The baseline build (for tests comparing builds).
+    pub fn portable() -> Self {
+        Self {
+            level: Level::Portable,
+        }
+    }
+}
+
+/// Forwards a call to the build `self.level` selects.
+macro_rules! dispatch {
+    ($self:ident, $op:ident($($arg:expr),*)) => {
+        match $self.level {
+            Level::Portable => portable::$op($($arg),*),
+            // SAFETY: `detect` selects these levels only when the CPU reports every feature
+            // their functions are compiled with.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { avx2::$op($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { avx512::$op($($arg),*) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => portable::$op($($arg),*),
+        }
+    };
+}
+
+impl RowOps {
+    /// `row = row·scale + bias`; returns the maximum (`-∞` if all masked).
+    pub fn scale_bias_max(&self, row: &mut [f32], scale: f32, bias: Option<&[f32]>) -> f32 {
+        dispatch!(self, scale_bias_max(row, scale, bias))
+    }
+
+    /// `row = exp(row - shift)`; returns the sum.
+    pub fn exp_sum(&self, row: &mut [f32], shift: f32) -> f32 {
+        dispatch!(self, exp_sum(row, shift))
+    }
+
+    /// `row = exp(row·scale + bias - shift)`.
+    pub fn exp_affine(&self, row: &mut [f32], scale: f32, bias: Option<&[f32]>, shift: f32) {
+        dispatch!(self, exp_affine(row, scale, bias, shift))
+    }
+
+    /// `dp = p ⊙ (dp - d)`.
+    pub fn softmax_grad(&self, dp: &mut [f32], p: &[f32], d: f32) {
+        dispatch!(self, softmax_grad(dp, p, d))
+    }
+
+    /// `Σ a ⊙ b`.
+    pub fn dot(&self, a: &[f32], b: &[f32]) -> f32 {
+        dispatch!(self, dot(a, b))
+    }
+
+    /// `row *= factor`.
+    pub fn scale(&self, row: &mut [f32], factor: f32) {
+        dispatch!(self, scale(row, factor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_and_masked_scores_give_zero() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "relative error {worst:e}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-1e30), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn every_build_agrees_with_the_portable_one() {
+        let ops = [RowOps::detect(), RowOps::portable()];
+        let row: Vec<f32> = (0..77)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
+            .collect();
+        let bias: Vec<f32> = (0..77)
+            .map(|i| if i % 5 == 0 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let results: Vec<(Vec<f32>, f32, f32)> = ops
+            .iter()
+            .map(|o| {
+                let mut r = row.clone();
+                let max = o.scale_bias_max(&mut r, 0.5, Some(&bias));
+                let sum = o.exp_sum(&mut r, max);
+                (r, max, sum)
+            })
+            .collect();
+        let (a, b) = (&results[0], &results[1]);
+        assert_eq!(a.1, b.1);
+        assert!((a.2 - b.2).abs() < 1e-5 * b.2);
+        for (x, y) in a.0.iter().zip(&b.0) {
+            assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-30), "{x} vs {y}");
+        }
+        assert!(
+            a.0.iter().step_by(5).all(|p| *p == 0.0),
+            "masked keys are 0"
+        );
+    }
+}
