@@ -9,8 +9,9 @@ use burn::nn::{
 use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::{Device, Tensor};
 use efficient_attn::{
-    Attention, AttentionCore, AttentionMode, CoreConfig, Extras, MhaCache, MhaInput,
-    MultiHeadAttention, ProjectedContext, RotaryConfig, WithExtras,
+    Attention, AttentionCore, AttentionMode, CoreConfig, Extras, FeedForwardActivation, MhaCache,
+    MhaInput, MultiHeadAttention, ProjectedContext, RotaryConfig, WithExtras, fused_feed_forward,
+    runs_fused,
 };
 
 use crate::config::{FeedForwardKind, ModelConfigError, NormKind, NormPlacement, StackConfig};
@@ -82,9 +83,46 @@ impl FeedForward {
         }
     }
 
+    /// On Flex, GELU and ReLU blocks run as one fused operation with its own backward
+    /// ([`fused_feed_forward`]); elsewhere (and for SwiGLU) as [`forward_composed`](Self::forward_composed).
+    ///
     /// # Shapes
     /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let activation = match self.kind {
+            FeedForwardKind::Gelu => Some(FeedForwardActivation::Gelu),
+            FeedForwardKind::Relu => Some(FeedForwardActivation::Relu),
+            FeedForwardKind::Swiglu => None,
+        };
+        match activation {
+            Some(activation) if runs_fused(&x) => {
+                let [b, n, _] = x.dims();
+                let d_ff = self.linear_inner.weight.dims()[1];
+                // Burn's dropout, applied to ones, is the mask (ones when it is inactive).
+                let mask = (self.dropout.prob > 0.0 && x.device().is_autodiff()).then(|| {
+                    self.dropout
+                        .forward(Tensor::ones([b, n, d_ff], &x.device()))
+                });
+                fused_feed_forward(
+                    x,
+                    self.linear_inner.weight.val(),
+                    self.linear_inner.bias.as_ref().map(|b| b.val()),
+                    self.linear_outer.weight.val(),
+                    self.linear_outer.bias.as_ref().map(|b| b.val()),
+                    mask,
+                    activation,
+                )
+            }
+            _ => self.forward_composed(x),
+        }
+    }
+
+    /// The block as Burn tensor operations: what runs off Flex, and the oracle of the fused
+    /// operation.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub fn forward_composed(&self, x: Tensor<3>) -> Tensor<3> {
         let h = self.linear_inner.forward(x.clone());
         let h = match (self.kind, &self.linear_gate) {
             (FeedForwardKind::Gelu, _) => gelu(h),

@@ -186,3 +186,83 @@ fn fused_attention_spans_several_default_tiles() {
     };
     check(FullAttentionConfig::default().into(), &case);
 }
+
+/// The fused feed-forward block with biases and a dropout mask against its composition from
+/// Burn operations: output and the gradients of x, w1, b1, w2, b2.
+#[test]
+fn fused_feed_forward_with_a_mask_equals_its_composition() {
+    use burn::tensor::activation::{gelu, relu};
+    use burn::tensor::module::linear;
+    use efficient_attn::{FeedForwardActivation, fused_feed_forward};
+    let device = Device::flex().autodiff();
+    let mut rng = SeededRng::new(9);
+    let (b, n, d, f) = (2, 37, 12, 20);
+    let x = rng.normal_tensor([b, n, d], 1.0, &device);
+    let w1 = rng.normal_tensor([d, f], 0.3, &device);
+    let b1 = rng.normal_tensor([f], 0.3, &device);
+    let w2 = rng.normal_tensor([f, d], 0.3, &device);
+    let b2 = rng.normal_tensor([d], 0.3, &device);
+    let mask = rng
+        .normal_tensor([b, n, f], 1.0, &device)
+        .greater_elem(-0.5)
+        .float()
+        .mul_scalar(1.0 / 0.7);
+    let w = rng.normal_tensor([b, n, d], 1.0, &device);
+    for act in [FeedForwardActivation::Gelu, FeedForwardActivation::Relu] {
+        let run = |fused: bool| {
+            let (x, w1, b1, w2, b2) = (
+                x.clone().detach().require_grad(),
+                w1.clone().detach().require_grad(),
+                b1.clone().detach().require_grad(),
+                w2.clone().detach().require_grad(),
+                b2.clone().detach().require_grad(),
+            );
+            let y = if fused {
+                fused_feed_forward(
+                    x.clone(),
+                    w1.clone(),
+                    Some(b1.clone()),
+                    w2.clone(),
+                    Some(b2.clone()),
+                    Some(mask.clone()),
+                    act,
+                )
+            } else {
+                let h = linear(x.clone(), w1.clone(), Some(b1.clone()));
+                let h = match act {
+                    FeedForwardActivation::Gelu => gelu(h),
+                    FeedForwardActivation::Relu => relu(h),
+                };
+                linear(h.mul(mask.clone()), w2.clone(), Some(b2.clone()))
+            };
+            let grads = y.clone().mul(w.clone()).sum().backward();
+            (
+                y.inner(),
+                x.grad(&grads).unwrap(),
+                w1.grad(&grads).unwrap(),
+                b1.grad(&grads).unwrap(),
+                w2.grad(&grads).unwrap(),
+                b2.grad(&grads).unwrap(),
+            )
+        };
+        let (f, c) = (run(true), run(false));
+        let d3 = |a: Tensor<3>, b: Tensor<3>| {
+            let s = b.clone().abs().add_scalar(1.0);
+            a.sub(b).abs().div(s).max().into_scalar::<f32>()
+        };
+        let d2 = |a: Tensor<2>, b: Tensor<2>| {
+            let s = b.clone().abs().add_scalar(1.0);
+            a.sub(b).abs().div(s).max().into_scalar::<f32>()
+        };
+        let d1 = |a: Tensor<1>, b: Tensor<1>| {
+            let s = b.clone().abs().add_scalar(1.0);
+            a.sub(b).abs().div(s).max().into_scalar::<f32>()
+        };
+        assert!(d3(f.0, c.0) < 1e-5, "{act:?}: output");
+        assert!(d3(f.1, c.1) < 2e-5, "{act:?}: dx");
+        assert!(d2(f.2, c.2) < 2e-5, "{act:?}: dw1");
+        assert!(d1(f.3, c.3) < 2e-5, "{act:?}: db1");
+        assert!(d2(f.4, c.4) < 2e-5, "{act:?}: dw2");
+        assert!(d1(f.5, c.5) < 2e-5, "{act:?}: db2");
+    }
+}

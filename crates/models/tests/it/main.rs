@@ -1,6 +1,7 @@
 //! Whole-model tests on tiny shapes: padding invariance of an encoder, causality of a decoder,
 //! cross-attention masking, incremental decoding, per-layer attention, config errors, presets.
 
+mod fused;
 mod pretrained;
 
 use burn::module::Module;

@@ -102,6 +102,31 @@ fn fits(len: usize, rows: usize, cols: usize, row_stride: usize, col_stride: usi
 /// # Panics
 /// If the shapes do not agree.
 pub fn gemm(dst: MatMut<'_>, lhs: Mat<'_>, rhs: Mat<'_>, alpha: f32, beta: f32) {
+    gemm_with(dst, lhs, rhs, alpha, beta, gemm::Parallelism::None);
+}
+
+/// [`gemm`] on all of rayon's threads, for one large product.
+///
+/// # Panics
+/// If the shapes do not agree.
+pub fn gemm_parallel(dst: MatMut<'_>, lhs: Mat<'_>, rhs: Mat<'_>, alpha: f32, beta: f32) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_with(dst, lhs, rhs, alpha, beta, parallelism);
+}
+
+fn gemm_with(
+    dst: MatMut<'_>,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    alpha: f32,
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
     assert!(
         lhs.rows == dst.rows && rhs.cols == dst.cols && lhs.cols == rhs.rows,
         "gemm: [{}x{}]·[{}x{}] into [{}x{}]",
@@ -155,7 +180,7 @@ pub fn gemm(dst: MatMut<'_>, lhs: Mat<'_>, rhs: Mat<'_>, alpha: f32, beta: f32) 
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }

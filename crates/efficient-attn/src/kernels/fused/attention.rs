@@ -1,26 +1,18 @@
-//! Fused attention operations with their own backward, through Burn's backend extension.
-//!
-//! [`FusedAttention`] is implemented for the Flex backend by the CPU kernels of
-//! [`crate::kernels::cpu`] and for `Autodiff<Flex>` by a node whose backward calls the fused
-//! backward kernel (recomputing scores per tile instead of storing them). The tensor-level
-//! entry points ([`flash_attention`]) run the fused operation when the tensors are `f32` on
-//! Flex (with or without autodiff) and return `None` otherwise, so the caller keeps its
-//! composed implementation on other devices (until the GPU kernels exist) — and as the oracle
-//! the fused operations are tested against.
+//! Exact attention as one fused operation: [`FusedAttention`] is implemented for Flex by the
+//! FlashAttention-2 CPU kernel ([`crate::kernels::cpu::flash`]) and for `Autodiff<Flex>` by a
+//! node whose backward calls the fused backward kernel (recomputing scores per tile instead of
+//! storing them).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{
-    Autodiff, Backend, BackendTypes, Dispatch, DispatchDevice, Flex, TensorMetadata,
-    backend_extension,
-};
-use burn::tensor::{Bool, DType, Device, Tensor, TensorData};
+use burn::backend::{Autodiff, Backend, BackendTypes, Dispatch, Flex, backend_extension};
+use burn::tensor::{Bool, Tensor};
 
-use super::cpu::flash::{self, Inputs, Params, Shape};
+use super::{flex, host, runs_fused, slice};
+use crate::kernels::cpu::flash::{self, Inputs, Params, Shape};
 
 /// Exact attention as one fused operation (FlashAttention-2 on the CPU).
 ///
@@ -70,27 +62,6 @@ pub trait FusedAttention: Backend {
         scale: f32,
         tiles: [usize; 2],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
-}
-
-/// A contiguous `f32` copy (or view) of a Flex tensor and its dimensions.
-fn host(t: &FlexTensor) -> (FlexTensor, Vec<usize>) {
-    assert_eq!(t.dtype(), DType::F32, "fused attention runs on f32 tensors");
-    let t = if t.is_contiguous() {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    };
-    let dims = t.shape().to_vec();
-    (t, dims)
-}
-
-fn slice(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>()
-        .expect("a contiguous f32 tensor has a slice")
-}
-
-fn flex(data: Vec<f32>, dims: &[usize]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(data, dims.to_vec()))
 }
 
 /// The shape of `q`, `k`, `v` (`[batch, heads, seq, width]` each), checked.
@@ -196,9 +167,9 @@ impl FusedAttention for Flex {
             v: slice(&v),
             key_bias: bias.as_ref().map(slice),
         };
-        let mut dq = vec![0.0; q.shape().num_elements()];
-        let mut dk = vec![0.0; k.shape().num_elements()];
-        let mut dv = vec![0.0; v.shape().num_elements()];
+        let mut dq = vec![0.0; qd.iter().product()];
+        let mut dk = vec![0.0; kd.iter().product()];
+        let mut dv = vec![0.0; vd.iter().product()];
         flash::backward(
             inputs,
             shape,
@@ -339,20 +310,6 @@ impl<B: FusedAttention, C: CheckpointStrategy> FusedAttention for Autodiff<B, C>
 /// backward, against 64–1,024 × 128–1,024: the fastest or within noise of it everywhere;
 /// smaller tiles lose to the GEMMs' per-call packing.
 pub const DEFAULT_TILES: [usize; 2] = [256, 512];
-
-/// Whether the fused CPU kernels serve `device`: Flex, with or without autodiff.
-pub fn device_runs_fused(device: &Device) -> bool {
-    matches!(
-        device.clone().without_autodiff().as_dispatch(),
-        DispatchDevice::Flex(_)
-    )
-}
-
-/// Whether the fused CPU kernels can run on these tensors: `f32` on Flex (or autodiff over
-/// Flex).
-pub fn runs_fused(t: &Tensor<4>) -> bool {
-    device_runs_fused(&t.device()) && t.dtype() == DType::F32
-}
 
 /// Exact attention through [`FusedAttention`]: `softmax(q kᵀ · scale + masks) v`, on tiles of
 /// `tiles = [queries, keys]`.
