@@ -24,7 +24,7 @@ use burn::tensor::{Device, Tensor};
 use crate::error::ConfigError;
 use crate::decoding::{self, DecodeCache};
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
-use crate::kernels::prefix_sum;
+use crate::kernels::{fused, prefix_sum};
 
 /// Configuration of [`LinearTransformerAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,6 +105,17 @@ impl AttentionCore for LinearTransformerAttention {
     /// - output: `[batch, heads, seq_q, d_v]`
     fn attend(&self, input: AttnInput) -> Tensor<4> {
         input.dims();
+        if fused::runs_fused(&input.query) {
+            // φ, the padding and the prefix sums in one fused operation.
+            let chunk = self.mode.is_causal().then_some(self.chunk);
+            return fused::linear::elu_kernel_attention(
+                input.query,
+                input.key,
+                input.value,
+                input.mask_pad_k.as_ref(),
+                chunk,
+            );
+        }
         let phi_q = self.features(input.query);
         let phi_k = prefix_sum::zero_padded(self.features(input.key), input.mask_pad_k.as_ref());
         match self.mode {

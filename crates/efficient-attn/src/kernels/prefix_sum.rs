@@ -17,6 +17,8 @@
 
 use burn::tensor::{Bool, DType, Tensor};
 
+use crate::kernels::fused;
+
 /// A floor for the normaliser, so that a query that sees no key gets 0 instead of 0/0.
 pub fn denominator_floor(dtype: DType) -> f64 {
     match dtype {
@@ -41,13 +43,26 @@ pub fn zero_padded(phi_k: Tensor<4>, pad: Option<&Tensor<2, Bool>>) -> Tensor<4>
     }
 }
 
-/// Every query sees every key.
+/// Every query sees every key: the fused operation on Flex, [`bidirectional_composed`]
+/// elsewhere.
 ///
 /// # Shapes
 /// - `phi_q`: `[batch, heads, seq_q, m]`, `phi_k`: `[batch, heads, seq_k, m]`,
 ///   `v`: `[batch, heads, seq_k, d_v]`
 /// - output: `[batch, heads, seq_q, d_v]`
 pub fn bidirectional(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    if fused::runs_fused(&phi_q) {
+        return fused::linear::kernel_attention(phi_q, phi_k, v, None);
+    }
+    bidirectional_composed(phi_q, phi_k, v)
+}
+
+/// [`bidirectional`] as Burn tensor operations: what runs off Flex, and the fused operation's
+/// oracle.
+///
+/// # Shapes
+/// - as [`bidirectional`]
+pub fn bidirectional_composed(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let floor = denominator_floor(phi_q.dtype());
     let kv = phi_k.clone().swap_dims(2, 3).matmul(v); // [batch, heads, m, d_v]
     let z = phi_k.sum_dim(2).swap_dims(2, 3); // [batch, heads, m, 1]
@@ -57,13 +72,32 @@ pub fn bidirectional(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>) -> Tensor
 }
 
 /// Causal (bottom-right aligned: query `i` sees keys `j <= i + seq_k - seq_q`), in chunks of
-/// `chunk` positions. See the [module docs](self).
+/// `chunk` positions: the fused operation on Flex, [`causal_chunked_composed`] elsewhere. See
+/// the [module docs](self).
 ///
 /// # Shapes
 /// - `phi_q`: `[batch, heads, seq_q, m]`, `phi_k`: `[batch, heads, seq_k, m]`,
 ///   `v`: `[batch, heads, seq_k, d_v]`, with `seq_k >= seq_q`
 /// - output: `[batch, heads, seq_q, d_v]`
 pub fn causal_chunked(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>, chunk: usize) -> Tensor<4> {
+    assert!(chunk > 0, "chunk must be positive");
+    if fused::runs_fused(&phi_q) {
+        return fused::linear::kernel_attention(phi_q, phi_k, v, Some(chunk));
+    }
+    causal_chunked_composed(phi_q, phi_k, v, chunk)
+}
+
+/// [`causal_chunked`] as Burn tensor operations: what runs off Flex, and the fused operation's
+/// oracle.
+///
+/// # Shapes
+/// - as [`causal_chunked`]
+pub fn causal_chunked_composed(
+    phi_q: Tensor<4>,
+    phi_k: Tensor<4>,
+    v: Tensor<4>,
+    chunk: usize,
+) -> Tensor<4> {
     let [b, h, lq, m] = phi_q.dims();
     let lk = phi_k.dims()[2];
     let dv = v.dims()[3];

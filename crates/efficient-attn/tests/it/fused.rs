@@ -266,3 +266,129 @@ fn fused_feed_forward_with_a_mask_equals_its_composition() {
         assert!(d1(f.5, c.5) < 2e-5, "{act:?}: db2");
     }
 }
+
+/// The fused kernel attention against the composed prefix-sum forms: bidirectional and causal
+/// (ragged chunks, a prefix of keys before the first query), output and gradients.
+#[test]
+fn fused_kernel_attention_equals_the_composed_prefix_sums() {
+    use efficient_attn::testing::prefix_sum;
+    let device = Device::flex().autodiff();
+    let mut rng = SeededRng::new(4);
+    for (seq_q, seq_k, chunk) in [
+        (29, 29, None),
+        (13, 40, None),
+        (29, 29, Some(6)),
+        (11, 30, Some(4)),
+        (8, 8, Some(64)),
+    ] {
+        let phi =
+            |rng: &mut SeededRng, n: usize| rng.normal_tensor([2, 3, n, 7], 1.0, &device).exp();
+        let q = phi(&mut rng, seq_q);
+        let k = phi(&mut rng, seq_k);
+        let v = rng.normal_tensor([2, 3, seq_k, 5], 1.0, &device);
+        let w = rng.normal_tensor([2, 3, seq_q, 5], 1.0, &device);
+        let run = |fused: bool| {
+            let (q, k, v) = (
+                q.clone().detach().require_grad(),
+                k.clone().detach().require_grad(),
+                v.clone().detach().require_grad(),
+            );
+            let out = match (chunk, fused) {
+                (None, true) => prefix_sum::bidirectional(q.clone(), k.clone(), v.clone()),
+                (None, false) => {
+                    prefix_sum::bidirectional_composed(q.clone(), k.clone(), v.clone())
+                }
+                (Some(c), true) => prefix_sum::causal_chunked(q.clone(), k.clone(), v.clone(), c),
+                (Some(c), false) => {
+                    prefix_sum::causal_chunked_composed(q.clone(), k.clone(), v.clone(), c)
+                }
+            };
+            let grads = out.clone().mul(w.clone()).sum().backward();
+            (
+                out.inner(),
+                q.grad(&grads).unwrap(),
+                k.grad(&grads).unwrap(),
+                v.grad(&grads).unwrap(),
+            )
+        };
+        let (f, c) = (run(true), run(false));
+        for (what, a, b, tol) in [
+            ("output", f.0, c.0, 1e-5),
+            ("d phi_q", f.1, c.1, 2e-5),
+            ("d phi_k", f.2, c.2, 2e-5),
+            ("dv", f.3, c.3, 2e-5),
+        ] {
+            let d = diff(a, b);
+            assert!(
+                d < tol,
+                "{seq_q}x{seq_k} chunk {chunk:?}: {what} differs by {d:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_elu_kernel_attention_applies_the_feature_map_and_the_padding() {
+    use burn::tensor::activation::elu;
+    use efficient_attn::testing::prefix_sum;
+    let device = Device::flex().autodiff();
+    let mut rng = SeededRng::new(5);
+    for (seq_q, seq_k, chunk, padded) in [
+        (23, 23, None, vec![0, 5]),
+        (9, 31, None, vec![3]),
+        (23, 23, Some(5), vec![4, 0]),
+        (10, 27, Some(4), vec![]),
+    ] {
+        let q = rng.normal_tensor([2, 3, seq_q, 6], 1.0, &device);
+        let k = rng.normal_tensor([2, 3, seq_k, 6], 1.0, &device);
+        let v = rng.normal_tensor([2, 3, seq_k, 4], 1.0, &device);
+        let w = rng.normal_tensor([2, 3, seq_q, 4], 1.0, &device);
+        let key_pad =
+            (!padded.is_empty()).then(|| bools(pad(2, seq_k, &padded), [2, seq_k], &device));
+        let run = |fused_op: bool| {
+            let (q, k, v) = (
+                q.clone().detach().require_grad(),
+                k.clone().detach().require_grad(),
+                v.clone().detach().require_grad(),
+            );
+            let out = if fused_op {
+                fused::linear::elu_kernel_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    key_pad.as_ref(),
+                    chunk,
+                )
+            } else {
+                let phi = |x: Tensor<4>| elu(x, 1.0).add_scalar(1.0);
+                let phi_k = prefix_sum::zero_padded(phi(k.clone()), key_pad.as_ref());
+                match chunk {
+                    None => prefix_sum::bidirectional_composed(phi(q.clone()), phi_k, v.clone()),
+                    Some(c) => {
+                        prefix_sum::causal_chunked_composed(phi(q.clone()), phi_k, v.clone(), c)
+                    }
+                }
+            };
+            let grads = out.clone().mul(w.clone()).sum().backward();
+            (
+                out.inner(),
+                q.grad(&grads).unwrap(),
+                k.grad(&grads).unwrap(),
+                v.grad(&grads).unwrap(),
+            )
+        };
+        let (f, c) = (run(true), run(false));
+        for (what, a, b) in [
+            ("output", f.0, c.0),
+            ("dq", f.1, c.1),
+            ("dk", f.2, c.2),
+            ("dv", f.3, c.3),
+        ] {
+            let d = diff(a, b);
+            assert!(
+                d < 2e-5,
+                "{seq_q}x{seq_k} chunk {chunk:?} padded {padded:?}: {what} differs by {d:e}"
+            );
+        }
+    }
+}

@@ -8,10 +8,12 @@
 //! tested against.
 //!
 //! - [`attention`]: exact attention (FlashAttention-2);
+//! - [`linear`]: kernel (linear) attention on feature maps, bidirectional or causal in chunks;
 //! - [`feed_forward`]: the position-wise feed-forward block with GELU or ReLU.
 
 pub mod attention;
 pub mod feed_forward;
+pub mod linear;
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::{DispatchDevice, TensorMetadata};
