@@ -26,7 +26,7 @@ use burn::tensor::{Device, Tensor};
 use crate::error::ConfigError;
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
-use crate::kernels::dense::masked_softmax_matmul;
+use crate::kernels::dense::padded_attention;
 use crate::rng::SeededRng;
 
 /// Configuration of [`BigBirdAttention`].
@@ -150,7 +150,7 @@ impl AttentionCore for BigBirdAttention {
     /// - input: see [`AttnInput`] (`seq_q = seq_k`)
     /// - output: `[batch, heads, seq_q, d_v]`
     fn attend(&self, input: AttnInput) -> Tensor<4> {
-        let [bs, h, n, lk, dk, dv] = input.dims();
+        let [_, h, n, lk, dk, dv] = input.dims();
         assert_eq!(n, lk, "BigBird attention is self-attention (seq_q = seq_k)");
         assert_eq!(
             h, self.heads,
@@ -161,12 +161,12 @@ impl AttentionCore for BigBirdAttention {
         let q = input.query.mul_scalar(1.0 / (dk as f64).sqrt());
         let pad = input.mask_pad_k.as_ref();
         let dense_rows = |start: usize, len: usize| {
-            let scores = q
-                .clone()
-                .narrow(2, start, len)
-                .matmul(input.key.clone().swap_dims(2, 3)); // [batch, heads, len, n]
-            let mask = pad.map(|p| p.clone().reshape([bs, 1, 1, n]).expand([bs, h, len, n]));
-            masked_softmax_matmul(scores, mask, input.value.clone())
+            padded_attention(
+                q.clone().narrow(2, start, len),
+                input.key.clone(),
+                input.value.clone(),
+                pad,
+            )
         };
         if nb <= 2 {
             return dense_rows(0, n);

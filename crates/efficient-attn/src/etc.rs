@@ -30,7 +30,7 @@ use crate::extras::{GlobalTokens};
 use crate::kernels::block_sparse::{
     BlockPlan, BlockSparse, ElementRule, ExtraKeys, block_sparse_attention,
 };
-use crate::kernels::dense::masked_softmax_matmul;
+use crate::kernels::dense::padded_attention;
 
 /// Configuration of [`EtcAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,7 +116,7 @@ impl AttentionCore for EtcAttention {
     /// - input: see [`AttnInput`]; `global = Prefix(n_g)` marks the global tokens
     /// - output: `[batch, heads, seq_q, d_v]`
     fn attend(&self, input: AttnInput) -> Tensor<4> {
-        let [b, h, n, lk, dk, _] = input.dims();
+        let [b, _, n, lk, dk, _] = input.dims();
         assert_eq!(
             n, lk,
             "ETC attention is self-attention over concat(global, long)"
@@ -129,9 +129,12 @@ impl AttentionCore for EtcAttention {
         let mut rows = Vec::new();
         if g > 0 {
             // g2g and g2l: dense rows over every key.
-            let scores = part(&q, 0, g).matmul(input.key.clone().swap_dims(2, 3)); // [batch, heads, g, n]
-            let mask = pad.map(|p| p.clone().reshape([b, 1, 1, n]).expand([b, h, g, n]));
-            rows.push(masked_softmax_matmul(scores, mask, input.value.clone()));
+            rows.push(padded_attention(
+                part(&q, 0, g),
+                input.key.clone(),
+                input.value.clone(),
+                pad,
+            ));
         }
         if nl > 0 {
             // l2l in the window, l2g as extra keys.

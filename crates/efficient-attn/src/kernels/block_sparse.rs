@@ -19,6 +19,7 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::kernels::dense::masked_softmax_matmul;
+use crate::kernels::fused;
 
 /// For each query block, the key blocks it attends to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,10 +225,26 @@ fn gather_blocks(x: Tensor<4>, plan: &BlockPlan, device: &Device) -> Tensor<5> {
 
 /// Attention of every query over its plan's key blocks (and the extra keys), with one softmax.
 ///
+/// On `f32` Flex tensors this is the fused operation ([`fused::block_sparse`]: key blocks
+/// read in place, O(N·d) memory forward and backward); elsewhere
+/// [`block_sparse_attention_composed`].
+///
 /// # Shapes
 /// - see [`BlockSparse`]
 /// - output: `[batch, heads, seq_q, d_v]`
 pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
+    if fused::runs_fused(&input.query) {
+        return fused::block_sparse::block_sparse_attention(input);
+    }
+    block_sparse_attention_composed(input)
+}
+
+/// [`block_sparse_attention`] as Burn tensor operations (key blocks gathered, one masked
+/// softmax): what runs off Flex, and the fused operation's oracle.
+///
+/// # Shapes
+/// - as [`block_sparse_attention`]
+pub fn block_sparse_attention_composed(input: BlockSparse<'_>) -> Tensor<4> {
     let BlockSparse {
         query,
         key,

@@ -2,6 +2,7 @@
 //!
 //! The dense oracle ([`reference`](crate::reference)) and the variants whose *algorithm* is a
 //! dense score matrix (Synthesizer, which synthesises one per layer) share it.
+//! [`padded_attention`] serves the few rows a sparse pattern lets see the whole sequence.
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Tensor};
@@ -30,4 +31,38 @@ pub fn masked_softmax_matmul(
     let weights = scores.sub(max).exp(); // unnormalised, exactly 0 where masked
     let denominator = weights.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
     weights.matmul(v).div(denominator)
+}
+
+/// Exact attention of queries that come scaled over every key but the padded ones:
+/// `softmax(q kᵀ + pad) v`, for the rows a pattern gives the whole sequence (BigBird's and
+/// ETC's global rows, Longformer's global tokens). On `f32` Flex tensors the fused
+/// FlashAttention kernel (no `[seq_q, seq_k]` scores stored for the backward); elsewhere
+/// [`masked_softmax_matmul`].
+///
+/// # Shapes
+/// - q: `[batch, heads, seq_q, d_k]`, k: `[batch, heads, seq_k, d_k]`,
+///   v: `[batch, heads, seq_k, d_v]`, key_pad: `[batch, seq_k]` (`true` = padded)
+/// - output: `[batch, heads, seq_q, d_v]`
+pub fn padded_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    key_pad: Option<&Tensor<2, Bool>>,
+) -> Tensor<4> {
+    if crate::kernels::fused::runs_fused(&q) {
+        return crate::kernels::fused::flash_attention(
+            q,
+            k,
+            v,
+            key_pad,
+            false,
+            1.0,
+            crate::kernels::fused::DEFAULT_TILES,
+        );
+    }
+    let [b, h, lq, _] = q.dims();
+    let lk = k.dims()[2];
+    let scores = q.matmul(k.swap_dims(2, 3)); // [batch, heads, seq_q, seq_k]
+    let mask = key_pad.map(|p| p.clone().reshape([b, 1, 1, lk]).expand([b, h, lq, lk]));
+    masked_softmax_matmul(scores, mask, v)
 }

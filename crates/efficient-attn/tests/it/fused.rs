@@ -392,3 +392,168 @@ fn fused_elu_kernel_attention_applies_the_feature_map_and_the_padding() {
         }
     }
 }
+
+/// One block-sparse case: lengths, block, the plan's lists per head, the rule, extra keys
+/// (with a mask of `[batch or 1, heads or 1]`) and padded keys per batch row.
+struct SparseCase {
+    seq_q: usize,
+    seq_k: usize,
+    block: usize,
+    lists: Vec<Vec<Vec<usize>>>,
+    rule: efficient_attn::testing::block_sparse::ElementRule,
+    extra: Option<(usize, Option<[usize; 2]>)>,
+    padded: Vec<usize>,
+}
+
+#[test]
+fn fused_block_sparse_attention_equals_its_gathered_composition() {
+    use efficient_attn::testing::block_sparse::{
+        BlockPlan, BlockSparse, ElementRule, ExtraKeys, block_sparse_attention,
+        block_sparse_attention_composed,
+    };
+    use std::sync::Arc;
+    let device = Device::flex().autodiff();
+    let mut rng = SeededRng::new(6);
+    let around = |nb: usize, back: usize, ahead: usize| -> Vec<Vec<Vec<usize>>> {
+        vec![
+            (0..nb)
+                .map(|i| (i.saturating_sub(back)..=(i + ahead).min(nb - 1)).collect())
+                .collect(),
+        ]
+    };
+    let (batch, heads) = (2, 3);
+    let mut explicit = vec![false; 5 * 4 * 2 * 4];
+    for (n, x) in explicit.iter_mut().enumerate() {
+        // Row 0 of query block 0 sees nothing; the rest a pseudo-random half.
+        *x = n < 2 * 4 || (n * 7919) % 5 < 2;
+    }
+    let cases = vec![
+        // Longformer-like window: band inside look-around blocks, a ragged last block.
+        SparseCase {
+            seq_q: 22,
+            seq_k: 22,
+            block: 4,
+            lists: around(6, 1, 1),
+            rule: ElementRule::Band { left: 4, right: 4 },
+            extra: None,
+            padded: vec![0, 3],
+        },
+        // Causal local blocks.
+        SparseCase {
+            seq_q: 19,
+            seq_k: 19,
+            block: 5,
+            lists: around(4, 1, 0),
+            rule: ElementRule::Causal { offset: 0 },
+            extra: None,
+            padded: vec![],
+        },
+        // BigBird-like per-head random blocks with global keys and their mask; padding.
+        SparseCase {
+            seq_q: 20,
+            seq_k: 20,
+            block: 5,
+            lists: vec![
+                vec![vec![0, 2], vec![1, 3], vec![2], vec![3, 0]],
+                vec![vec![1], vec![1, 2], vec![0, 2, 3], vec![3]],
+                vec![vec![0, 3], vec![1], vec![2, 1], vec![3, 2]],
+            ],
+            rule: ElementRule::All,
+            extra: Some((3, Some([1, 3]))),
+            padded: vec![2, 0],
+        },
+        // Queries and keys of different lengths, extra keys without a mask.
+        SparseCase {
+            seq_q: 10,
+            seq_k: 17,
+            block: 4,
+            lists: vec![vec![vec![0, 4], vec![1, 2], vec![3]]],
+            rule: ElementRule::All,
+            extra: Some((2, None)),
+            padded: vec![0, 1],
+        },
+        // An explicit element mask (2-D windows), one query seeing nothing; an extra mask
+        // per batch row.
+        SparseCase {
+            seq_q: 17,
+            seq_k: 17,
+            block: 4,
+            lists: around(5, 1, 0),
+            rule: ElementRule::Explicit(Arc::new(explicit)),
+            extra: Some((2, Some([2, 1]))),
+            padded: vec![],
+        },
+    ];
+    for (n, case) in cases.into_iter().enumerate() {
+        let SparseCase {
+            seq_q,
+            seq_k,
+            block,
+            lists,
+            rule,
+            extra,
+            padded,
+        } = case;
+        let plan = BlockPlan::new(block, seq_k.div_ceil(block), lists);
+        let q = rng.normal_tensor([batch, heads, seq_q, 8], 1.0, &device);
+        let k = rng.normal_tensor([batch, heads, seq_k, 8], 1.0, &device);
+        let v = rng.normal_tensor([batch, heads, seq_k, 6], 1.0, &device);
+        let w = rng.normal_tensor([batch, heads, seq_q, 6], 1.0, &device);
+        let extra = extra.map(|(g, mask)| {
+            let gk = rng.normal_tensor([batch, heads, g, 8], 1.0, &device);
+            let gv = rng.normal_tensor([batch, heads, g, 6], 1.0, &device);
+            let mask = mask.map(|[mb, mh]| {
+                let flags = (0..mb * mh * seq_q * g)
+                    .map(|_| rng.below(3) == 0)
+                    .collect();
+                Tensor::<4, Bool>::from_data(TensorData::new(flags, [mb, mh, seq_q, g]), &device)
+            });
+            (gk, gv, mask)
+        });
+        let key_pad = (!padded.is_empty())
+            .then(|| bools(pad(batch, seq_k, &padded), [batch, seq_k], &device));
+        let run = |fused_op: bool| {
+            let track = |t: &Tensor<4>| t.clone().detach().require_grad();
+            let (q, k, v) = (track(&q), track(&k), track(&v));
+            let extra = extra
+                .as_ref()
+                .map(|(gk, gv, mask)| (track(gk), track(gv), mask.clone()));
+            let input = BlockSparse {
+                query: q.clone(),
+                key: k.clone(),
+                value: v.clone(),
+                mask_pad_k: key_pad.as_ref(),
+                plan: &plan,
+                rule: rule.clone(),
+                extra: extra.as_ref().map(|(gk, gv, mask)| ExtraKeys {
+                    key: gk.clone(),
+                    value: gv.clone(),
+                    mask: mask.clone(),
+                }),
+            };
+            let out = if fused_op {
+                block_sparse_attention(input)
+            } else {
+                block_sparse_attention_composed(input)
+            };
+            let grads = out.clone().mul(w.clone()).sum().backward();
+            let mut all = vec![
+                ("output", out.inner()),
+                ("dq", q.grad(&grads).unwrap()),
+                ("dk", k.grad(&grads).unwrap()),
+                ("dv", v.grad(&grads).unwrap()),
+            ];
+            if let Some((gk, gv, _)) = &extra {
+                all.push(("d extra k", gk.grad(&grads).unwrap()));
+                all.push(("d extra v", gv.grad(&grads).unwrap()));
+            }
+            all
+        };
+        let (f, c) = (run(true), run(false));
+        assert_eq!(f.len(), c.len());
+        for ((what, a), (_, b)) in f.into_iter().zip(c) {
+            let d = diff(a, b);
+            assert!(d < 2e-5, "case {n}: {what} differs by {d:e}");
+        }
+    }
+}

@@ -133,7 +133,7 @@ thread_local! {
 }
 
 /// Runs `f` with a per-thread scratch slice of at least `len` elements (contents unspecified).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|cell| {
         let mut buf = cell.take();
         if buf.len() < len {

@@ -8,8 +8,9 @@
 //!   for AVX-512 and AVX2+FMA and chosen at run time, with a portable fallback; calling a
 //!   `#[target_feature]` function needs `unsafe` after the feature check.
 //!
-//! Everything above them ([`flash`], [`linear`], [`ffn`]) is safe code over slices.
+//! Everything above them ([`flash`], [`block_sparse`], [`linear`], [`ffn`]) is safe code over slices.
 
+pub mod block_sparse;
 pub mod ffn;
 pub mod flash;
 #[allow(unsafe_code)]

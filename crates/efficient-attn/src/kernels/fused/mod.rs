@@ -8,10 +8,12 @@
 //! tested against.
 //!
 //! - [`attention`]: exact attention (FlashAttention-2);
+//! - [`block_sparse`]: attention over a block plan (windows, bands, random and global blocks);
 //! - [`linear`]: kernel (linear) attention on feature maps, bidirectional or causal in chunks;
 //! - [`feed_forward`]: the position-wise feed-forward block with GELU or ReLU.
 
 pub mod attention;
+pub mod block_sparse;
 pub mod feed_forward;
 pub mod linear;
 
