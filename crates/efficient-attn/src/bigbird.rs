@@ -166,6 +166,7 @@ impl AttentionCore for BigBirdAttention {
                 input.key.clone(),
                 input.value.clone(),
                 pad,
+                1.0,
             )
         };
         if nb <= 2 {

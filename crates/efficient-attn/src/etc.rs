@@ -134,6 +134,7 @@ impl AttentionCore for EtcAttention {
                 input.key.clone(),
                 input.value.clone(),
                 pad,
+                1.0,
             ));
         }
         if nl > 0 {

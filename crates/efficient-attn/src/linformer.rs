@@ -21,11 +21,10 @@
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::serde::{Deserialize, Serialize};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
 use crate::error::ConfigError;
+use crate::kernels::dense::padded_attention;
 use crate::extras::{SharedParameter, SharedParameterSpec};
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 
@@ -222,18 +221,8 @@ impl AttentionCore for LinformerAttention {
         };
         let key = Self::project(e, key); // [batch, heads, k, d_k]
         let value = Self::project(f, value); // [batch, heads, k, d_v]
-        attention(
-            input.query,
-            key,
-            value,
-            None,
-            None,
-            AttentionModuleOptions {
-                scale: None,
-                softcap: None,
-                is_causal: false,
-            },
-        )
+        let scale = 1.0 / (input.query.dims()[3] as f64).sqrt();
+        padded_attention(input.query, key, value, None, scale)
     }
 
     fn mode(&self) -> AttentionMode {

@@ -423,7 +423,7 @@ impl AttentionCore for LongformerAttention {
                 .select(1, idx)
                 .reshape([h, b, g, dk])
                 .swap_dims(0, 1); // [batch, heads, g, d_k]
-            let rows = padded_attention(gq.mul_scalar(scale), gk, gv, input.mask_pad_k.as_ref()); // [batch, heads, g, d_v]
+            let rows = padded_attention(gq, gk, gv, input.mask_pad_k.as_ref(), scale); // [batch, heads, g, d_v]
             let scattered = onehot
                 .reshape([b, 1, n, g])
                 .expand([b, h, n, g])

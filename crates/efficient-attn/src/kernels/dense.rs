@@ -33,9 +33,9 @@ pub fn masked_softmax_matmul(
     weights.matmul(v).div(denominator)
 }
 
-/// Exact attention of queries that come scaled over every key but the padded ones:
-/// `softmax(q kᵀ + pad) v`, for the rows a pattern gives the whole sequence (BigBird's and
-/// ETC's global rows, Longformer's global tokens). On `f32` Flex tensors the fused
+/// Exact attention over every key but the padded ones: `softmax(q kᵀ · scale + pad) v`, for
+/// the rows a pattern gives the whole sequence (BigBird's and ETC's global rows, Longformer's
+/// global tokens) and attention over a short projected sequence (Linformer). On `f32` Flex tensors the fused
 /// FlashAttention kernel (no `[seq_q, seq_k]` scores stored for the backward); elsewhere
 /// [`masked_softmax_matmul`].
 ///
@@ -48,6 +48,7 @@ pub fn padded_attention(
     k: Tensor<4>,
     v: Tensor<4>,
     key_pad: Option<&Tensor<2, Bool>>,
+    scale: f64,
 ) -> Tensor<4> {
     if crate::kernels::fused::runs_fused(&q) {
         return crate::kernels::fused::flash_attention(
@@ -56,13 +57,13 @@ pub fn padded_attention(
             v,
             key_pad,
             false,
-            1.0,
+            scale,
             crate::kernels::fused::DEFAULT_TILES,
         );
     }
     let [b, h, lq, _] = q.dims();
     let lk = k.dims()[2];
-    let scores = q.matmul(k.swap_dims(2, 3)); // [batch, heads, seq_q, seq_k]
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale); // [batch, heads, seq_q, seq_k]
     let mask = key_pad.map(|p| p.clone().reshape([b, 1, 1, lk]).expand([b, h, lq, lk]));
     masked_softmax_matmul(scores, mask, v)
 }
