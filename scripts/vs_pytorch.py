@@ -32,7 +32,7 @@ ATTENTION = [
     ("causal linear, chunks of 64", "linear_causal_chunked", "linear-transformer", "causal"),
     ("Performer, m = 256", "performer", "performer", "bidirectional"),
     ("Linformer, k = 256", "linformer", "linformer", "bidirectional"),
-    ("sliding window (PyTorch 512 keys per query, Longformer 768)", "sliding_window",
+    ("sliding window (PyTorch 512 keys per query; Longformer 513, in blocks computing 640)", "sliding_window",
      "longformer", "bidirectional"),
 ]
 # (row label, PyTorch attention, efformer attention)

@@ -29,8 +29,8 @@
 //!   and option enums (`PerformerAttentionConfig`, `SparsePattern`, ...).
 //! - Decoding caches: [`DecodeCache`], [`KvCache`], [`WindowCache`], [`RecurrentState`],
 //!   [`kv_cache`].
-//! - Fused CPU operations other layers use: [`fused_feed_forward`] (with [`runs_fused`] to
-//!   know when it runs).
+//! - Fused CPU operations other layers use: [`fused_feed_forward`] and [`fused_layer_norm`]
+//!   (with [`runs_fused`] to know when they run).
 //!
 //! Not API: the kernels, the dense oracle, the seeded generator and the pattern masks the
 //! contract suite uses. With the `testing` feature they are reachable from [`testing`] for
@@ -113,7 +113,9 @@ pub use crate::extras::{
 pub use crate::interface::{
     AttentionCore, AttentionMode, AttnInput, CoreConfig, Exactness, HeadDims, VariantInfo, kv_cache,
 };
-pub use crate::kernels::fused::{FeedForwardActivation, fused_feed_forward, runs_fused};
+pub use crate::kernels::fused::{
+    FeedForwardActivation, fused_feed_forward, fused_layer_norm, runs_fused,
+};
 pub use crate::mask::padding_mask;
 pub use crate::mha::{
     GlobalProjections, MhaCache, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig,

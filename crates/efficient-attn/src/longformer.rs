@@ -127,6 +127,10 @@ impl CoreConfig for LongformerAttentionConfig {
     }
 }
 
+/// The window's blocks are `⌈w / WINDOW_SPLIT⌉` keys (measured on Flex at n = 1,024 and 4,096,
+/// w = 256: 2 is faster than 1 and 4).
+const WINDOW_SPLIT: usize = 2;
+
 /// Longformer attention. See the [module docs](self).
 #[derive(Module, Debug)]
 pub struct LongformerAttention {
@@ -163,8 +167,12 @@ impl LongformerAttention {
         let causal = self.mode.is_causal();
         if d == 1 {
             let w = self.window.min(n.max(1));
-            let nb = n.div_ceil(w);
-            let plan = BlockPlan::look_around(w, nb, nb, 1, if causal { 0 } else { 1 });
+            // Blocks of ⌈w/s⌉ with s blocks of look-around each side cover the band
+            // [i − w, i + w] with (2s + 1)/(2s) of its keys computed, instead of 3/2 with blocks of w.
+            let s = WINDOW_SPLIT.min(w);
+            let block = w.div_ceil(s);
+            let nb = n.div_ceil(block);
+            let plan = BlockPlan::look_around(block, nb, nb, s, if causal { 0 } else { s });
             let rule = ElementRule::Band {
                 left: w,
                 right: if causal { 0 } else { w },

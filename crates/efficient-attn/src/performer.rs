@@ -34,6 +34,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use crate::error::ConfigError;
 use crate::decoding::{self, DecodeCache};
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
+use crate::kernels::fused::favor::{FavorShift, FavorSide, favor_features};
+use crate::kernels::fused::runs_fused;
 use crate::kernels::prefix_sum;
 use crate::rng::SeededRng;
 
@@ -254,8 +256,35 @@ impl PerformerAttention {
             .reshape([b, h, l, m])
     }
 
-    /// φ for one side, with padded keys zeroed.
+    /// φ for one side, with padded keys zeroed: the softmax kernel's as one fused operation on
+    /// Flex, everything else composed.
     fn features(&self, x: Tensor<4>, side: Side, input: &AttnInput) -> Tensor<4> {
+        if self.kernel == PerformerKernel::Softmax && runs_fused(&x) {
+            return self.favor_fused(x, side, input);
+        }
+        self.features_composed(x, side, input)
+    }
+
+    /// The softmax kernel's features through [`favor_features`], with the same offsets and
+    /// shifts as [`features_composed`](Self::features_composed).
+    fn favor_fused(&self, x: Tensor<4>, side: Side, input: &AttnInput) -> Tensor<4> {
+        let causal = self.mode == AttentionMode::Causal;
+        // c_i = ‖ω_i‖²/2, added to query logits and subtracted from key logits when causal.
+        let c = || self.omega.val().square().sum_dim(1).mul_scalar(0.5).reshape([-1]);
+        let (offset, pad, norm_term, shift) = match side {
+            Side::Query => (causal.then(c), None, false, FavorShift::Row),
+            Side::Key if causal => {
+                let pad = input.mask_pad_k.as_ref();
+                (Some(c().neg()), pad, true, FavorShift::None)
+            }
+            Side::Key => (None, input.mask_pad_k.as_ref(), true, FavorShift::Slice),
+        };
+        favor_features(x, self.omega.val(), offset, pad, FavorSide { norm_term, shift })
+    }
+
+    /// φ for one side as Burn tensor operations, with padded keys zeroed: what runs off Flex,
+    /// and the oracle of the fused features.
+    fn features_composed(&self, x: Tensor<4>, side: Side, input: &AttnInput) -> Tensor<4> {
         let [b, h, l, d] = x.dims();
         let m = self.num_features();
         let proj = self.project(x.clone()); // [batch, heads, seq, m]
@@ -316,6 +345,18 @@ impl PerformerAttention {
         (
             self.features(input.query.clone(), Side::Query, input),
             self.features(input.key.clone(), Side::Key, input),
+        )
+    }
+
+    /// [`feature_maps`](Self::feature_maps) as Burn tensor operations on any device (the fused
+    /// features' oracle).
+    ///
+    /// # Shapes
+    /// - output: (`[batch, heads, seq_q, m]`, `[batch, heads, seq_k, m]`)
+    pub fn feature_maps_composed(&self, input: &AttnInput) -> (Tensor<4>, Tensor<4>) {
+        (
+            self.features_composed(input.query.clone(), Side::Query, input),
+            self.features_composed(input.key.clone(), Side::Key, input),
         )
     }
 }

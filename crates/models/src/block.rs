@@ -1,20 +1,53 @@
 //! The pieces of a transformer layer: normalisation, feed-forward, and the encoder and decoder
 //! layers that combine them with attention from `efficient-attn`.
 
-use burn::module::Module;
-use burn::nn::{
-    Dropout, DropoutConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm,
-    RmsNormConfig,
-};
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{gelu, relu, silu};
+use burn::tensor::module::layer_norm;
 use burn::tensor::{Device, Tensor};
 use efficient_attn::{
     Attention, AttentionCore, AttentionMode, CoreConfig, Extras, FeedForwardActivation, MhaCache,
     MhaInput, MultiHeadAttention, ProjectedContext, RotaryConfig, WithExtras, fused_feed_forward,
-    runs_fused,
+    fused_layer_norm, runs_fused,
 };
 
 use crate::config::{FeedForwardKind, ModelConfigError, NormKind, NormPlacement, StackConfig};
+
+/// Layer normalisation over the last axis, `(x - mean)/√(var + eps)·γ + β`, with the fields and
+/// record layout of Burn's `LayerNorm` (`gamma`, `beta`): on Flex one fused operation with its
+/// own backward ([`fused_layer_norm`]), elsewhere Burn's `layer_norm`.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    /// Scale γ (ones at initialisation).
+    pub gamma: Param<Tensor<1>>,
+    /// Shift β (zeros at initialisation).
+    pub beta: Option<Param<Tensor<1>>>,
+    /// Added to the variance.
+    epsilon: f64,
+}
+
+impl LayerNorm {
+    /// A norm of width `d_model` with a shift, as Burn's `LayerNormConfig::new(d_model)`.
+    pub fn new(d_model: usize, epsilon: f64, device: &Device) -> Self {
+        Self {
+            gamma: Initializer::Ones.init([d_model], device),
+            beta: Some(Initializer::Zeros.init([d_model], device)),
+            epsilon,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[..., d_model]` → `[..., d_model]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let beta = self.beta.as_ref().map(|b| b.val());
+        if runs_fused(&x) {
+            fused_layer_norm(x, self.gamma.val(), beta, self.epsilon)
+        } else {
+            layer_norm(x, self.gamma.val(), beta, self.epsilon)
+        }
+    }
+}
 
 /// LayerNorm or RMSNorm.
 #[derive(Module, Debug)]
@@ -30,9 +63,7 @@ impl Norm {
     /// A norm of width `d_model`.
     pub fn new(kind: NormKind, d_model: usize, eps: f64, device: &Device) -> Self {
         match kind {
-            NormKind::LayerNorm => {
-                Self::Layer(LayerNormConfig::new(d_model).with_epsilon(eps).init(device))
-            }
+            NormKind::LayerNorm => Self::Layer(LayerNorm::new(d_model, eps, device)),
             NormKind::RmsNorm => {
                 Self::Rms(RmsNormConfig::new(d_model).with_epsilon(eps).init(device))
             }

@@ -20,7 +20,7 @@ pub mod presets;
 mod pretrained;
 mod stack;
 
-pub use crate::block::{FeedForward, Norm, TransformerLayer};
+pub use crate::block::{FeedForward, LayerNorm, Norm, TransformerLayer};
 pub use crate::config::{
     FeedForwardKind, ModelConfigError, NormKind, NormPlacement, PositionKind, StackConfig,
 };

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use super::flash::with_scratch;
 use super::gemm::{Mat, MatMut, gemm};
 use super::simd::RowOps;
+use super::zeros;
 use crate::kernels::block_sparse::{BlockPlan, ElementRule};
 
 /// The problem: `[batch, heads, seq, width]` row-major tensors, and `extra` keys per head.
@@ -480,9 +481,9 @@ fn backward_head(
         ..
     } = *shape;
     let mut grads = Grads {
-        dq: vec![0.0; seq_q * d_k],
-        dk: vec![0.0; seq_k * d_k],
-        dv: vec![0.0; seq_k * d_v],
+        dq: zeros(seq_q * d_k),
+        dk: zeros(seq_k * d_k),
+        dv: zeros(seq_k * d_v),
         d_extra_k: vec![0.0; extra * d_k],
         d_extra_v: vec![0.0; extra * d_v],
     };

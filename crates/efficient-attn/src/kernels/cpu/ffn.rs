@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, MatMut, gemm_parallel};
 use super::simd::{Activation, RowOps};
+use super::zeros;
 
 /// The block's sizes: `rows` positions of width `d_model`, hidden width `d_ff`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,7 +83,7 @@ pub fn forward(block: Block<'_>, dims: Dims, y: &mut [f32], z: &mut [f32]) {
         0.0,
         1.0,
     );
-    let mut a = vec![0.0f32; rows * d_ff];
+    let mut a = zeros(rows * d_ff);
     let chunk = ROWS_PER_TASK * d_ff;
     z.par_chunks_mut(chunk)
         .zip(a.par_chunks_mut(chunk))
@@ -139,8 +140,8 @@ pub fn backward(block: Block<'_>, dims: Dims, z: &[f32], dy: &[f32]) -> Grads {
     assert_eq!(dy.len(), rows * d_model, "feed-forward backward: dy size");
     let ops = RowOps::detect();
     // da = dy W₂ᵀ, then the activation (recomputed) and dz = da ⊙ mask ⊙ act'(z) in place.
-    let mut a = vec![0.0f32; rows * d_ff];
-    let mut g = vec![0.0f32; rows * d_ff];
+    let mut a = zeros(rows * d_ff);
+    let mut g = zeros(rows * d_ff);
     gemm_parallel(
         MatMut::rows(&mut g, rows, d_ff, d_ff),
         Mat::rows(dy, rows, d_model, d_model),
@@ -177,7 +178,7 @@ pub fn backward(block: Block<'_>, dims: Dims, z: &[f32], dy: &[f32]) -> Grads {
         0.0,
         1.0,
     );
-    let mut dx = vec![0.0f32; rows * d_model];
+    let mut dx = zeros(rows * d_model);
     gemm_parallel(
         MatMut::rows(&mut dx, rows, d_model, d_model),
         Mat::rows(&g, rows, d_ff, d_ff),

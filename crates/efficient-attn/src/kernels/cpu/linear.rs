@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, MatMut, gemm};
 use super::simd::RowOps;
+use super::zeros;
 
 /// The floor of the denominator.
 const FLOOR: f32 = 1.0e-30;
@@ -353,9 +354,9 @@ pub fn backward(
         out.len(),
         "kernel attention backward: d_out size"
     );
-    let mut dq = vec![0.0f32; heads * seq_q * m];
-    let mut dk = vec![0.0f32; heads * seq_k * m];
-    let mut dv = vec![0.0f32; heads * seq_k * d_v];
+    let mut dq = zeros(heads * seq_q * m);
+    let mut dk = zeros(heads * seq_k * m);
+    let mut dv = zeros(heads * seq_k * d_v);
     if heads == 0 || m == 0 {
         return (dq, dk, dv);
     }

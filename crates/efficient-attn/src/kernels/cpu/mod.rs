@@ -8,13 +8,27 @@
 //!   for AVX-512 and AVX2+FMA and chosen at run time, with a portable fallback; calling a
 //!   `#[target_feature]` function needs `unsafe` after the feature check.
 //!
-//! Everything above them ([`flash`], [`block_sparse`], [`linear`], [`ffn`]) is safe code over slices.
+//! Everything above them ([`flash`], [`block_sparse`], [`linear`], [`favor`], [`ffn`],
+//! [`layer_norm`]) is safe code over slices.
 
 pub mod block_sparse;
+pub mod favor;
 pub mod ffn;
 pub mod flash;
 #[allow(unsafe_code)]
 pub mod gemm;
+pub mod layer_norm;
 pub mod linear;
 #[allow(unsafe_code)]
 pub mod simd;
+
+/// `n` zeros, written by all threads when `n` is large: an output buffer of a kernel (a
+/// single-threaded `vec![0.0; n]` of a recycled allocation is a `memset` on the calling
+/// thread while the others wait).
+pub fn zeros(n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    if n < 1 << 16 {
+        return vec![0.0; n];
+    }
+    (0..n).into_par_iter().map(|_| 0.0f32).collect()
+}

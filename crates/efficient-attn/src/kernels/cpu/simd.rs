@@ -1,4 +1,5 @@
-//! The element-wise row operations of the online softmax, vectorised.
+//! The element-wise row operations of the fused kernels (online softmax, activations, layer
+//! normalisation), vectorised.
 //!
 //! Each operation is written once as plain Rust over slices (a polynomial `exp` the compiler
 //! vectorises, per-lane partial sums and maxima so that reductions vectorise without
@@ -261,6 +262,106 @@ fn add_generic(acc: &mut [f32], row: &[f32]) {
     }
 }
 
+/// `Σ row[j]`, with per-lane partial sums.
+#[inline(always)]
+fn sum_generic(row: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            lanes[l] += c[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Layer normalisation of one row: `y = (x - μ)·r·γ + β` with `r = 1/√(σ² + eps)` (two passes:
+/// the mean, then the biased variance about it); returns `(μ, r)`.
+#[inline(always)]
+fn layer_norm_generic(
+    x: &[f32],
+    y: &mut [f32],
+    gamma: &[f32],
+    beta: Option<&[f32]>,
+    eps: f32,
+) -> (f32, f32) {
+    let n = x.len();
+    let (y, gamma) = (&mut y[..n], &gamma[..n]);
+    let mean = sum_generic(x) / n as f32;
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = x - mean;
+    }
+    let var = dot_generic(y, y) / n as f32;
+    let rstd = 1.0 / (var + eps).sqrt();
+    match beta {
+        Some(beta) => {
+            let beta = &beta[..n];
+            for ((y, g), b) in y.iter_mut().zip(gamma).zip(beta) {
+                *y = *y * rstd * g + b;
+            }
+        }
+        None => {
+            for (y, g) in y.iter_mut().zip(gamma) {
+                *y = *y * rstd * g;
+            }
+        }
+    }
+    (mean, rstd)
+}
+
+/// The gradient of [`layer_norm_generic`] for one row: with `x̂ = (x - μ)·r` and `g = dy·γ`,
+/// `dx = r·(g - mean(g) - x̂·mean(g·x̂))`; adds `dy·x̂` to `dgamma` and `dy` to `dbeta`.
+/// `dx` is scratch until the end.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_grad_generic(
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    (mean, rstd): (f32, f32),
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let n = x.len();
+    let (dy, gamma, dx) = (&dy[..n], &gamma[..n], &mut dx[..n]);
+    let (dgamma, dbeta) = (&mut dgamma[..n], &mut dbeta[..n]);
+    // dx holds x̂ first.
+    for (h, x) in dx.iter_mut().zip(x) {
+        *h = (x - mean) * rstd;
+    }
+    let mut sum_g = [0.0f32; LANES];
+    let mut sum_gh = [0.0f32; LANES];
+    let mut chunks = dx.chunks_exact(LANES).zip(dy.chunks_exact(LANES));
+    let mut gammas = gamma.chunks_exact(LANES);
+    for ((h, d), g) in (&mut chunks).zip(&mut gammas) {
+        for l in 0..LANES {
+            let gl = d[l] * g[l];
+            sum_g[l] += gl;
+            sum_gh[l] += gl * h[l];
+        }
+    }
+    let tail = n - n % LANES;
+    let (mut a, mut b) = (sum_g.iter().sum::<f32>(), sum_gh.iter().sum::<f32>());
+    for j in tail..n {
+        let gl = dy[j] * gamma[j];
+        a += gl;
+        b += gl * dx[j];
+    }
+    let (a, b) = (a / n as f32, b / n as f32);
+    for ((((h, d), g), dg), db) in dx
+        .iter_mut()
+        .zip(dy)
+        .zip(gamma)
+        .zip(dgamma.iter_mut())
+        .zip(dbeta.iter_mut())
+    {
+        *dg += d * *h;
+        *db += d;
+        *h = rstd * (d * g - a - *h * b);
+    }
+}
+
 /// Declares one set of row operations compiled with `$features` (or for the baseline target
 /// when no features are given).
 macro_rules! row_ops {
@@ -313,6 +414,28 @@ macro_rules! row_ops {
             $(#[target_feature(enable = $features)])?
             pub(super) fn add(acc: &mut [f32], row: &[f32]) {
                 super::add_generic(acc, row)
+            }
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn layer_norm(
+                x: &[f32],
+                y: &mut [f32],
+                gamma: &[f32],
+                beta: Option<&[f32]>,
+                eps: f32,
+            ) -> (f32, f32) {
+                super::layer_norm_generic(x, y, gamma, beta, eps)
+            }
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn layer_norm_grad(
+                x: &[f32],
+                dy: &[f32],
+                gamma: &[f32],
+                stats: (f32, f32),
+                dx: &mut [f32],
+                dgamma: &mut [f32],
+                dbeta: &mut [f32],
+            ) {
+                super::layer_norm_grad_generic(x, dy, gamma, stats, dx, dgamma, dbeta)
             }
         }
     };
@@ -447,6 +570,37 @@ impl RowOps {
     /// `acc += row`.
     pub fn add(&self, acc: &mut [f32], row: &[f32]) {
         dispatch!(self, add(acc, row))
+    }
+
+    /// Layer normalisation of one row, `y = (x - μ)/√(σ² + eps)·γ + β`; returns `(μ, 1/√(σ² + eps))`.
+    pub fn layer_norm(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        gamma: &[f32],
+        beta: Option<&[f32]>,
+        eps: f32,
+    ) -> (f32, f32) {
+        dispatch!(self, layer_norm(x, y, gamma, beta, eps))
+    }
+
+    /// The gradient of [`layer_norm`](Self::layer_norm) for one row given its `(μ, 1/√(σ² + eps))`:
+    /// writes `dx`, adds `dy·x̂` to `dgamma` and `dy` to `dbeta`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer_norm_grad(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        gamma: &[f32],
+        stats: (f32, f32),
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        dispatch!(
+            self,
+            layer_norm_grad(x, dy, gamma, stats, dx, dgamma, dbeta)
+        )
     }
 }
 

@@ -13,6 +13,7 @@ use burn::tensor::{Bool, Tensor};
 
 use super::{flex, host, runs_fused, slice};
 use crate::kernels::cpu::flash::{self, Inputs, Params, Shape};
+use crate::kernels::cpu::zeros;
 
 /// Exact attention as one fused operation (FlashAttention-2 on the CPU).
 ///
@@ -127,8 +128,8 @@ impl FusedAttention for Flex {
             key_bias: bias.as_ref().map(slice),
         };
         let bh = shape.batch * shape.heads;
-        let mut out = vec![0.0; bh * shape.seq_q * shape.d_v];
-        let mut lse = vec![0.0; bh * shape.seq_q];
+        let mut out = zeros(bh * shape.seq_q * shape.d_v);
+        let mut lse = zeros(bh * shape.seq_q);
         flash::forward(
             inputs,
             shape,
@@ -167,9 +168,9 @@ impl FusedAttention for Flex {
             v: slice(&v),
             key_bias: bias.as_ref().map(slice),
         };
-        let mut dq = vec![0.0; qd.iter().product()];
-        let mut dk = vec![0.0; kd.iter().product()];
-        let mut dv = vec![0.0; vd.iter().product()];
+        let mut dq = zeros(qd.iter().product());
+        let mut dk = zeros(kd.iter().product());
+        let mut dv = zeros(vd.iter().product());
         flash::backward(
             inputs,
             shape,

@@ -15,6 +15,7 @@ use burn::tensor::Tensor;
 use super::{flex, host, runs_fused, slice};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, ExtraKeys};
 use crate::kernels::cpu::block_sparse::{self, ExtraBias, Inputs, Pattern, Shape};
+use crate::kernels::cpu::zeros;
 
 /// The host-side settings of one call: the plan, the rule inside planned blocks, the scale.
 #[derive(Clone, Debug)]
@@ -218,8 +219,8 @@ impl FusedBlockSparse for Flex {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let h = Host::new(q, k, v, extra_k, extra_v, key_bias, extra_bias, &pattern);
         let s = h.shape();
-        let mut out = vec![0.0; s.batch * s.heads * s.seq_q * s.d_v];
-        let mut lse = vec![0.0; s.batch * s.heads * s.seq_q];
+        let mut out = zeros(s.batch * s.heads * s.seq_q * s.d_v);
+        let mut lse = zeros(s.batch * s.heads * s.seq_q);
         block_sparse::forward(h.inputs(), s, pattern_of(&pattern), &mut out, &mut lse);
         (
             flex(out, &[s.batch, s.heads, s.seq_q, s.d_v]),

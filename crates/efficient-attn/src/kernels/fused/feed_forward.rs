@@ -13,6 +13,7 @@ use burn::tensor::Tensor;
 use super::{flex, host, runs_fused, slice};
 use crate::kernels::cpu::ffn::{self, Block, Dims};
 use crate::kernels::cpu::simd::Activation;
+use crate::kernels::cpu::zeros;
 
 /// The activation of a fused feed-forward block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,8 +152,8 @@ impl FusedFeedForward for Flex {
             mask: mask.as_ref().map(slice),
             activation: super::feed_forward::activation(activation),
         };
-        let mut y = vec![0.0; dims.rows * dims.d_model];
-        let mut z = vec![0.0; dims.rows * dims.d_ff];
+        let mut y = zeros(dims.rows * dims.d_model);
+        let mut z = zeros(dims.rows * dims.d_ff);
         ffn::forward(block, dims, &mut y, &mut z);
         (
             flex(y, &[dims.rows, dims.d_model]),

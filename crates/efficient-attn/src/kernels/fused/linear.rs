@@ -13,6 +13,7 @@ use burn::tensor::{Bool, Tensor};
 
 use super::{flex, host, runs_fused, slice};
 use crate::kernels::cpu::linear::{self, Feature, Features, Inputs, Shape};
+use crate::kernels::cpu::zeros;
 
 /// `out_i = φ(q_i) S_i / φ(q_i)·z_i` over the keys query `i` sees: every key (`chunk = 0`) or
 /// causally, in chunks of `chunk` queries. `q [B, H, Nq, m]`, `k [B, H, Nk, m]`,
@@ -100,7 +101,7 @@ impl FusedKernelAttention for Flex {
             keep: keep.as_ref().map(slice),
             heads_per_batch: qd[1],
         };
-        let mut out = vec![0.0; shape.heads * shape.seq_q * shape.d_v];
+        let mut out = zeros(shape.heads * shape.seq_q * shape.d_v);
         linear::forward(inputs, features, shape, chunk_of(chunk), &mut out);
         flex(out, &[qd[0], qd[1], qd[2], vd[3]])
     }

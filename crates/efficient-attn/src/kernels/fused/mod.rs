@@ -10,11 +10,15 @@
 //! - [`attention`]: exact attention (FlashAttention-2);
 //! - [`block_sparse`]: attention over a block plan (windows, bands, random and global blocks);
 //! - [`linear`]: kernel (linear) attention on feature maps, bidirectional or causal in chunks;
-//! - [`feed_forward`]: the position-wise feed-forward block with GELU or ReLU.
+//! - [`favor`]: Performer's positive random features;
+//! - [`feed_forward`]: the position-wise feed-forward block with GELU or ReLU;
+//! - [`layer_norm`]: layer normalisation over the last axis.
 
 pub mod attention;
 pub mod block_sparse;
+pub mod favor;
 pub mod feed_forward;
+pub mod layer_norm;
 pub mod linear;
 
 use burn::backend::flex::FlexTensor;
@@ -23,6 +27,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 
 pub use self::attention::{DEFAULT_TILES, flash_attention};
 pub use self::feed_forward::{FeedForwardActivation, fused_feed_forward};
+pub use self::layer_norm::fused_layer_norm;
 
 /// A contiguous `f32` copy (or view) of a Flex tensor and its dimensions.
 fn host(t: &FlexTensor) -> (FlexTensor, Vec<usize>) {
