@@ -13,7 +13,10 @@
 //!   kernel; the stride pattern becomes contiguous after a transpose of the sequence as an
 //!   `[N/l, l]` grid (each residue class is one short sequence, attended fully or causally); the
 //!   summary columns are a fixed set of N/l·c keys every query sees (masked by causality).
-//!   Cost O(N·(l + N/l)·d) time and O(N·(l + N/l)) memory: O(N√N) for l ≈ √N.
+//!   Cost O(N·(l + c·N/l)·d) time and O(N·(l + c·N/l)) memory (the strided A² heads see N/l
+//!   keys per query, the fixed ones c·N/l): **quadratic in N at a fixed l** (the default, l =
+//!   128, as openai and LRA use it), O(N√N) only when l grows like √N, which `stride = "sqrt"`
+//!   does (l = ⌈√N⌉ per input, at least c).
 //! - Exact: softmax attention restricted to the pattern (the realised pattern equals the dense
 //!   mask, tested); with l ≥ N the A¹ heads are full (causal full) attention.
 //! - Modes: causal (native) and bidirectional (symmetric patterns, as DeepSpeed/xformers
@@ -43,14 +46,51 @@ pub enum SparsePattern {
     Fixed,
 }
 
+/// The stride (block length) l of [`SparseTransformerAttentionConfig`]: a fixed length (TOML
+/// `stride = 128`) or `stride = "sqrt"`, l = ⌈√N⌉ for each input of length N (at least the
+/// summary length c), which makes the cost O(N√N).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", untagged)]
+pub enum Stride {
+    /// A fixed l: cost O(N·(l + c·N/l)), quadratic in N.
+    Length(usize),
+    /// A rule that sets l from N.
+    Rule(StrideRule),
+}
+
+/// A rule that sets the Sparse Transformer's stride from the sequence length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", rename_all = "kebab-case")]
+pub enum StrideRule {
+    /// l = ⌈√N⌉ (the paper's choice, l ≈ √N).
+    Sqrt,
+}
+
+impl Stride {
+    /// l for a sequence of `n` positions, at least `min`.
+    pub fn for_length(self, n: usize, min: usize) -> usize {
+        match self {
+            Self::Length(l) => l,
+            Self::Rule(StrideRule::Sqrt) => {
+                let mut l = (n as f64).sqrt().ceil() as usize;
+                while l * l < n {
+                    l += 1;
+                }
+                l.max(min).max(1)
+            }
+        }
+    }
+}
+
 /// Configuration of [`SparseTransformerAttention`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(crate = "burn::serde", default, deny_unknown_fields)]
 pub struct SparseTransformerAttentionConfig {
     /// Pattern (paper: strided for images, fixed for text).
     pub pattern: SparsePattern,
-    /// Stride or block length (paper: l ≈ √N; openai fixed example 128, LRA 128).
-    pub stride: usize,
+    /// Stride or block length l: a length (openai fixed example 128, LRA 128; cost quadratic in
+    /// N) or `"sqrt"` (paper: l ≈ √N; cost O(N√N)).
+    pub stride: Stride,
     /// Summary positions per block of the fixed pattern (paper: c; LRA 32).
     pub summary: usize,
 }
@@ -59,7 +99,7 @@ impl Default for SparseTransformerAttentionConfig {
     fn default() -> Self {
         Self {
             pattern: SparsePattern::Fixed,
-            stride: 128,
+            stride: Stride::Length(128),
             summary: 32,
         }
     }
@@ -71,8 +111,8 @@ impl SparseTransformerAttentionConfig {
         kind: "sparse-transformer",
         paper: "Child et al. 2019, Generating Long Sequences with Sparse Transformers, arXiv:1904.10509",
         modes: &[AttentionMode::Bidirectional, AttentionMode::Causal],
-        time: "O(N·(l + N/l)·d) = O(N√N·d)",
-        memory: "O(N·(l + N/l))",
+        time: "O(N·(l + c·N/l)·d): quadratic at fixed l; O(N√N·d) with stride = \"sqrt\"",
+        memory: "O(N·(l + c·N/l)): quadratic at fixed l; O(N√N) with stride = \"sqrt\"",
         exactness: Exactness::ExactWhen("on its factorised pattern (A¹ heads full when l >= N)"),
         needs_grid: false,
         global_tokens: false,
@@ -100,14 +140,23 @@ impl CoreConfig for SparseTransformerAttentionConfig {
             mode,
             "the factorised patterns index positions of one sequence",
         )?;
-        ConfigError::check_nonzero("stride", self.stride)?;
-        if self.pattern == SparsePattern::Fixed && (self.summary == 0 || self.summary > self.stride)
-        {
-            return Err(ConfigError::InvalidField {
-                field: "summary",
-                expected: format!("1..={} (at most the block length `stride`)", self.stride),
-                got: self.summary.to_string(),
-            });
+        let fixed = self.pattern == SparsePattern::Fixed;
+        match self.stride {
+            Stride::Length(l) => {
+                ConfigError::check_nonzero("stride", l)?;
+                if fixed && (self.summary == 0 || self.summary > l) {
+                    return Err(ConfigError::InvalidField {
+                        field: "summary",
+                        expected: format!("1..={l} (at most the block length `stride`)"),
+                        got: self.summary.to_string(),
+                    });
+                }
+            }
+            Stride::Rule(_) => {
+                if fixed {
+                    ConfigError::check_nonzero("summary", self.summary)?;
+                }
+            }
         }
         Ok(SparseTransformerAttention {
             mode,
@@ -126,15 +175,26 @@ pub struct SparseTransformerAttention {
     mode: AttentionMode,
     #[module(skip)]
     pattern: SparsePattern,
-    stride: usize,
+    #[module(skip)]
+    stride: Stride,
     summary: usize,
     local_heads: usize,
 }
 
 impl SparseTransformerAttention {
-    /// Whether query `i` may see key `j` in head `h`.
-    pub fn allowed(&self, h: usize, i: usize, j: usize) -> bool {
-        let l = self.stride;
+    /// The stride l for a sequence of `n` positions.
+    pub fn stride_for(&self, n: usize) -> usize {
+        let min = if self.pattern == SparsePattern::Fixed {
+            self.summary
+        } else {
+            1
+        };
+        self.stride.for_length(n, min)
+    }
+
+    /// Whether query `i` may see key `j` in head `h`, in a sequence of `n` positions.
+    pub fn allowed(&self, h: usize, n: usize, i: usize, j: usize) -> bool {
+        let l = self.stride_for(n);
         let causal_ok = !self.mode.is_causal() || j <= i;
         let first = h < self.local_heads;
         causal_ok
@@ -155,7 +215,7 @@ impl SparseTransformerAttention {
         pad: Option<&Tensor<2, Bool>>,
     ) -> Tensor<4> {
         let n = q.dims()[2];
-        let l = self.stride.min(n.max(1));
+        let l = self.stride_for(n).min(n.max(1));
         let nb = n.div_ceil(l);
         let causal = self.mode.is_causal();
         let (plan, rule) = match self.pattern {
@@ -196,7 +256,7 @@ impl SparseTransformerAttention {
     ) -> Tensor<4> {
         let [b, h, n, _] = q.dims();
         let dv = v.dims()[3];
-        let l = self.stride;
+        let l = self.stride_for(n);
         let rows = n.div_ceil(l);
         let device = q.device();
         let to_classes = |x: Tensor<4>| {
@@ -264,7 +324,7 @@ impl SparseTransformerAttention {
         pad: Option<&Tensor<2, Bool>>,
     ) -> Tensor<4> {
         let [b, h, n, _] = q.dims();
-        let l = self.stride;
+        let l = self.stride_for(n);
         let device = q.device();
         let cols: Vec<i64> = (0..n)
             .filter(|j| j % l >= l - self.summary)
@@ -351,7 +411,7 @@ impl SparseTransformerAttention {
     pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, h, n, lk, _, _] = input.dims();
         Some(crate::mask::DenseMask::per_head(h, n, lk, |head, i, j| {
-            self.allowed(head, i, j)
+            self.allowed(head, n, i, j)
         }))
     }
 }
@@ -364,11 +424,11 @@ mod contract {
     use crate::testing::specs::*;
     use crate::testing::{Case, Contract, Spec};
 
-    fn sparse_with(pattern: SparsePattern) -> Spec<Attention> {
+    fn sparse_with(pattern: SparsePattern, stride: Stride) -> Spec<Attention> {
         let config = move |_: &Case| {
             SparseTransformerAttentionConfig {
                 pattern,
-                stride: 4,
+                stride,
                 summary: 2,
             }
             .into()
@@ -377,16 +437,19 @@ mod contract {
             Attention::SparseTransformer(a) => a.pattern(input),
             _ => None,
         });
-        spec.name = format!("sparse-transformer ({pattern:?})");
+        spec.name = format!("sparse-transformer ({pattern:?}, {stride:?})");
         spec
     }
 
-    /// Strided pattern with l = 4, fixed pattern with l = 4, c = 2.
+    /// Strided pattern with l = 4, fixed pattern with l = 4, c = 2, and both with l = ⌈√N⌉.
     impl Contract for SparseTransformerAttentionConfig {
         fn contract() -> Vec<Spec<Attention>> {
+            let sqrt = Stride::Rule(StrideRule::Sqrt);
             vec![
-                sparse_with(SparsePattern::Strided),
-                sparse_with(SparsePattern::Fixed),
+                sparse_with(SparsePattern::Strided, Stride::Length(4)),
+                sparse_with(SparsePattern::Fixed, Stride::Length(4)),
+                sparse_with(SparsePattern::Strided, sqrt),
+                sparse_with(SparsePattern::Fixed, sqrt),
             ]
         }
     }

@@ -104,14 +104,59 @@ pub struct BenchSettings {
     pub budget_bytes: u64,
 }
 
-/// The variant's default config, adapted to sequences of exactly `n` positions: sized
-/// variants set their maximum length to `n` ([`CoreConfig::with_max_len`]), 2-D variants fit
-/// their blocks to the near-square grid of `n` ([`CoreConfig::fit_grid`]).
+/// A variant spec: a kind (`sparse-transformer`, its default config) or a kind with some of
+/// its fields as the body of a TOML inline table (`sparse-transformer{stride = "sqrt"}`).
 ///
 /// # Errors
-/// An unknown kind.
-pub fn config_for_length(kind: &str, n: usize) -> Result<AttentionConfig, String> {
-    let config = AttentionConfig::try_from_kind(kind)?;
+/// An unknown kind, or fields its config rejects (named).
+pub fn parse_variant_spec(spec: &str) -> Result<AttentionConfig, String> {
+    let Some((kind, rest)) = spec.split_once('{') else {
+        return AttentionConfig::try_from_kind(spec.trim());
+    };
+    let kind = kind.trim();
+    let body = rest
+        .strip_suffix('}')
+        .ok_or_else(|| format!("variant `{spec}`: expected `kind{{field = value, ...}}`"))?;
+    AttentionConfig::try_from_kind(kind)?;
+    let doc = format!("attention = {{ kind = {kind:?}, {body} }}");
+    let mut table: toml::Table =
+        toml::from_str(&doc).map_err(|e| format!("variant `{spec}`: {}", e.message()))?;
+    let value = table
+        .remove("attention")
+        .expect("the table has the key it was written with");
+    value
+        .try_into::<AttentionConfig>()
+        .map_err(|e| format!("variant `{spec}`: {}", e.message()))
+}
+
+/// Splits a comma-separated list of variant specs, keeping the commas inside `{...}`.
+pub fn split_variant_specs(list: &str) -> Vec<String> {
+    let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0usize);
+    for c in list.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                out.push(std::mem::take(&mut cur).trim().to_string());
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    out.push(cur.trim().to_string());
+    out.retain(|s| !s.is_empty());
+    out
+}
+
+/// The variant's config (see [`parse_variant_spec`]), adapted to sequences of exactly `n`
+/// positions: sized variants set their maximum length to `n` ([`CoreConfig::with_max_len`]),
+/// 2-D variants fit their blocks to the near-square grid of `n` ([`CoreConfig::fit_grid`]).
+///
+/// # Errors
+/// An unknown kind or a field its config rejects.
+pub fn config_for_length(spec: &str, n: usize) -> Result<AttentionConfig, String> {
+    let config = parse_variant_spec(spec)?;
     let config = config.with_max_len(n);
     Ok(if config.info().needs_grid {
         config.fit_grid(Grid::near_square(n))

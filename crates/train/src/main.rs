@@ -81,9 +81,10 @@ enum Command {
     },
     /// Time and measure the memory of attention variants across sequence lengths.
     Bench {
-        /// Variants (comma-separated kinds); default: all.
-        #[arg(long, value_delimiter = ',')]
-        variants: Vec<String>,
+        /// Variants, comma-separated: kinds, or kinds with fields as a TOML inline table's body
+        /// (`sparse-transformer{stride = "sqrt"}`); default: every kind.
+        #[arg(long)]
+        variants: Option<String>,
         /// Sequence lengths.
         #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024, 4096, 16384])]
         lengths: Vec<usize>,
@@ -407,13 +408,18 @@ fn run(cli: Cli) -> Result<(), String> {
             budget_gib,
             json,
         } => {
-            let variants = if variants.is_empty() {
-                AttentionConfig::all_defaults()
+            let variants = match variants {
+                None => AttentionConfig::all_defaults()
                     .iter()
                     .map(|c| c.info().kind.to_string())
-                    .collect()
-            } else {
-                variants
+                    .collect(),
+                Some(list) => {
+                    let specs = train::bench::split_variant_specs(&list);
+                    for spec in &specs {
+                        train::bench::parse_variant_spec(spec)?;
+                    }
+                    specs
+                }
             };
             let mut passes = vec![Pass::Forward];
             if backward {

@@ -136,3 +136,56 @@ fn base_files_merge_and_sets_override() {
     let bad = load(&dir.join("variant.toml"), &["train.epochs".into()]).unwrap_err();
     assert!(bad.to_string().contains("key.path=value"), "{bad}");
 }
+
+/// The Sparse Transformer's stride is a length or `"sqrt"` (l = ⌈√N⌉, at least the summary
+/// length), in TOML and in `efformer bench`'s variant specs; anything else is an error that
+/// names the variant.
+#[test]
+fn sparse_transformer_stride_is_a_length_or_sqrt() {
+    use efficient_attn::{
+        Attention, AttentionMode, HeadDims, SparseTransformerAttentionConfig, Stride, StrideRule,
+    };
+    use train::bench::{parse_variant_spec, split_variant_specs};
+    let stride_of = |spec: &str| match parse_variant_spec(spec).unwrap() {
+        AttentionConfig::SparseTransformer(c) => c.stride,
+        other => panic!("{spec}: {other:?}"),
+    };
+    assert_eq!(
+        stride_of("sparse-transformer{stride = \"sqrt\"}"),
+        Stride::Rule(StrideRule::Sqrt)
+    );
+    assert_eq!(
+        stride_of("sparse-transformer{stride = 64, summary = 8}"),
+        Stride::Length(64)
+    );
+    assert_eq!(stride_of("sparse-transformer"), Stride::Length(128));
+    let err = parse_variant_spec("sparse-transformer{stride = \"cube\"}").unwrap_err();
+    assert!(err.contains("sparse-transformer"), "{err}");
+    let err = parse_variant_spec("sparse-transformer{strides = 4}").unwrap_err();
+    assert!(err.contains("strides"), "{err}");
+    assert_eq!(
+        split_variant_specs("full, sparse-transformer{stride = 64, summary = 8},linformer"),
+        [
+            "full",
+            "sparse-transformer{stride = 64, summary = 8}",
+            "linformer"
+        ]
+    );
+    // l = ⌈√N⌉, never below the summary length c.
+    assert_eq!(Stride::Rule(StrideRule::Sqrt).for_length(1000, 8), 32);
+    assert_eq!(Stride::Rule(StrideRule::Sqrt).for_length(1024, 8), 32);
+    assert_eq!(Stride::Rule(StrideRule::Sqrt).for_length(16, 8), 8);
+    // A summary longer than a fixed stride is a config error; with "sqrt" it is allowed.
+    let dims = HeadDims::new(2, 8);
+    let device = burn::tensor::Device::flex();
+    let build = |stride| -> Result<Attention, _> {
+        AttentionConfig::SparseTransformer(SparseTransformerAttentionConfig {
+            stride,
+            summary: 40,
+            ..Default::default()
+        })
+        .init(AttentionMode::Causal, dims, &device)
+    };
+    assert!(build(Stride::Length(32)).is_err());
+    assert!(build(Stride::Rule(StrideRule::Sqrt)).is_ok());
+}
