@@ -8,6 +8,10 @@
 //!
 //! The wgpu leg runs when a Vulkan driver is present; `EFFORMER_WGPU_TESTS=require` (set by
 //! `.ci/run`) makes a missing driver an error instead of a skip.
+//!
+//! Tests that cannot run (no `../shared` checkpoint, no wgpu adapter) record why in a file
+//! (`EFFORMER_SKIP_LOG`, set here); `test` ends with "N tests skipped" and their reasons, and
+//! fails if any were skipped when `EFFORMER_NO_SKIPS` is set (as `.ci/run` sets it).
 
 use std::env;
 use std::process::{Command, ExitCode};
@@ -53,7 +57,39 @@ fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// Runs the test legs, then reports (and with `EFFORMER_NO_SKIPS`, refuses) skipped tests.
 fn test() -> Result<(), String> {
+    let log = env::temp_dir().join(format!("efformer-skipped-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let result = test_legs(&log);
+    let skipped = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let lines: Vec<&str> = skipped.lines().filter(|l| !l.trim().is_empty()).collect();
+    if !lines.is_empty() {
+        eprintln!("xtask: {} tests skipped:", lines.len());
+        let mut reasons: Vec<&str> = lines.clone();
+        reasons.sort_unstable();
+        reasons.dedup();
+        for r in reasons {
+            eprintln!("xtask:   {r}");
+        }
+    }
+    result?;
+    if !lines.is_empty() && env::var_os("EFFORMER_NO_SKIPS").is_some() {
+        return Err(format!(
+            "{} tests skipped and EFFORMER_NO_SKIPS is set",
+            lines.len()
+        ));
+    }
+    Ok(())
+}
+
+fn test_legs(log: &std::path::Path) -> Result<(), String> {
+    let cargo = || {
+        let mut cmd = cargo();
+        cmd.env("EFFORMER_SKIP_LOG", log);
+        cmd
+    };
     run(
         "tests (flex, release)",
         cargo().args(["test", "--release", "--workspace"]),
@@ -65,6 +101,13 @@ fn test() -> Result<(), String> {
     let wgpu = env::var("EFFORMER_WGPU_TESTS").unwrap_or_else(|_| "auto".into());
     if wgpu == "off" {
         eprintln!("xtask: EFFORMER_WGPU_TESTS=off: skipping the wgpu leg");
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| writeln!(f, "the wgpu leg: EFFORMER_WGPU_TESTS=off"))
+            .map_err(|e| format!("cannot write {}: {e}", log.display()))?;
         return Ok(());
     }
     run(

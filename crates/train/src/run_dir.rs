@@ -75,6 +75,13 @@ impl<R: Checkpoint> Checkpointer<R> for AtomicCheckpointer {
     }
 }
 
+/// The model checkpoint of `epoch` in `run_dir`: `<run>/checkpoint/model-<epoch>.bpk`.
+pub fn checkpoint_file(run_dir: &Path, epoch: usize) -> PathBuf {
+    run_dir
+        .join("checkpoint")
+        .join(format!("model-{epoch}.bpk"))
+}
+
 /// The latest epoch whose model, optimiser and scheduler checkpoints all exist.
 pub fn last_complete_checkpoint(run_dir: &Path) -> Option<usize> {
     let dir = run_dir.join("checkpoint");

@@ -56,6 +56,32 @@ pub fn composed(core: &Attention, input: AttnInput) -> Option<Tensor<4>> {
     }
 }
 
+/// The environment variable naming the file where tests that could not run record why
+/// (`cargo xtask test` sets it, prints the count at the end, and fails when
+/// `EFFORMER_NO_SKIPS` is set, as CI sets it).
+pub const SKIP_LOG_ENV: &str = "EFFORMER_SKIP_LOG";
+
+/// Records that test `test` could not run, and why: a note on stderr and a line
+/// `test: reason` in the file [`SKIP_LOG_ENV`] names, if any. A test calls it and returns, so
+/// that a skip is never a silent pass.
+pub fn skipped(test: &str, reason: &str) {
+    use std::io::Write;
+    eprintln!("skipped: {test}: {reason}");
+    if let Some(path) = std::env::var_os(SKIP_LOG_ENV) {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path);
+        match file {
+            // One write of the whole line: appends from parallel tests do not interleave.
+            Ok(mut f) => {
+                let _ = f.write_all(format!("{test}: {reason}\n").as_bytes());
+            }
+            Err(e) => panic!("cannot record a skipped test in {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Nyströmformer's Newton–Schulz pseudo-inverse, for its convergence test.
 ///
 /// # Shapes

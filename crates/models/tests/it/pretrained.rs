@@ -35,9 +35,9 @@ fn checkpoint_dir() -> Option<PathBuf> {
             dir.display()
         );
     } else {
-        eprintln!(
-            "note: {} not found; skipping the pretrained-checkpoint test",
-            dir.display()
+        efficient_attn::testing::skipped(
+            "models pretrained-checkpoint tests",
+            &format!("{} not found", dir.display()),
         );
         None
     }

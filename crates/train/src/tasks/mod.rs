@@ -59,7 +59,7 @@ use crate::fit::{
     EvalResult, RunContext, StopReason, evaluate, fit, loaders, peak_memory, plot_run_curves,
     steps_per_epoch,
 };
-use crate::run_dir::last_complete_checkpoint;
+use crate::run_dir::{checkpoint_file, last_complete_checkpoint};
 
 /// The data splits of a task.
 pub struct Splits<'a, I> {
@@ -155,6 +155,9 @@ pub struct RunReport {
     pub parameters: usize,
     /// Epochs completed in total (including before a resume).
     pub epochs: usize,
+    /// The epoch of the model the scores describe: the last complete epoch, or after a
+    /// non-finite loss the kept checkpoint's (0: the freshly initialised model).
+    pub evaluated_epoch: usize,
     /// Optimiser steps per epoch.
     pub steps_per_epoch: usize,
     /// Wall time of this process's training, in seconds.
@@ -215,7 +218,23 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
     let fitted = fit::<T>(ctx, model, train, valid, steps, task.pad_token(), &guard)?;
     plot_run_curves(&ctx.run_dir);
     let eval_device = device.clone().inner();
-    let model = fitted.model.valid().fork(&eval_device);
+    let kept = last_complete_checkpoint(&ctx.run_dir).unwrap_or(0);
+    // After a non-finite loss the trained model is the one that took the bad step: score the
+    // model that is kept instead, the last complete checkpoint (or, before the first, the
+    // freshly initialised model).
+    let (model, evaluated_epoch) = match fitted.stopped {
+        Some(StopReason::NonFiniteLoss { .. }) if kept > 0 => {
+            let path = checkpoint_file(&ctx.run_dir, kept);
+            (load_model(task, &model_config, &eval_device, &path)?, kept)
+        }
+        Some(StopReason::NonFiniteLoss { .. }) => {
+            device.seed(c.train.seed);
+            let fresh = task.build(&model_config, &ad_device, NanGuard::default())?;
+            let fresh = task.initialize(fresh, &model_config, ctx, &ad_device)?;
+            (fresh.valid().fork(&eval_device), 0)
+        }
+        _ => (fitted.model.valid().fork(&eval_device), kept),
+    };
     let score = |items: &[T::Item]| {
         evaluate(
             &model,
@@ -230,7 +249,8 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
         task: c.task,
         attention: attention_kinds(&c.model.stack),
         parameters,
-        epochs: last_complete_checkpoint(&ctx.run_dir).unwrap_or(0),
+        epochs: kept,
+        evaluated_epoch,
         steps_per_epoch: steps,
         wall_seconds: fitted.seconds,
         peak_memory_bytes: peak_memory(),
@@ -253,19 +273,9 @@ pub fn evaluate_checkpoint<T: Task>(
     checkpoint: &Path,
 ) -> Result<EvalReport, String> {
     let c = &ctx.config;
-    let record = ModuleRecord::load(checkpoint)
-        .map_err(|e| format!("cannot load checkpoint {}: {e}", checkpoint.display()))?;
     let model_config = task.model_config(ctx)?;
     let device = ctx.main_device();
-    let model = task
-        .build(&model_config, device, NanGuard::default())?
-        .try_load_record(record)
-        .map_err(|e| {
-            format!(
-                "checkpoint {} does not fit this configuration's model: {e}",
-                checkpoint.display()
-            )
-        })?;
+    let model = load_model(task, &model_config, device, checkpoint)?;
     let batcher = task.batcher(&model_config);
     let splits = task.splits();
     let score = |items: &[T::Item]| {
@@ -283,6 +293,28 @@ pub fn evaluate_checkpoint<T: Task>(
         test: splits.test.map(score),
         per_token: task.pad_token().is_some(),
     })
+}
+
+/// `task`'s model with the parameters of the model checkpoint `checkpoint`, on `device`.
+///
+/// # Errors
+/// A checkpoint that cannot be read or does not fit the configured model, naming the file.
+fn load_model<T: Task>(
+    task: &T,
+    model_config: &T::ModelConfig,
+    device: &Device,
+    checkpoint: &Path,
+) -> Result<T::Model, String> {
+    let record = ModuleRecord::load(checkpoint)
+        .map_err(|e| format!("cannot load checkpoint {}: {e}", checkpoint.display()))?;
+    task.build(model_config, device, NanGuard::default())?
+        .try_load_record(record)
+        .map_err(|e| {
+            format!(
+                "checkpoint {} does not fit this configuration's model: {e}",
+                checkpoint.display()
+            )
+        })
 }
 
 /// Stops training on a non-finite loss (burn-train then ends the epoch without writing a

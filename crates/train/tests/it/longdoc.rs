@@ -19,7 +19,10 @@ fn one_step_lowers_the_loss_of_a_converted_encoder_on_a_fixed_batch() {
             "{} missing",
             dir.display()
         );
-        eprintln!("note: {} not found; skipping", dir.display());
+        efficient_attn::testing::skipped(
+            "one_step_lowers_the_loss_of_a_converted_encoder_on_a_fixed_batch",
+            &format!("{} not found", dir.display()),
+        );
         return;
     }
     let device = Device::flex().autodiff();
