@@ -162,6 +162,13 @@ macro_rules! __attention_enums {
                     $($(Self::$variant(a) => a,)+)*
                 }
             }
+
+            /// The variant after optimiser step `step` ([`AttentionCore::at_step`]).
+            fn variant_at_step(self, step: usize) -> Self {
+                match self {
+                    $($(Self::$variant(a) => Self::$variant(a.at_step(step)),)+)*
+                }
+            }
         }
     };
 }
@@ -225,6 +232,10 @@ impl AttentionCore for Attention {
 
     fn mode(&self) -> AttentionMode {
         self.as_core().mode()
+    }
+
+    fn at_step(self, step: usize) -> Self {
+        self.variant_at_step(step)
     }
 
     fn decode_cache(

@@ -316,6 +316,19 @@ pub trait AttentionCore {
     /// The mode this instance was built for.
     fn mode(&self) -> AttentionMode;
 
+    /// This core after optimiser step `step` (1 for the first) of training: the one hook for
+    /// state that changes per step rather than by gradients (Performer redraws its random
+    /// features on a schedule). The training loop calls it after every optimiser step, and a
+    /// resumed run continues the count, so the state is a function of the step. The default:
+    /// unchanged.
+    fn at_step(self, step: usize) -> Self
+    where
+        Self: Sized,
+    {
+        let _ = step;
+        self
+    }
+
     /// The state for incremental decoding of up to `max_len` positions, if this instance
     /// decodes incrementally. The default: none.
     fn decode_cache(

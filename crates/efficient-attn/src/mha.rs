@@ -321,6 +321,12 @@ impl MhaInput {
 }
 
 impl<C: AttentionCore + Module> MultiHeadAttention<C> {
+    /// This layer after optimiser step `step` ([`AttentionCore::at_step`] of its core).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.core = self.core.at_step(step);
+        self
+    }
+
     /// Attend.
     ///
     /// # Shapes

@@ -23,8 +23,10 @@
 //!   "up to ε" (see the pitfalls on the key stabiliser in the reference).
 //! - Feature redraw: ω is held as a non-trainable parameter (so a checkpoint keeps it) drawn
 //!   from `seed`; [`PerformerAttention::redraw_for_step`] implements the schedule
-//!   (`redraw_interval`, lucidrains: 1000 training steps): the k-th draw is a function of
-//!   `(seed, k)` only, so a resumed run redraws exactly as an uninterrupted one.
+//!   (`redraw_interval`, lucidrains: 1000 training steps) and is this core's
+//!   [`AttentionCore::at_step`], which `efformer train` calls after every optimiser step: the
+//!   k-th draw is a function of `(seed, k)` only, and a resumed run continues the step count,
+//!   so it redraws exactly as an uninterrupted one.
 
 use burn::module::{Module, Param};
 use burn::serde::{Deserialize, Serialize};
@@ -386,6 +388,11 @@ impl AttentionCore for PerformerAttention {
 
     fn mode(&self) -> AttentionMode {
         self.mode
+    }
+
+    /// Redraws the features on the `redraw_interval` schedule ([`Self::redraw_for_step`]).
+    fn at_step(self, step: usize) -> Self {
+        self.redraw_for_step(step)
     }
 
     fn decode_cache(

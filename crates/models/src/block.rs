@@ -200,6 +200,14 @@ pub(crate) struct LayerSpec<'a, A> {
 }
 
 impl<C: AttentionCore + Module> TransformerLayer<C> {
+    /// This layer after optimiser step `step` (its attention cores' per-step state,
+    /// [`AttentionCore::at_step`]).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.self_attention = self.self_attention.at_step(step);
+        self.cross_attention = self.cross_attention.map(|c| c.at_step(step));
+        self
+    }
+
     pub(crate) fn new<A: CoreConfig<Core = C>>(
         spec: LayerSpec<'_, A>,
         path: &str,

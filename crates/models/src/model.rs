@@ -103,6 +103,13 @@ pub struct Encoder<C = Attention> {
 }
 
 impl<C: AttentionCore + Module> Encoder<C> {
+    /// This model after optimiser step `step`: its attention cores' per-step state
+    /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.stack = self.stack.at_step(step);
+        self
+    }
+
     /// # Shapes
     /// - input: see [`EncoderInput`]
     /// - output: `[batch, seq, d_model]`
@@ -225,6 +232,13 @@ pub fn mean_pool(h: Tensor<3>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<2> {
 }
 
 impl<C: AttentionCore + Module> SequenceClassifier<C> {
+    /// This model after optimiser step `step`: its attention cores' per-step state
+    /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.encoder = self.encoder.at_step(step);
+        self
+    }
+
     /// # Shapes
     /// - input: see [`EncoderInput`]
     /// - output: `[batch, n_classes]` logits
@@ -252,6 +266,13 @@ pub struct TokenClassifier<C = Attention> {
 }
 
 impl<C: AttentionCore + Module> TokenClassifier<C> {
+    /// This model after optimiser step `step`: its attention cores' per-step state
+    /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.encoder = self.encoder.at_step(step);
+        self
+    }
+
     /// # Shapes
     /// - input: see [`EncoderInput`]
     /// - output: `[batch, seq, n_classes]` logits
@@ -365,6 +386,13 @@ pub struct DecodeState {
 }
 
 impl<C: AttentionCore + Module> LanguageModel<C> {
+    /// This model after optimiser step `step`: its attention cores' per-step state
+    /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.stack = self.stack.at_step(step);
+        self
+    }
+
     /// Next-token logits for every position.
     ///
     /// # Shapes
@@ -535,6 +563,14 @@ pub struct Seq2Seq<C = Attention> {
 }
 
 impl<C: AttentionCore + Module> Seq2Seq<C> {
+    /// This model after optimiser step `step`: its attention cores' per-step state
+    /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.encoder = self.encoder.at_step(step);
+        self.decoder = self.decoder.at_step(step);
+        self
+    }
+
     /// Encodes the source and projects it for every decoder layer's cross-attention.
     ///
     /// # Shapes

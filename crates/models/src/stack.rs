@@ -42,6 +42,12 @@ pub struct StackSpec<'a, A = efficient_attn::AttentionConfig> {
 }
 
 impl<C: AttentionCore + Module> Stack<C> {
+    /// This stack after optimiser step `step` (every layer's, [`TransformerLayer::at_step`]).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.layers = self.layers.into_iter().map(|l| l.at_step(step)).collect();
+        self
+    }
+
     /// Builds the stack; a variant without the stack's mode is an error naming the layer.
     pub fn new<A: CoreConfig<Core = C>>(
         spec: StackSpec<'_, A>,

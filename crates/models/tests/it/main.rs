@@ -449,3 +449,59 @@ fn layerwise_linformer_shares_one_projection_across_layers() {
     .unwrap();
     assert!(own.stack.shared_projection.is_none());
 }
+
+/// The per-step hook reaches every layer's core through the model: a Performer with
+/// `redraw_interval = 2` keeps its features at step 1, draws new ones at steps 2 and 4 (each a
+/// function of the step, the same in every layer and on every clone), and changes the output.
+#[test]
+fn at_step_redraws_performer_features_on_their_schedule_through_the_model() {
+    let device = Device::flex();
+    let config = ClassifierConfig {
+        encoder: EncoderConfig {
+            embedding: embedding(PositionKind::Learned),
+            stack: stack(PerformerAttentionConfig {
+                features: 16,
+                redraw_interval: Some(2),
+                ..Default::default()
+            }),
+        },
+        n_classes: 3,
+        pooling: Pooling::Mean,
+        dropout: 0.0,
+    };
+    let model = config.init_sequence(&device).unwrap();
+    let omegas = |m: &models::SequenceClassifier| -> Vec<Vec<f32>> {
+        m.encoder
+            .stack
+            .layers
+            .iter()
+            .map(|l| match &l.self_attention.core {
+                efficient_attn::Attention::Performer(p) => {
+                    p.omega.val().into_data().try_to_vec::<f32>().unwrap()
+                }
+                other => panic!("not a performer: {other:?}"),
+            })
+            .collect()
+    };
+    let x = tokens(&[vec![1, 2, 3, 4, 5]], &device);
+    let out = |m: &models::SequenceClassifier| m.forward(EncoderInput::new(x.clone()));
+    let start = omegas(&model);
+    assert_eq!(
+        omegas(&model.clone().at_step(1)),
+        start,
+        "step 1 keeps the draw"
+    );
+    let two = model.clone().at_step(2);
+    assert_ne!(omegas(&two), start, "step 2 redraws");
+    assert_eq!(
+        omegas(&model.clone().at_step(2)),
+        omegas(&two),
+        "a function of the step"
+    );
+    let four = two.clone().at_step(4);
+    assert_ne!(omegas(&four), omegas(&two), "step 4 redraws again");
+    assert!(
+        max_diff(out(&model), out(&two)) > 1e-6,
+        "the output follows the features"
+    );
+}

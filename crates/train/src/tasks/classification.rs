@@ -11,7 +11,7 @@ use efficient_attn::{AttentionConfig, AttentionMode, GlobalTokens, Grid, WithExt
 use models::{BertCheckpoint, ClassifierConfig, EncoderConfig, EncoderInput, SequenceClassifier};
 use serde::Serialize;
 
-use super::{NanGuard, Splits, Task, embedding, fixed_length};
+use super::{NanGuard, Splits, StepClock, Task, embedding, fixed_length};
 use crate::config::{ExperimentConfig, PretrainedInit, TaskKind};
 use crate::data::loader::{ClassBatch, ClassBatcher, ClassItem, MakeBatch};
 use crate::data::prepare::{ClassData, resolve};
@@ -29,6 +29,8 @@ pub struct ClassifierWithLoss {
     pub grid: Option<[usize; 2]>,
     #[module(skip)]
     guard: NanGuard,
+    #[module(skip)]
+    clock: StepClock,
 }
 
 impl ClassifierWithLoss {
@@ -44,6 +46,7 @@ impl ClassifierWithLoss {
             global_prefix,
             grid,
             guard,
+            clock: StepClock::default(),
         }
     }
 

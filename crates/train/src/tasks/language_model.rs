@@ -8,7 +8,7 @@ use burn::train::ClassificationOutput;
 use efficient_attn::AttentionMode;
 use models::{LanguageModel, LanguageModelConfig};
 
-use super::{NanGuard, Splits, Task, embedding, token_output};
+use super::{NanGuard, Splits, StepClock, Task, embedding, token_output};
 use crate::config::ExperimentConfig;
 use crate::data::loader::{LmBatch, LmBatcher, LmItem, MakeBatch};
 use crate::data::prepare::LmData;
@@ -23,12 +23,19 @@ pub struct LanguageModelWithLoss {
     pub pad: usize,
     #[module(skip)]
     guard: NanGuard,
+    #[module(skip)]
+    clock: StepClock,
 }
 
 impl LanguageModelWithLoss {
     /// Wraps a language model.
     pub fn new(model: LanguageModel, pad: usize, guard: NanGuard) -> Self {
-        Self { model, pad, guard }
+        Self {
+            model,
+            pad,
+            guard,
+            clock: StepClock::default(),
+        }
     }
 
     /// Loss and flattened logits of a batch.

@@ -7,7 +7,9 @@
 
 /// burn-train's training and inference steps for a model-with-loss type `$model` whose
 /// `forward($batch) -> ClassificationOutput` gives the loss and outputs: training passes the
-/// loss through the type's [`NanGuard`] (field `guard`) and backpropagates.
+/// loss through the type's [`NanGuard`] (field `guard`) and backpropagates; after every
+/// optimiser step the model's per-step state advances (field `clock`, a [`StepClock`]; field
+/// `model` with an `at_step` method).
 macro_rules! burn_train_steps {
     ($model:ty, $batch:ty) => {
         impl burn::train::TrainStep for $model {
@@ -18,6 +20,37 @@ macro_rules! burn_train_steps {
                 let mut out = self.forward(batch);
                 out.loss = self.guard.check(out.loss);
                 burn::train::TrainOutput::new(self, out.loss.backward(), out)
+            }
+
+            fn optimize(
+                self,
+                optim: &mut burn::optim::ModuleOptimizer,
+                lr: burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate,
+                grads: burn::optim::GradientsParams,
+            ) -> Self {
+                let step = self.clock.tick();
+                let mut stepped = optim.step(lr, self, grads);
+                stepped.model = stepped.model.at_step(step);
+                stepped
+            }
+
+            fn optimize_multi(
+                self,
+                optim: &mut burn::optim::ModuleOptimizer,
+                lr: burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate,
+                grads: burn::optim::MultiGradientsParams,
+            ) -> Self {
+                let step = self.clock.tick();
+                let mut stepped = optim.step_multi(lr, self, grads);
+                stepped.model = stepped.model.at_step(step);
+                stepped
+            }
+        }
+
+        impl $crate::tasks::Stepped for $model {
+            fn with_clock(mut self, clock: $crate::tasks::StepClock) -> Self {
+                self.clock = clock;
+                self
             }
         }
 
@@ -79,6 +112,7 @@ pub trait Task {
     type Batch: Send + 'static;
     /// The model with its loss: what burn-train trains and evaluates.
     type Model: LearnerModel
+        + Stepped
         + TrainStep<Input = Self::Batch, Output = ClassificationOutput>
         + InferenceStep<Input = Self::Batch, Output = ClassificationOutput>;
     /// The model's configuration.
@@ -209,6 +243,8 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
     let batcher = task.batcher(&model_config);
     let splits = task.splits();
     let steps = steps_per_epoch(splits.train.len(), c);
+    // Per-step state (Performer's feature redraws) continues from the epochs already done.
+    let model = model.with_clock(StepClock::starting_at(ctx.resume_from.unwrap_or(0) * steps));
     let (train, valid) = loaders(
         ctx,
         splits.train.to_vec(),
@@ -315,6 +351,30 @@ fn load_model<T: Task>(
                 checkpoint.display()
             )
         })
+}
+
+/// The count of optimiser steps taken, shared by a model's clones: what
+/// [`AttentionCore::at_step`](efficient_attn::AttentionCore::at_step) hooks are called with.
+/// A resumed run starts it at the steps of the epochs already done.
+#[derive(Clone, Debug, Default)]
+pub struct StepClock(Arc<AtomicUsize>);
+
+impl StepClock {
+    /// A clock that has counted `steps` already.
+    pub fn starting_at(steps: usize) -> Self {
+        Self(Arc::new(AtomicUsize::new(steps)))
+    }
+
+    /// Counts one more step and returns the new count (1 for the first).
+    pub fn tick(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
+
+/// A model whose per-step state follows a [`StepClock`] (every task's model-with-loss).
+pub trait Stepped {
+    /// The model counting its steps on `clock`.
+    fn with_clock(self, clock: StepClock) -> Self;
 }
 
 /// Stops training on a non-finite loss (burn-train then ends the epoch without writing a

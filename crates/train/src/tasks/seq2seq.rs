@@ -8,7 +8,7 @@ use burn::train::ClassificationOutput;
 use efficient_attn::AttentionMode;
 use models::{Seq2Seq, Seq2SeqConfig};
 
-use super::{NanGuard, Splits, Task, embedding, token_output};
+use super::{NanGuard, Splits, StepClock, Task, embedding, token_output};
 use crate::config::ExperimentConfig;
 use crate::data::loader::{MakeBatch, Seq2SeqBatch, Seq2SeqBatcher, Seq2SeqItem};
 use crate::data::prepare::Seq2SeqData;
@@ -23,12 +23,19 @@ pub struct Seq2SeqWithLoss {
     pub pad: usize,
     #[module(skip)]
     guard: NanGuard,
+    #[module(skip)]
+    clock: StepClock,
 }
 
 impl Seq2SeqWithLoss {
     /// Wraps an encoder-decoder model.
     pub fn new(model: Seq2Seq, pad: usize, guard: NanGuard) -> Self {
-        Self { model, pad, guard }
+        Self {
+            model,
+            pad,
+            guard,
+            clock: StepClock::default(),
+        }
     }
 
     /// Loss and flattened logits of a batch.

@@ -110,11 +110,16 @@ fn a_run_writes_config_checkpoints_metrics_curves_and_result_and_is_not_overwrit
 }
 
 /// A run killed with SIGKILL during epoch 2 and resumed ends with the same metrics as an
-/// uninterrupted run with the same seed (data order and dropout depend only on seed and epoch).
+/// uninterrupted run with the same seed (data order and dropout depend only on seed and epoch;
+/// Performer redraws its features every 5 optimiser steps, and the resumed run continues the
+/// step count, so its draws are the uninterrupted run's).
 #[test]
 fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
     let dir = temp_dir("resume");
-    let config = TINY_LISTOPS.replace("train = 256", "train = 1024");
+    let config = TINY_LISTOPS
+        .replace("train = 256", "train = 1024")
+        .replace("features = 16", "features = 16\nredraw_interval = 5");
+    assert!(config.contains("redraw_interval = 5"));
     std::fs::write(dir.join("tiny.toml"), config).unwrap();
     let whole = efformer(&dir, &["train", "tiny.toml", "--out", "whole"]);
     assert!(whole.status.success(), "{}", text(&whole));
@@ -161,6 +166,42 @@ fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
             );
         }
     }
+}
+
+/// Per-step state survives a resume exactly: a run whose Performer redraws its features every
+/// 5 optimiser steps, cut back to its epoch-1 checkpoint (what a kill during epoch 2 leaves,
+/// checkpoints being atomic) and resumed, ends as the uninterrupted run; the redraws matter
+/// (a run without them ends elsewhere).
+#[test]
+fn a_resumed_run_continues_the_per_step_state() {
+    let dir = temp_dir("resume-steps");
+    let config = TINY_LISTOPS
+        .replace("features = 16", "features = 16\nredraw_interval = 5")
+        .replace("[train]", "[train]\nkeep_checkpoints = 3");
+    std::fs::write(dir.join("tiny.toml"), &config).unwrap();
+    let whole = efformer(&dir, &["train", "tiny.toml", "--out", "whole"]);
+    assert!(whole.status.success(), "{}", text(&whole));
+    // The state a kill during epoch 2 leaves: epoch 1's checkpoints, no result.
+    let cut = dir.join("cut");
+    std::fs::create_dir_all(cut.join("checkpoint")).unwrap();
+    std::fs::copy(dir.join("whole/config.toml"), cut.join("config.toml")).unwrap();
+    for name in ["model", "optim", "scheduler"] {
+        let file = format!("checkpoint/{name}-1.bpk");
+        std::fs::copy(dir.join("whole").join(&file), cut.join(&file)).unwrap();
+    }
+    let resumed = efformer(&dir, &["train", "tiny.toml", "--out", "cut", "--resume"]);
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    let (a, b) = (result(&dir.join("whole")), result(&dir.join("cut")));
+    assert_eq!(a["test"], b["test"], "uninterrupted vs resumed");
+    assert_eq!(a["valid"], b["valid"], "uninterrupted vs resumed");
+    std::fs::write(dir.join("fixed.toml"), TINY_LISTOPS).unwrap();
+    let fixed = efformer(&dir, &["train", "fixed.toml", "--out", "fixed"]);
+    assert!(fixed.status.success(), "{}", text(&fixed));
+    assert_ne!(
+        result(&dir.join("fixed"))["valid"],
+        a["valid"],
+        "the redraws change the run"
+    );
 }
 
 #[test]
