@@ -192,6 +192,12 @@ pub fn run_case(
     device: &Device,
     reps: usize,
 ) -> Result<BenchRecord, String> {
+    check_sizes(&[
+        ("n", n),
+        ("batch", batch),
+        ("heads", heads),
+        ("d-head", d_head),
+    ])?;
     let device = match pass {
         Pass::Forward => device.clone(),
         Pass::ForwardBackward => device.clone().autodiff(),
@@ -265,6 +271,15 @@ pub fn run_case(
 
 /// Runs every case of `settings`, each in a child process, printing progress to stderr.
 pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
+    for &n in &settings.lengths {
+        check_sizes(&[("lengths", n)])?;
+    }
+    check_sizes(&[
+        ("batch", settings.batch),
+        ("heads", settings.heads),
+        ("d-head", settings.d_head),
+        ("reps", settings.reps),
+    ])?;
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the efformer binary: {e}"))?;
     let device = settings.device.device()?;
@@ -513,5 +528,16 @@ pub fn gemm_report(n: usize, device: &Device, name: &str, reps: usize) -> GemmRe
         qk_contiguous_gflops: flop_qk / qk_contiguous / 1e9,
         attention_gflops: 2.0 * flop_qk / att / 1e9,
         linear_gflops,
+    }
+}
+
+/// Every size of a benchmark is positive.
+///
+/// # Errors
+/// The first option that is 0, named.
+fn check_sizes(sizes: &[(&str, usize)]) -> Result<(), String> {
+    match sizes.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(format!("--{name}: expected a positive number, got 0")),
+        None => Ok(()),
     }
 }

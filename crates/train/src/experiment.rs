@@ -1,7 +1,9 @@
 //! `efformer train` and `efformer eval`: an experiment file in, a run directory (or a report)
-//! out. The steps are the same for every task: load and validate the configuration, open the
-//! run directory, prepare the data, then [`tasks::run`] or [`tasks::evaluate_checkpoint`] with
-//! the task the data belongs to.
+//! out. The steps are the same for every task: load and validate the configuration, check the
+//! run directory, prepare the data (artifacts such as a trained tokenizer go to a scratch
+//! directory), check the model configuration against the data, and only then create the run
+//! directory and run [`tasks::run`] (or [`tasks::evaluate_checkpoint`]) with the task the data
+//! belongs to. Bad input therefore leaves nothing behind.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +14,7 @@ use crate::device::DeviceChoice;
 use crate::fit::{RunContext, StopReason};
 use crate::run_dir::{RunDir, run_dir_of, write_atomic};
 use crate::tasks::{
-    self, ClassificationTask, EvalReport, LanguageModelTask, RunReport, Seq2SeqTask,
+    self, ClassificationTask, EvalReport, LanguageModelTask, RunReport, Seq2SeqTask, Task,
 };
 
 /// What `efformer train` was asked to do.
@@ -49,12 +51,28 @@ pub fn validate(config: &ExperimentConfig) -> Result<(), String> {
 }
 
 /// Runs the task `data` belongs to.
-fn run_task(ctx: &RunContext, data: TaskData) -> Result<RunReport, String> {
+fn run_task(
+    ctx: &RunContext,
+    data: TaskData,
+    open: impl FnOnce() -> Result<(), String>,
+) -> Result<RunReport, String> {
     match data {
-        TaskData::Class(d) => tasks::run(ctx, &ClassificationTask::new(d)),
-        TaskData::Lm(d) => tasks::run(ctx, &LanguageModelTask::new(d)),
-        TaskData::Seq2Seq(d) => tasks::run(ctx, &Seq2SeqTask::new(d)),
+        TaskData::Class(d) => checked_run(ctx, &ClassificationTask::new(d), open),
+        TaskData::Lm(d) => checked_run(ctx, &LanguageModelTask::new(d), open),
+        TaskData::Seq2Seq(d) => checked_run(ctx, &Seq2SeqTask::new(d), open),
     }
+}
+
+/// The task's model configuration is checked against its data (lengths, classes, pretrained
+/// files) before `open` creates the run directory; then the run.
+fn checked_run<T: Task>(
+    ctx: &RunContext,
+    task: &T,
+    open: impl FnOnce() -> Result<(), String>,
+) -> Result<RunReport, String> {
+    task.model_config(ctx)?;
+    open()?;
+    tasks::run(ctx, task)
 }
 
 /// Evaluates `checkpoint` with the task `data` belongs to.
@@ -93,7 +111,7 @@ pub fn train(opts: &TrainOptions) -> Result<RunReport, String> {
             .map_or("run".into(), |s| s.to_string_lossy().into_owned());
         PathBuf::from("runs").join(stem)
     });
-    let run_dir = RunDir::open(path, &resolved, opts.resume)?;
+    let pending = RunDir::check(path, &resolved, opts.resume)?;
     let choices = if opts.devices.is_empty() {
         vec![DeviceChoice::Flex]
     } else {
@@ -109,16 +127,17 @@ pub fn train(opts: &TrainOptions) -> Result<RunReport, String> {
         .map(|d| d.device())
         .collect::<Result<Vec<_>, _>>()?;
     let config_dir = opts.config.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let data = prepare(&config, &config_dir, &run_dir.path)?;
+    let scratch = Scratch::new()?;
+    let data = prepare(&config, &config_dir, &scratch.0)?;
     let ctx = RunContext {
         config,
         config_dir,
-        run_dir: run_dir.path.clone(),
+        run_dir: pending.path().to_path_buf(),
         devices,
         device_names,
-        resume_from: run_dir.resume_from,
+        resume_from: pending.resume_from(),
     };
-    let report = run_task(&ctx, data)?;
+    let report = run_task(&ctx, data, || pending.create()?.adopt(&scratch.0))?;
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     write_atomic(&ctx.run_dir.join("result.json"), json.as_bytes())?;
     println!("{json}");
@@ -153,10 +172,9 @@ pub fn eval(
             section.file = Some(saved);
         }
     }
-    let scratch = std::env::temp_dir().join(format!("efformer-eval-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
-    let data = prepare(&config, &config_dir, &scratch);
-    std::fs::remove_dir_all(&scratch).ok();
+    let scratch = Scratch::new()?;
+    let data = prepare(&config, &config_dir, &scratch.0);
+    drop(scratch);
     let ctx = RunContext {
         config,
         config_dir,
@@ -166,4 +184,29 @@ pub fn eval(
         resume_from: None,
     };
     evaluate_task(&ctx, data?, checkpoint)
+}
+
+/// A temporary directory for what data preparation writes (a trained tokenizer), removed when
+/// dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Self, String> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "efformer-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

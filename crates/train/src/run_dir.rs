@@ -131,6 +131,15 @@ impl RunDir {
     /// A run directory that already holds a run (without `resume`), a resolved configuration
     /// that differs from the saved one, or an I/O error; nothing is changed then.
     pub fn open(path: PathBuf, resolved: &str, resume: bool) -> Result<Self, String> {
+        Self::check(path, resolved, resume)?.create()
+    }
+
+    /// [`open`](Self::open)'s checks without writing anything: what [`create`](Self::create)
+    /// then makes, once everything else about the run has been validated too.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open)'s checks.
+    pub fn check(path: PathBuf, resolved: &str, resume: bool) -> Result<PendingRunDir, String> {
         let saved = path.join("config.toml");
         if resume {
             let previous = std::fs::read_to_string(&saved).map_err(|_| {
@@ -153,9 +162,12 @@ impl RunDir {
                     path.display()
                 ),
             }
-            return Ok(Self {
-                path,
-                resume_from: epoch,
+            return Ok(PendingRunDir {
+                dir: Self {
+                    path,
+                    resume_from: epoch,
+                },
+                config: None,
             });
         }
         if path.exists()
@@ -168,17 +180,71 @@ impl RunDir {
                 path.display()
             ));
         }
-        std::fs::create_dir_all(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        write_atomic(&saved, resolved.as_bytes())?;
-        Ok(Self {
-            path,
-            resume_from: None,
+        Ok(PendingRunDir {
+            dir: Self {
+                path,
+                resume_from: None,
+            },
+            config: Some(resolved.to_string()),
         })
+    }
+
+    /// Moves every file of `scratch` (artifacts made while preparing the data, such as a
+    /// trained tokenizer) into this directory, replacing files of the same name.
+    ///
+    /// # Errors
+    /// An I/O error, naming the file.
+    pub fn adopt(&self, scratch: &Path) -> Result<(), String> {
+        let entries = std::fs::read_dir(scratch)
+            .map_err(|e| format!("cannot read {}: {e}", scratch.display()))?;
+        for entry in entries.filter_map(Result::ok) {
+            let to = self.path.join(entry.file_name());
+            let from = entry.path();
+            if std::fs::rename(&from, &to).is_err() {
+                std::fs::copy(&from, &to)
+                    .map_err(|e| format!("cannot write {}: {e}", to.display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Epochs completed so far (the last complete checkpoint).
     pub fn epochs_done(&self) -> usize {
         last_complete_checkpoint(&self.path).unwrap_or(0)
+    }
+}
+
+/// A checked run directory not yet written: [`create`](Self::create) makes it.
+#[derive(Clone, Debug)]
+pub struct PendingRunDir {
+    dir: RunDir,
+    /// The resolved configuration to write, for a new run.
+    config: Option<String>,
+}
+
+impl PendingRunDir {
+    /// The directory (not yet created for a new run).
+    pub fn path(&self) -> &Path {
+        &self.dir.path
+    }
+
+    /// The last complete checkpoint when resuming.
+    pub fn resume_from(&self) -> Option<usize> {
+        self.dir.resume_from
+    }
+
+    /// Creates the directory and writes `config.toml` (a new run), or hands back the checked
+    /// one (a resumed run).
+    ///
+    /// # Errors
+    /// An I/O error, naming the path.
+    pub fn create(self) -> Result<RunDir, String> {
+        if let Some(resolved) = &self.config {
+            let path = &self.dir.path;
+            std::fs::create_dir_all(path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            write_atomic(&path.join("config.toml"), resolved.as_bytes())?;
+        }
+        Ok(self.dir)
     }
 }

@@ -470,6 +470,7 @@ pub fn embedding(
             "model.embedding.max_len = {max_len} but the data has sequences of {needed_len} tokens; raise it or truncate the data"
         ));
     }
+    check_attention_lengths(&config.model.stack, "model.stack", needed_len)?;
     Ok(EmbeddingSettings {
         vocab_size,
         max_len,
@@ -479,6 +480,36 @@ pub fn embedding(
         norm_eps: 1e-12,
         dropout: config.model.embedding.dropout,
     })
+}
+
+/// Every layer whose attention has parameters sized by a maximum length
+/// ([`CoreConfig::max_len`]: Linformer, dense Synthesizer) must cover `needed_len`: checked
+/// with the configuration, before anything is written, instead of failing inside a forward.
+///
+/// # Errors
+/// The first layer that is too short, naming its key.
+pub fn check_attention_lengths(
+    stack: &StackConfig,
+    key: &'static str,
+    needed_len: usize,
+) -> Result<(), String> {
+    let layers = stack.resolve_attention(key).map_err(|e| e.to_string())?;
+    for (i, attention) in layers.iter().enumerate() {
+        if let Some(m) = attention.max_len()
+            && m < needed_len
+        {
+            let field = match (&stack.attention_layers, &stack.attention_pattern) {
+                (Some(_), _) => format!("{key}.attention_layers[{i}].max_len"),
+                (_, Some(p)) => format!("{key}.attention_pattern[{}].max_len", i % p.len()),
+                _ => format!("{key}.attention.max_len"),
+            };
+            return Err(format!(
+                "{field} = {m} but the data has sequences of {needed_len} tokens ({} sizes its parameters by the length); set it to at least {needed_len}",
+                attention.info().kind
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The attention kinds of a stack's layers.

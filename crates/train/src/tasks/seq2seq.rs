@@ -8,7 +8,7 @@ use burn::train::ClassificationOutput;
 use efficient_attn::AttentionMode;
 use models::{Seq2Seq, Seq2SeqConfig};
 
-use super::{NanGuard, Splits, StepClock, Task, embedding, token_output};
+use super::{NanGuard, Splits, StepClock, Task, check_attention_lengths, embedding, token_output};
 use crate::config::ExperimentConfig;
 use crate::data::loader::{MakeBatch, Seq2SeqBatch, Seq2SeqBatcher, Seq2SeqItem};
 use crate::data::prepare::Seq2SeqData;
@@ -98,6 +98,9 @@ impl Task for Seq2SeqTask {
 
     fn model_config(&self, ctx: &RunContext) -> Result<Seq2SeqConfig, String> {
         let c = &ctx.config;
+        if let Some(decoder) = &c.model.decoder {
+            check_attention_lengths(decoder, "model.decoder", self.data.max_len)?;
+        }
         Ok(Seq2SeqConfig {
             embedding: embedding(c, self.data.vocab_size, self.data.max_len)?,
             encoder: c.model.stack.clone(),

@@ -98,3 +98,89 @@ fn an_unknown_device_is_a_clear_error() {
         text(&out)
     );
 }
+
+/// Errors the configuration and the data allow to catch are caught before anything is
+/// written: a missing data file, and a length-sized attention (Linformer, dense Synthesizer)
+/// shorter than the data's sequences. Each is one line naming the cause (no Rust backtrace,
+/// even with `RUST_BACKTRACE=1`), a non-zero exit, and no run directory.
+#[test]
+fn data_and_length_errors_leave_no_run_directory_and_no_backtrace() {
+    let dir = temp_dir("before-writing");
+    let text_config = |train: &str| {
+        format!(
+            r#"
+task = "text-classification"
+[text]
+train = "{train}"
+test = "{train}"
+[model.stack]
+n_layers = 1
+d_model = 16
+n_heads = 2
+d_ff = 32
+[train]
+epochs = 1
+"#
+        )
+    };
+    std::fs::write(dir.join("missing.toml"), text_config("no-such-file.jsonl")).unwrap();
+    let listops = crate::TINY_LISTOPS.replace(
+        "kind = \"performer\"\nfeatures = 16",
+        "kind = \"linformer\"\nmax_len = 8",
+    );
+    assert!(listops.contains("linformer"));
+    std::fs::write(dir.join("short.toml"), &listops).unwrap();
+    let synth = crate::TINY_LISTOPS.replace(
+        "kind = \"performer\"\nfeatures = 16",
+        "kind = \"synthesizer\"\nmax_len = 8",
+    );
+    std::fs::write(dir.join("synth.toml"), &synth).unwrap();
+    for (file, expect) in [
+        ("missing.toml", "no-such-file.jsonl"),
+        ("short.toml", "model.stack.attention.max_len = 8"),
+        ("synth.toml", "model.stack.attention.max_len = 8"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_efformer"))
+            .args(["train", file, "--out", "run"])
+            .current_dir(&dir)
+            .env("BURN_DEVICE", "flex")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{file}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expect), "{file}: {}", text(&out));
+        assert!(
+            !stderr.contains("stack backtrace") && !stderr.contains("panicked"),
+            "{file}: {}",
+            text(&out)
+        );
+        assert!(
+            !dir.join("run").exists(),
+            "{file}: a run directory was left behind"
+        );
+    }
+}
+
+/// A zero size for `efformer bench` is a one-line error naming the option, not a panic inside
+/// a tensor operation.
+#[test]
+fn zero_benchmark_sizes_are_named_errors() {
+    let dir = temp_dir("bench-zero");
+    for (args, option) in [
+        (
+            &["bench", "--variants", "full", "--lengths", "0"][..],
+            "--lengths",
+        ),
+        (
+            &["bench", "--variants", "full", "--heads", "0"][..],
+            "--heads",
+        ),
+    ] {
+        let out = efformer(&dir, args);
+        assert!(!out.status.success(), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(option), "{}", text(&out));
+        assert!(!stderr.contains("panicked"), "{}", text(&out));
+    }
+}
