@@ -211,17 +211,56 @@ impl AttentionCore for BigBirdAttention {
 impl BigBirdAttention {
     /// The key positions each query may attend to, as data (the contract suite's pattern
     /// oracle).
+    ///
+    /// The window and global blocks come from the paper's definition
+    /// ([`crate::testing::patterns::bigbird`]), not from the plan; only the random blocks are
+    /// read from the drawn plan (they are data), after [`Self::random_blocks_of`] checks them.
     pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, h, n, lk, _, _] = input.dims();
+        assert_eq!(n, lk, "BigBird is self-attention");
         let (b, nb) = self.blocks(n);
-        if nb <= 2 {
-            return Some(crate::mask::DenseMask::none(n, lk));
-        }
         let lists = self.plan_lists(nb);
-        Some(crate::mask::DenseMask::per_head(h, n, lk, |head, i, j| {
-            let (bi, bj) = (i / b, j / b);
-            bi == 0 || bi + 1 == nb || lists[head][bi].contains(&bj)
+        Some(crate::testing::patterns::bigbird(h, n, b, |head, q| {
+            self.random_blocks_of(&lists, nb, head, q)
         }))
+    }
+
+    /// The random key blocks of query block `q` of `head` in the plan `lists`: the blocks
+    /// that are neither in its window nor global. Panics unless there are exactly
+    /// `min(random_blocks, blocks left)` of them, distinct, and the rest of the list is
+    /// exactly the window and the global blocks.
+    pub(crate) fn random_blocks_of(
+        &self,
+        lists: &[Vec<Vec<usize>>],
+        nb: usize,
+        head: usize,
+        q: usize,
+    ) -> Vec<usize> {
+        let list = &lists[head][q];
+        if q == 0 || q + 1 == nb {
+            assert!(list.is_empty(), "a global query block has no plan list");
+            return Vec::new();
+        }
+        let fixed: Vec<usize> = (0..nb)
+            .filter(|&k| k == 0 || k + 1 == nb || k.abs_diff(q) <= 1)
+            .collect();
+        let random: Vec<usize> = list.iter().copied().filter(|k| !fixed.contains(k)).collect();
+        let mut distinct = list.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), list.len(), "block {q} of head {head}: repeated key blocks");
+        assert!(
+            fixed.iter().all(|k| list.contains(k)),
+            "block {q} of head {head}: the plan {list:?} misses a window or global block"
+        );
+        assert_eq!(
+            random.len(),
+            self.random_blocks.min(nb - fixed.len()),
+            "block {q} of head {head}: {} random blocks, configured {}",
+            random.len(),
+            self.random_blocks
+        );
+        random
     }
 }
 
@@ -251,7 +290,7 @@ mod contract {
                     _ => None,
                 },
             );
-            vec![exact_config(
+            let spec = exact_config(
                 spec,
                 "all blocks global",
                 Oracle::Full,
@@ -261,6 +300,22 @@ mod contract {
                         block: case.seq_k.div_ceil(2),
                         random_blocks: 1,
                         seed: 3,
+                    }
+                    .into()
+                },
+            );
+            // Random blocks covering every other block: full attention through the
+            // block-sparse kernel (blocks of 2, so more than two blocks at the suite's sizes).
+            vec![exact_config(
+                spec,
+                "random blocks cover every block, on the sparse path",
+                Oracle::Full,
+                1e-5,
+                |case| {
+                    BigBirdAttentionConfig {
+                        block: 2,
+                        random_blocks: case.seq_k,
+                        seed: 5,
                     }
                     .into()
                 },

@@ -177,7 +177,13 @@ impl ImageTransformer1dAttention {
     /// oracle).
     pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, _, lq, lk, _, _] = input.dims();
-        Some(crate::mask::DenseMask::from_allowed(lq, lk, |i, j| self.allowed(i, j)))
+        Some(crate::testing::patterns::image_transformer_1d(
+            lq,
+            lk,
+            self.query_block,
+            self.memory,
+            self.mode.is_causal(),
+        ))
     }
 }
 
@@ -430,10 +436,20 @@ impl ImageTransformer2dAttention {
     /// oracle).
     pub(crate) fn pattern(&self, input: &AttnInput) -> Option<crate::mask::DenseMask> {
         let [_, _, n, lk, _, _] = input.dims();
-        let blocks = self.blocks(input, n);
-        Some(crate::mask::DenseMask::from_allowed(n, lk, |i, j| {
-            self.allowed(&blocks, i, j)
-        }))
+        let b = self.blocks(input, n);
+        assert_eq!(n, lk, "image transformer 2d is self-attention");
+        let layout = crate::testing::patterns::Image2d {
+            height: b.rows * b.hq,
+            width: b.cols * b.wq,
+            block_h: b.hq,
+            block_w: b.wq,
+            flange_h: self.memory_flange[0],
+            flange_w: self.memory_flange[1],
+        };
+        Some(crate::testing::patterns::image_transformer_2d(
+            layout,
+            self.mode.is_causal(),
+        ))
     }
 }
 

@@ -24,6 +24,7 @@
 
 mod checks;
 mod macros;
+pub mod patterns;
 pub mod specs;
 
 pub use self::checks::*;

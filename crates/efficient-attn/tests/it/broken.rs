@@ -140,3 +140,120 @@ fn bugs_are_not_flagged_by_unrelated_checks() {
             .unwrap_or_else(|v| panic!("{bug:?} should pass {unrelated:?}: {v}"));
     }
 }
+
+/// What is wrong with a [`BrokenWindow`]: a window of `|i − j| ≤ W` (causal: `0 ≤ i − j ≤ W`)
+/// on the block-sparse kernel, blocks of `W`, with one mistake in the plan or the rule.
+#[derive(Clone, Copy, Debug)]
+enum PatternBug {
+    /// None: the honest window (the suite must pass it).
+    Honest,
+    /// The plan forgets the block before each query's own.
+    DroppedKeyBlock,
+    /// The band's left edge is one key short.
+    BandOffByOne,
+    /// In causal mode the plan keeps the block after each query's own and the band its right
+    /// side, so later keys leak in.
+    LeakingCausalBlock,
+}
+
+/// Half-width of the window.
+const W: usize = 3;
+
+struct BrokenWindow {
+    bug: PatternBug,
+    mode: AttentionMode,
+}
+
+impl AttentionCore for BrokenWindow {
+    fn attend(&self, input: AttnInput) -> Tensor<4> {
+        use efficient_attn::testing::block_sparse::{
+            BlockPlan, BlockSparse, ElementRule, block_sparse_attention,
+        };
+        let [_, _, n, _, d_k, _] = input.dims();
+        let causal = self.mode.is_causal();
+        let nb = n.div_ceil(W);
+        let (back, ahead) = match self.bug {
+            PatternBug::DroppedKeyBlock => (0, usize::from(!causal)),
+            PatternBug::LeakingCausalBlock => (1, 1),
+            _ => (1, usize::from(!causal)),
+        };
+        let (left, right) = match self.bug {
+            PatternBug::BandOffByOne => (W - 1, if causal { 0 } else { W }),
+            PatternBug::LeakingCausalBlock => (W, W),
+            _ => (W, if causal { 0 } else { W }),
+        };
+        let plan = BlockPlan::look_around(W, nb, nb, back, ahead);
+        block_sparse_attention(BlockSparse {
+            query: input.query.mul_scalar(1.0 / (d_k as f64).sqrt()),
+            key: input.key,
+            value: input.value,
+            mask_pad_k: input.mask_pad_k.as_ref(),
+            plan: &plan,
+            rule: ElementRule::Band { left, right },
+            extra: None,
+        })
+    }
+
+    fn mode(&self) -> AttentionMode {
+        self.mode
+    }
+}
+
+/// The window from its definition, as data (independent of plans and rules; the oracle adds
+/// causality and padding).
+fn window_mask(_: &BrokenWindow, input: &AttnInput) -> Option<efficient_attn::testing::DenseMask> {
+    let [_, _, n, lk, _, _] = input.dims();
+    Some(efficient_attn::testing::DenseMask::from_allowed(
+        n,
+        lk,
+        |i, j| i.abs_diff(j) <= W,
+    ))
+}
+
+fn window_spec(bug: PatternBug) -> Spec<BrokenWindow> {
+    let build = move |mode, _: &Case, _: &Device| BrokenWindow { bug, mode };
+    let modes = [AttentionMode::Bidirectional, AttentionMode::Causal];
+    Spec::new(format!("{bug:?}"), &modes, build)
+        .exact(
+            "claims the window |i - j| <= W",
+            Oracle::Pattern(window_mask),
+            1e-5,
+            build,
+        )
+        .causal_memory(false)
+}
+
+/// Asserts that `check` catches the pattern bug `bug` (in some mode).
+fn pattern_caught(bug: PatternBug, check: Check) {
+    match check_all_modes(&window_spec(bug), check, &Device::flex()) {
+        Ok(()) => panic!("the {check:?} check did not catch {bug:?}"),
+        Err(v) => {
+            assert_eq!(v.check, check);
+            eprintln!("caught as expected: {v}");
+        }
+    }
+}
+
+#[test]
+fn the_honest_window_passes_the_pattern_checks() {
+    for check in [Check::Shapes, Check::Exact, Check::Padding, Check::Causal] {
+        check_all_modes(&window_spec(PatternBug::Honest), check, &Device::flex())
+            .unwrap_or_else(|v| panic!("the honest window fails {check:?}: {v}"));
+    }
+}
+
+#[test]
+fn exact_check_catches_a_dropped_key_block() {
+    pattern_caught(PatternBug::DroppedKeyBlock, Check::Exact);
+}
+
+#[test]
+fn exact_check_catches_a_band_off_by_one() {
+    pattern_caught(PatternBug::BandOffByOne, Check::Exact);
+}
+
+#[test]
+fn causal_and_exact_checks_catch_a_leaking_causal_block() {
+    pattern_caught(PatternBug::LeakingCausalBlock, Check::Causal);
+    pattern_caught(PatternBug::LeakingCausalBlock, Check::Exact);
+}
