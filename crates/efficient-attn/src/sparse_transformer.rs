@@ -49,7 +49,7 @@ pub enum SparsePattern {
 /// The stride (block length) l of [`SparseTransformerAttentionConfig`]: a fixed length (TOML
 /// `stride = 128`) or `stride = "sqrt"`, l = ⌈√N⌉ for each input of length N (at least the
 /// summary length c), which makes the cost O(N√N).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(crate = "burn::serde", untagged)]
 pub enum Stride {
     /// A fixed l: cost O(N·(l + c·N/l)), quadratic in N.
@@ -64,6 +64,27 @@ pub enum Stride {
 pub enum StrideRule {
     /// l = ⌈√N⌉ (the paper's choice, l ≈ √N).
     Sqrt,
+}
+
+impl<'de> Deserialize<'de> for Stride {
+    fn deserialize<D: burn::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(crate = "burn::serde", untagged)]
+        enum Raw {
+            Length(usize),
+            Name(String),
+        }
+        let expected = "a length (a positive integer) or \"sqrt\"";
+        match Raw::deserialize(d).map_err(|_| {
+            <D::Error as burn::serde::de::Error>::custom(format!("expected {expected}"))
+        })? {
+            Raw::Length(l) => Ok(Self::Length(l)),
+            Raw::Name(name) if name == "sqrt" => Ok(Self::Rule(StrideRule::Sqrt)),
+            Raw::Name(name) => Err(<D::Error as burn::serde::de::Error>::custom(format!(
+                "expected {expected}, got \"{name}\""
+            ))),
+        }
+    }
 }
 
 impl Stride {

@@ -64,13 +64,15 @@ fn run_task(
 }
 
 /// The task's model configuration is checked against its data (lengths, classes, pretrained
-/// files) before `open` creates the run directory; then the run.
+/// files) and the model built once (every layer's own checks) before `open` creates the run
+/// directory; then the run.
 fn checked_run<T: Task>(
     ctx: &RunContext,
     task: &T,
     open: impl FnOnce() -> Result<(), String>,
 ) -> Result<RunReport, String> {
-    task.model_config(ctx)?;
+    let model_config = task.model_config(ctx)?;
+    drop(task.build(&model_config, ctx.main_device(), tasks::NanGuard::default())?);
     open()?;
     tasks::run(ctx, task)
 }

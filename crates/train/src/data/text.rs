@@ -62,6 +62,12 @@ pub fn read_labeled(
             path.display()
         ));
     };
+    if raw.is_empty() {
+        return Err(format!(
+            "{} has no examples: expected `text` and `label` records",
+            path.display()
+        ));
+    }
     let names: Vec<String> = match labels {
         Some(l) => l.to_vec(),
         None => raw

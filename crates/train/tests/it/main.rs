@@ -5,6 +5,7 @@
 mod cli;
 mod configs;
 mod longdoc;
+mod robustness;
 mod training;
 
 use std::path::{Path, PathBuf};
