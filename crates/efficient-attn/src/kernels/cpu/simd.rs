@@ -6,6 +6,10 @@
 //! reassociating floating-point sums) and compiled three times: for AVX-512, for AVX2 + FMA,
 //! and for the baseline target. [`RowOps::detect`] picks the widest the CPU supports, once per
 //! kernel call; the portable build is the fallback on other CPUs and architectures.
+//!
+//! Over 600 lines on purpose: this is one of the two files allowed `unsafe` (calling a
+//! `#[target_feature]` function after the feature check), so every row operation lives here
+//! rather than next to the kernel that uses it.
 
 /// Lanes of the partial sums and maxima (one AVX-512 register of `f32`).
 const LANES: usize = 16;
