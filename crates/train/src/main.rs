@@ -86,7 +86,7 @@ enum Command {
         #[arg(long)]
         variants: Option<String>,
         /// Sequence lengths.
-        #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024, 4096, 16384])]
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096,16384")]
         lengths: Vec<usize>,
         /// Batch size.
         #[arg(long, default_value_t = 1)]
@@ -143,10 +143,10 @@ enum Command {
     /// `train_step_bench.py` does in PyTorch; one process per case.
     BenchTrain {
         /// Attention kinds (comma-separated).
-        #[arg(long, value_delimiter = ',', default_values_t = ["full".to_string(), "linear-transformer".to_string()])]
+        #[arg(long, value_delimiter = ',', default_value = "full,linear-transformer")]
         attentions: Vec<String>,
         /// Sequence lengths.
-        #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 4096])]
+        #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
         lengths: Vec<usize>,
         /// Timed steps per case (after one warm-up step).
         #[arg(long, default_value_t = 3)]
@@ -494,6 +494,12 @@ fn run(cli: Cli) -> Result<(), String> {
             device,
             json,
         } => {
+            for a in &attentions {
+                train::bench::parse_variant_spec(a)?;
+            }
+            if steps == 0 || lengths.contains(&0) {
+                return Err("--steps and --lengths: expected positive numbers".into());
+            }
             let records = train::bench_train::run_all(&attentions, &lengths, steps, device)?;
             println!(
                 "{:<20} {:>6} {:>10} {:>12} {:>10}",

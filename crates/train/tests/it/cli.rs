@@ -162,8 +162,8 @@ epochs = 1
     }
 }
 
-/// A zero size for `efformer bench` is a one-line error naming the option, not a panic inside
-/// a tensor operation.
+/// A zero size or an unknown kind for `efformer bench` / `bench-train` is a one-line error
+/// naming it (not a panic inside a tensor operation, nor a table of failed cases).
 #[test]
 fn zero_benchmark_sizes_are_named_errors() {
     let dir = temp_dir("bench-zero");
@@ -176,6 +176,9 @@ fn zero_benchmark_sizes_are_named_errors() {
             &["bench", "--variants", "full", "--heads", "0"][..],
             "--heads",
         ),
+        (&["bench", "--variants", "nope"][..], "nope"),
+        (&["bench-train", "--attentions", "nope"][..], "nope"),
+        (&["bench-train", "--steps", "0"][..], "--steps"),
     ] {
         let out = efformer(&dir, args);
         assert!(!out.status.success(), "{}", text(&out));
