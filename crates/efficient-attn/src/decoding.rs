@@ -13,7 +13,7 @@
 //! blocks, strided and summary patterns, 2-D layouts, compressed slots) have no incremental
 //! cache yet: `decode_cache` returns `None` and models say so.
 
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use crate::interface::HeadDims;
 use crate::kernels::prefix_sum::KernelState;
@@ -100,28 +100,51 @@ pub enum DecodeCache {
     Window(WindowCache),
 }
 
-/// The keys and values of the last `window` positions (a rolling buffer).
+/// The keys and values a causal sliding window still needs (a rolling buffer): query p sees
+/// keys p − w·d, p − (w − 1)·d, …, p for its head's dilation d (1: the last w + 1 positions).
 #[derive(Clone, Debug)]
 pub struct WindowCache {
     keys: Option<Tensor<4>>,
     values: Option<Tensor<4>>,
     window: usize,
+    /// Per-head dilation (one value: every head).
+    dilation: Vec<usize>,
     len: usize,
 }
 
 impl WindowCache {
     /// An empty cache for a one-sided window of `window` positions.
     pub fn new(window: usize) -> Self {
+        Self::dilated(window, vec![1])
+    }
+
+    /// An empty cache for a one-sided window of `window` dilated steps, with one dilation per
+    /// head (or one for every head).
+    ///
+    /// # Panics
+    /// If a dilation is 0.
+    pub fn dilated(window: usize, dilation: Vec<usize>) -> Self {
+        assert!(
+            !dilation.is_empty() && dilation.iter().all(|&d| d > 0),
+            "window cache: dilations must be positive"
+        );
         Self {
             keys: None,
             values: None,
             window,
+            dilation,
             len: 0,
         }
     }
 
-    /// Attends `t` new queries (with their keys and values) to the window: query at absolute
-    /// position p sees keys p − w ..= p. Keeps the last w positions.
+    /// Positions the longest head's window reaches back.
+    fn reach(&self) -> usize {
+        self.window * self.dilation.iter().copied().max().unwrap_or(1)
+    }
+
+    /// Attends `t` new queries (with their keys and values) to the window: the query at
+    /// absolute position p sees the keys p − i·d for i = 0..=w (d its head's dilation). Keeps
+    /// the positions later queries can still see.
     ///
     /// # Shapes
     /// - q, k: `[batch, heads, t, d_k]`, v: `[batch, heads, t, d_v]` → `[batch, heads, t, d_v]`
@@ -134,18 +157,26 @@ impl WindowCache {
         };
         let m = keys.dims()[2];
         let first = self.len + t - m; // absolute position of keys[0]
-        let qpos = Tensor::<1, Int>::arange((self.len) as i64..(self.len + t) as i64, &device)
-            .reshape([1, 1, t, 1]);
-        let kpos = Tensor::<1, Int>::arange(first as i64..(first + m) as i64, &device)
-            .reshape([1, 1, 1, m]);
-        let mask = kpos
-            .clone()
-            .greater(qpos.clone())
-            .bool_or(kpos.add_scalar(self.window as i64).lower(qpos))
+        // Masked (true) where the key is not in the query's dilated causal window.
+        let mut masked = Vec::with_capacity(h * t * m);
+        for head in 0..h {
+            let d = self.dilation[if self.dilation.len() == 1 { 0 } else { head }];
+            for i in 0..t {
+                let p = self.len + i;
+                for j in 0..m {
+                    let key = first + j;
+                    let visible =
+                        key <= p && (p - key).is_multiple_of(d) && (p - key) / d <= self.window;
+                    masked.push(!visible);
+                }
+            }
+        }
+        let mask = Tensor::<3, Bool>::from_data(TensorData::new(masked, [h, t, m]), &device)
+            .reshape([1, h, t, m])
             .expand([b, h, t, m]);
         let scores = q.matmul(keys.clone().swap_dims(2, 3)).mul_scalar(scale);
         let out = crate::kernels::dense::masked_softmax_matmul(scores, Some(mask), values.clone());
-        let keep = self.window.min(m);
+        let keep = self.reach().min(m);
         self.keys = Some(keys.narrow(2, m - keep, keep));
         self.values = Some(values.narrow(2, m - keep, keep));
         self.len += t;

@@ -446,7 +446,8 @@ impl AttentionCore for LongformerAttention {
         self.mode
     }
 
-    /// Causal mode with dilation 1 decodes with a rolling window of the last w positions.
+    /// Causal mode decodes with a rolling window of the last w·d positions (d the largest
+    /// head dilation), each head seeing every d-th of its own.
     fn decode_cache(
         &self,
         batch: usize,
@@ -455,8 +456,9 @@ impl AttentionCore for LongformerAttention {
         device: &Device,
     ) -> Option<DecodeCache> {
         let _ = (batch, dims, max_len, device);
-        (self.mode.is_causal() && self.dilation.iter().all(|&d| d == 1))
-            .then(|| DecodeCache::Window(WindowCache::new(self.window)))
+        self.mode.is_causal().then(|| {
+            DecodeCache::Window(WindowCache::dilated(self.window, self.dilation.clone()))
+        })
     }
 
     fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
