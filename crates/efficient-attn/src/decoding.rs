@@ -100,15 +100,57 @@ pub enum DecodeCache {
     Window(WindowCache),
 }
 
-/// The keys and values a causal sliding window still needs (a rolling buffer): query p sees
-/// keys p − w·d, p − (w − 1)·d, …, p for its head's dilation d (1: the last w + 1 positions).
+/// Which recent keys a causal local pattern shows the query at position p.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WindowRule {
+    /// Keys p − i·d for i = 0..=`window`, d the head's dilation (one value: every head).
+    Dilated {
+        /// One-sided window, in dilated steps.
+        window: usize,
+        /// Per-head dilation.
+        dilation: Vec<usize>,
+    },
+    /// Keys from `memory` positions before the start of p's block (blocks of `block`) up to p.
+    Blocks {
+        /// Block length.
+        block: usize,
+        /// Positions before the block.
+        memory: usize,
+    },
+}
+
+impl WindowRule {
+    fn visible(&self, head: usize, p: usize, key: usize) -> bool {
+        if key > p {
+            return false;
+        }
+        match self {
+            Self::Dilated { window, dilation } => {
+                let d = dilation[if dilation.len() == 1 { 0 } else { head }];
+                (p - key).is_multiple_of(d) && (p - key) / d <= *window
+            }
+            Self::Blocks { block, memory } => key + memory >= p / block * block,
+        }
+    }
+
+    /// Positions any query can reach back (the keys worth keeping).
+    fn reach(&self) -> usize {
+        match self {
+            Self::Dilated { window, dilation } => {
+                window * dilation.iter().copied().max().unwrap_or(1)
+            }
+            Self::Blocks { block, memory } => block + memory,
+        }
+    }
+}
+
+/// The keys and values a causal local pattern still needs (a rolling buffer), by its
+/// [`WindowRule`].
 #[derive(Clone, Debug)]
 pub struct WindowCache {
     keys: Option<Tensor<4>>,
     values: Option<Tensor<4>>,
-    window: usize,
-    /// Per-head dilation (one value: every head).
-    dilation: Vec<usize>,
+    rule: WindowRule,
     len: usize,
 }
 
@@ -128,23 +170,30 @@ impl WindowCache {
             !dilation.is_empty() && dilation.iter().all(|&d| d > 0),
             "window cache: dilations must be positive"
         );
+        Self::with_rule(WindowRule::Dilated { window, dilation })
+    }
+
+    /// An empty cache for causal local blocks: query p sees from `memory` positions before
+    /// its block (of `block`) up to itself.
+    ///
+    /// # Panics
+    /// If `block` is 0.
+    pub fn blocks(block: usize, memory: usize) -> Self {
+        assert!(block > 0, "window cache: the block must be positive");
+        Self::with_rule(WindowRule::Blocks { block, memory })
+    }
+
+    fn with_rule(rule: WindowRule) -> Self {
         Self {
             keys: None,
             values: None,
-            window,
-            dilation,
+            rule,
             len: 0,
         }
     }
 
-    /// Positions the longest head's window reaches back.
-    fn reach(&self) -> usize {
-        self.window * self.dilation.iter().copied().max().unwrap_or(1)
-    }
-
-    /// Attends `t` new queries (with their keys and values) to the window: the query at
-    /// absolute position p sees the keys p − i·d for i = 0..=w (d its head's dilation). Keeps
-    /// the positions later queries can still see.
+    /// Attends `t` new queries (with their keys and values) to the keys their
+    /// [`WindowRule`] shows them, and keeps the positions later queries can still see.
     ///
     /// # Shapes
     /// - q, k: `[batch, heads, t, d_k]`, v: `[batch, heads, t, d_v]` → `[batch, heads, t, d_v]`
@@ -160,14 +209,9 @@ impl WindowCache {
         // Masked (true) where the key is not in the query's dilated causal window.
         let mut masked = Vec::with_capacity(h * t * m);
         for head in 0..h {
-            let d = self.dilation[if self.dilation.len() == 1 { 0 } else { head }];
             for i in 0..t {
-                let p = self.len + i;
                 for j in 0..m {
-                    let key = first + j;
-                    let visible =
-                        key <= p && (p - key).is_multiple_of(d) && (p - key) / d <= self.window;
-                    masked.push(!visible);
+                    masked.push(!self.rule.visible(head, self.len + i, first + j));
                 }
             }
         }
@@ -176,7 +220,7 @@ impl WindowCache {
             .expand([b, h, t, m]);
         let scores = q.matmul(keys.clone().swap_dims(2, 3)).mul_scalar(scale);
         let out = crate::kernels::dense::masked_softmax_matmul(scores, Some(mask), values.clone());
-        let keep = self.reach().min(m);
+        let keep = self.rule.reach().min(m);
         self.keys = Some(keys.narrow(2, m - keep, keep));
         self.values = Some(values.narrow(2, m - keep, keep));
         self.len += t;

@@ -27,7 +27,7 @@
 //!   [`MhaCache`], [`ProjectedContext`], [`RotaryConfig`].
 //! - Selection from TOML: [`AttentionConfig`] → [`Attention`]; every variant's config, module
 //!   and option enums (`PerformerAttentionConfig`, `SparsePattern`, ...).
-//! - Decoding caches: [`DecodeCache`], [`KvCache`], [`WindowCache`], [`RecurrentState`],
+//! - Decoding caches: [`DecodeCache`], [`KvCache`], [`WindowCache`] ([`WindowRule`]), [`RecurrentState`],
 //!   [`kv_cache`].
 //! - Fused CPU operations other layers use: [`fused_feed_forward`] and [`fused_layer_norm`]
 //!   (with [`runs_fused`] to know when they run).
@@ -104,7 +104,7 @@ mod rng;
 pub mod testing;
 
 pub use crate::config::{Attention, AttentionConfig};
-pub use crate::decoding::{DecodeCache, KvCache, RecurrentState, WindowCache};
+pub use crate::decoding::{DecodeCache, KvCache, RecurrentState, WindowCache, WindowRule};
 pub use crate::error::ConfigError;
 pub use crate::extras::{
     Extras, GlobalHeads, GlobalTokens, Grid, SharedParameter, SharedParameterSpec, SideInputs,

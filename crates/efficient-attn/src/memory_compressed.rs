@@ -33,6 +33,7 @@ use burn::nn::Initializer;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
+use crate::decoding::{DecodeCache, WindowCache};
 use crate::error::ConfigError;
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
@@ -146,6 +147,32 @@ impl AttentionCore for MemoryCompressedLocalAttention {
 
     fn mode(&self) -> AttentionMode {
         self.mode
+    }
+    /// Causal mode decodes with a rolling window of the keys its local blocks can still see.
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        let _ = (batch, dims, max_len, device);
+        self.mode
+            .is_causal()
+            .then(|| DecodeCache::Window(WindowCache::blocks(self.block, self.block)))
+    }
+
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        let DecodeCache::Window(window) = cache else {
+            panic!("memory-compressed local attention decodes with a window cache")
+        };
+        let dk = input.query.dims()[3];
+        window.step(
+            input.query,
+            input.key,
+            input.value,
+            1.0 / (dk as f64).sqrt(),
+        )
     }
 
 
