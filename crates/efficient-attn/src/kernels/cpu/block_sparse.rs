@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::flash::with_scratch;
+use super::flash::{absorb_tile_row, finish_rows, with_scratch};
 use super::gemm::{Mat, MatMut, gemm};
 use super::simd::RowOps;
 use super::zeros;
@@ -344,20 +344,14 @@ fn forward_block(
             let i = q0 + r;
             let row = &mut scores[r * width..r * width + cols];
             visit.mask_row(pattern, head.head, qb, i, row);
-            let tile_max = ops.scale_bias_max(row, pattern.scale, visit.bias(shape, head, i));
-            if tile_max == f32::NEG_INFINITY {
-                row.fill(0.0);
-                continue;
-            }
-            let new_max = max[r].max(tile_max);
-            let tile_sum = ops.exp_sum(row, new_max);
-            if max[r] != f32::NEG_INFINITY && max[r] != new_max {
-                let correction = super::simd::exp(max[r] - new_max);
-                ops.scale(&mut out[r * d_v..(r + 1) * d_v], correction);
-                sum[r] *= correction;
-            }
-            sum[r] += tile_sum;
-            max[r] = new_max;
+            absorb_tile_row(
+                ops,
+                row,
+                pattern.scale,
+                visit.bias(shape, head, i),
+                &mut out[r * d_v..(r + 1) * d_v],
+                (&mut max[r], &mut sum[r]),
+            );
         }
         gemm(
             MatMut::rows(out, rows, d_v, d_v),
@@ -367,15 +361,7 @@ fn forward_block(
             1.0,
         );
     }
-    for r in 0..rows {
-        if sum[r] > 0.0 {
-            ops.scale(&mut out[r * d_v..(r + 1) * d_v], 1.0 / sum[r]);
-            lse[r] = max[r] + sum[r].ln();
-        } else {
-            out[r * d_v..(r + 1) * d_v].fill(0.0);
-            lse[r] = f32::INFINITY;
-        }
-    }
+    finish_rows(ops, out, d_v, &max, &sum, lse);
 }
 
 /// The gradients of one call: `dq`, `dk`, `dv` like the inputs, and the extra keys' and

@@ -15,6 +15,10 @@
 //!   backward contributes nothing).
 //! - Threads: rayon over `(batch, head, query tile)` forward and `(batch, head)` backward;
 //!   every GEMM is single-threaded.
+//!
+//! Over 600 lines on purpose: forward, backward, the tile walk they share, the online-softmax
+//! row steps the block-sparse kernel reuses (`absorb_tile_row`, `finish_rows`) and their
+//! tests against the definition belong together.
 
 use std::cell::RefCell;
 
@@ -208,6 +212,57 @@ pub fn forward(inputs: Inputs<'_>, shape: Shape, params: Params, out: &mut [f32]
         });
 }
 
+/// One online-softmax step of a query row over a tile of keys: scales and masks the tile's
+/// scores `row`, exponentiates them against the row's running maximum (so `row` becomes the
+/// tile's unnormalised probabilities), rescales the row's output accumulator `out` when the
+/// maximum grows, and adds to the running `sum`. A fully masked tile leaves zeros. Shared by
+/// the dense and the block-sparse kernels.
+pub(super) fn absorb_tile_row(
+    ops: &RowOps,
+    row: &mut [f32],
+    scale: f32,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    (max, sum): (&mut f32, &mut f32),
+) {
+    let tile_max = ops.scale_bias_max(row, scale, bias);
+    if tile_max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let new_max = max.max(tile_max);
+    let tile_sum = ops.exp_sum(row, new_max);
+    if *max != f32::NEG_INFINITY && *max != new_max {
+        let correction = super::simd::exp(*max - new_max);
+        ops.scale(out, correction);
+        *sum *= correction;
+    }
+    *sum += tile_sum;
+    *max = new_max;
+}
+
+/// Ends the online softmax of `rows` query rows: divides each output row (width `d_v`) by its
+/// sum and writes its log-sum-exp; a row that saw no key gets zeros and a log-sum-exp of +∞.
+pub(super) fn finish_rows(
+    ops: &RowOps,
+    out: &mut [f32],
+    d_v: usize,
+    max: &[f32],
+    sum: &[f32],
+    lse: &mut [f32],
+) {
+    for r in 0..lse.len() {
+        let row = &mut out[r * d_v..(r + 1) * d_v];
+        if sum[r] > 0.0 {
+            ops.scale(row, 1.0 / sum[r]);
+            lse[r] = max[r] + sum[r].ln();
+        } else {
+            row.fill(0.0);
+            lse[r] = f32::INFINITY;
+        }
+    }
+}
+
 /// One query tile of one head: rows `[q0, q0 + lse.len())`.
 #[allow(clippy::too_many_arguments)]
 fn forward_tile(
@@ -269,20 +324,14 @@ fn forward_rows(
             };
             let (seen, future) = row.split_at_mut(visible);
             future.fill(0.0);
-            let tile_max = ops.scale_bias_max(seen, p.scale, tile_bias);
-            if tile_max == f32::NEG_INFINITY {
-                seen.fill(0.0);
-                continue;
-            }
-            let new_max = max[r].max(tile_max);
-            let tile_sum = ops.exp_sum(seen, new_max);
-            if max[r] != f32::NEG_INFINITY && max[r] != new_max {
-                let correction = super::simd::exp(max[r] - new_max);
-                ops.scale(&mut out[r * d_v..(r + 1) * d_v], correction);
-                sum[r] *= correction;
-            }
-            sum[r] += tile_sum;
-            max[r] = new_max;
+            absorb_tile_row(
+                ops,
+                seen,
+                p.scale,
+                tile_bias,
+                &mut out[r * d_v..(r + 1) * d_v],
+                (&mut max[r], &mut sum[r]),
+            );
         }
         gemm(
             MatMut::rows(out, rows, d_v, d_v),
@@ -292,15 +341,7 @@ fn forward_rows(
             1.0,
         );
     }
-    for r in 0..rows {
-        if sum[r] > 0.0 {
-            ops.scale(&mut out[r * d_v..(r + 1) * d_v], 1.0 / sum[r]);
-            lse[r] = max[r] + sum[r].ln();
-        } else {
-            out[r * d_v..(r + 1) * d_v].fill(0.0);
-            lse[r] = f32::INFINITY;
-        }
-    }
+    finish_rows(ops, out, d_v, &max, &sum, lse);
 }
 
 /// Gradients `dq [B, H, Nq, Dk]`, `dk [B, H, Nk, Dk]`, `dv [B, H, Nk, Dv]` of the forward
