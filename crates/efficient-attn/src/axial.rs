@@ -16,6 +16,9 @@
 //!   time, O(N·max(H, W)) memory: O(N√N) for a square grid.
 //! - Exact: row (column) attention equals dense attention with the same-row (same-column) mask,
 //!   tested; `sum` is a sum of two softmax attentions, not one.
+//! - Decoding (causal): a key/value cache of which each new query reads its row so far and the
+//!   positions above it in its column: O(W + H) keys per step. Each step's input carries the
+//!   grid of the whole sequence (`AttnInput::with_grid`; `MhaCache::grid` at the layer level).
 //! - Modes: bidirectional, causal. Cross is a configuration error.
 
 use burn::module::Module;
@@ -24,6 +27,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor};
 
+use crate::decoding::{CausalPattern, DecodeCache, pattern_step};
 use crate::error::ConfigError;
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::extras::{Grid};
@@ -226,7 +230,62 @@ impl AttentionCore for AxialAttention {
         self.mode
     }
 
+    /// Causal mode decodes with a key/value cache read along the row and the column.
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        crate::interface::kv_cache(self.mode, batch, dims, max_len, device)
+    }
 
+    /// # Panics
+    /// Without the grid of the whole sequence on the input.
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        let grid = input.extras.grid.expect(
+            "axial decoding needs the grid of the whole sequence on every step (AttnInput::with_grid)",
+        );
+        let parts = match self.axes {
+            AxialAxes::Row => vec![Axis::Row],
+            AxialAxes::Column => vec![Axis::Column],
+            AxialAxes::Sum => vec![Axis::Row, Axis::Column],
+        };
+        let pattern = AxialPattern {
+            width: grid.width,
+            parts,
+        };
+        let scale = 1.0 / (input.query.dims()[3] as f64).sqrt();
+        pattern_step(cache, &pattern, input.query, input.key, input.value, scale)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Axis {
+    Row,
+    Column,
+}
+
+/// The causal row and column patterns of a grid `width` wide, for decoding.
+#[derive(Debug)]
+struct AxialPattern {
+    width: usize,
+    parts: Vec<Axis>,
+}
+
+impl CausalPattern for AxialPattern {
+    fn parts(&self) -> usize {
+        self.parts.len()
+    }
+
+    fn keys(&self, part: usize, _head: usize, p: usize, keys: &mut Vec<usize>) {
+        let w = self.width;
+        match self.parts[part] {
+            Axis::Row => keys.extend(p / w * w..=p),
+            Axis::Column => keys.extend((p % w..=p).step_by(w)),
+        }
+    }
 }
 
 #[cfg(feature = "testing")]

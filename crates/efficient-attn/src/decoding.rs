@@ -9,11 +9,17 @@
 //! - [`DecodeCache::Window`]: the keys and values of the last w positions only (sliding-window
 //!   attention: Longformer's causal window). A step costs O(w·d), memory O(w·d).
 //!
-//! Variants whose pattern is tied to absolute block boundaries of the whole sequence (local
-//! blocks, strided and summary patterns, 2-D layouts, compressed slots) have no incremental
-//! cache yet: `decode_cache` returns `None` and models say so.
+//! - [`DecodeCache::KeyValue`] with [`pattern_step`]: every key so far, of which each new query
+//!   reads only the positions its [`CausalPattern`] lists (strided and summary patterns, axial
+//!   rows and columns, 2-D blocks with a flange). A step costs O(m·d) for the m keys the
+//!   pattern shows, memory O(t·d) (the strided and summary keys reach back to the start).
+//! - [`DecodeCache::Slots`]: keys and values compressed every k positions (Memory-Compressed
+//!   attention): the slots so far and the positions of the block not yet complete. A step
+//!   costs O(t/k·d), memory O(t/k·d + k·d).
 
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use std::fmt;
+
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::interface::HeadDims;
 use crate::kernels::prefix_sum::KernelState;
@@ -98,6 +104,8 @@ pub enum DecodeCache {
     Recurrent(RecurrentState),
     /// The last positions of a sliding window.
     Window(WindowCache),
+    /// Compressed slots and the incomplete block.
+    Slots(Box<SlotCache>),
 }
 
 /// Which recent keys a causal local pattern shows the query at position p.
@@ -244,6 +252,7 @@ impl DecodeCache {
             Self::KeyValue(c) => c.len(),
             Self::Recurrent(r) => r.len,
             Self::Window(w) => w.len,
+            Self::Slots(s) => s.len,
         }
     }
 
@@ -298,4 +307,177 @@ pub fn recurrent_cache(
             len: 0,
         })
     })
+}
+
+/// The keys a causal pattern shows each query, for decoding over a key/value cache with
+/// [`pattern_step`]. A pattern may be a sum of several softmax attentions (Axial's row plus
+/// column attention): one key list per part.
+pub trait CausalPattern: fmt::Debug {
+    /// Softmax attentions summed in the output (default 1).
+    fn parts(&self) -> usize {
+        1
+    }
+
+    /// Appends to `keys` the positions (each ≤ `p`, none twice) that head `head` of the query
+    /// at position `p` sees in part `part`.
+    fn keys(&self, part: usize, head: usize, p: usize, keys: &mut Vec<usize>);
+}
+
+/// Appends `t` new positions to a key/value cache, then attends each new query to the keys its
+/// [`CausalPattern`] lists (gathered from the cache, so a step reads only those keys).
+///
+/// # Shapes
+/// - q, k: `[batch, heads, t, d_k]`, v: `[batch, heads, t, d_v]` → `[batch, heads, t, d_v]`
+///
+/// # Panics
+/// If `cache` is not a key/value cache, or the cache is full.
+pub fn pattern_step(
+    cache: &mut DecodeCache,
+    pattern: &dyn CausalPattern,
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+) -> Tensor<4> {
+    let DecodeCache::KeyValue(kv) = cache else {
+        panic!("pattern attention decodes with a key/value cache")
+    };
+    let [b, h, t, _] = q.dims();
+    let dv = v.dims()[3];
+    let device = q.device();
+    let start = kv.len();
+    kv.append(k, v);
+    let mut out: Option<Tensor<4>> = None;
+    for part in 0..pattern.parts() {
+        let mut lists = Vec::with_capacity(h * t);
+        let mut union = Vec::new();
+        for head in 0..h {
+            for i in 0..t {
+                let mut list = Vec::new();
+                pattern.keys(part, head, start + i, &mut list);
+                debug_assert!(list.iter().all(|&j| j <= start + i), "{pattern:?} leaks");
+                union.extend_from_slice(&list);
+                lists.push(list);
+            }
+        }
+        union.sort_unstable();
+        union.dedup();
+        let m = union.len();
+        let part_out = if m == 0 {
+            Tensor::zeros([b, h, t, dv], (&device, q.dtype()))
+        } else {
+            let mut masked = vec![true; h * t * m];
+            for (row, list) in lists.iter().enumerate() {
+                for j in list {
+                    let column = union.binary_search(j).expect("listed key in the union");
+                    masked[row * m + column] = false;
+                }
+            }
+            let positions: Vec<i64> = union.iter().map(|&j| j as i64).collect();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(positions, [m]), &device);
+            let keys = kv.keys().select(2, idx.clone()); // [batch, heads, m, d_k]
+            let values = kv.values().select(2, idx); // [batch, heads, m, d_v]
+            let mask = Tensor::<3, Bool>::from_data(TensorData::new(masked, [h, t, m]), &device)
+                .reshape([1, h, t, m])
+                .expand([b, h, t, m]);
+            let scores = q.clone().matmul(keys.swap_dims(2, 3)).mul_scalar(scale);
+            crate::kernels::dense::masked_softmax_matmul(scores, Some(mask), values)
+        };
+        out = Some(match out {
+            Some(o) => o.add(part_out),
+            None => part_out,
+        });
+    }
+    out.expect("a causal pattern has at least one part")
+}
+
+/// Keys and values compressed every `factor` positions: the slots of the complete blocks so
+/// far, and the keys and values of the block not yet complete.
+#[derive(Clone, Debug)]
+pub struct SlotCache {
+    factor: usize,
+    pending: Option<(Tensor<4>, Tensor<4>)>,
+    slots: Option<(Tensor<4>, Tensor<4>)>,
+    len: usize,
+}
+
+impl SlotCache {
+    /// An empty cache compressing blocks of `factor` positions.
+    ///
+    /// # Panics
+    /// If `factor` is 0.
+    pub fn new(factor: usize) -> Self {
+        assert!(
+            factor > 0,
+            "slot cache: the compression factor must be positive"
+        );
+        Self {
+            factor,
+            pending: None,
+            slots: None,
+            len: 0,
+        }
+    }
+
+    /// Positions absorbed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been absorbed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Slots so far (complete blocks).
+    pub fn slots(&self) -> usize {
+        self.len / self.factor
+    }
+
+    /// Absorbs `t` new positions; every block of `factor` positions they complete becomes one
+    /// slot through `compress` (keys, values of whole blocks → their slots).
+    ///
+    /// # Shapes
+    /// - keys: `[batch, heads, t, d_k]`, values: `[batch, heads, t, d_v]`
+    /// - compress: `[batch, heads, c·factor, d]` → `[batch, heads, c, d]`
+    pub fn append(
+        &mut self,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        compress: impl Fn(Tensor<4>, Tensor<4>) -> (Tensor<4>, Tensor<4>),
+    ) {
+        let t = keys.dims()[2];
+        let (keys, values) = match self.pending.take() {
+            Some((pk, pv)) => (
+                Tensor::cat(vec![pk, keys], 2),
+                Tensor::cat(vec![pv, values], 2),
+            ),
+            None => (keys, values),
+        };
+        let held = keys.dims()[2];
+        let whole = held / self.factor * self.factor;
+        if whole > 0 {
+            let (ck, cv) = compress(
+                keys.clone().narrow(2, 0, whole),
+                values.clone().narrow(2, 0, whole),
+            );
+            self.slots = Some(match self.slots.take() {
+                Some((sk, sv)) => (Tensor::cat(vec![sk, ck], 2), Tensor::cat(vec![sv, cv], 2)),
+                None => (ck, cv),
+            });
+        }
+        if held > whole {
+            self.pending = Some((
+                keys.narrow(2, whole, held - whole),
+                values.narrow(2, whole, held - whole),
+            ));
+        }
+        self.len += t;
+    }
+
+    /// The slots' keys `[batch, heads, slots, d_k]` and values `[batch, heads, slots, d_v]`,
+    /// if any block is complete.
+    pub fn compressed(&self) -> Option<(Tensor<4>, Tensor<4>)> {
+        self.slots.clone()
+    }
 }

@@ -19,6 +19,9 @@
 //!   rectangle), through the shared block-sparse kernel.
 //! - Exact: softmax attention restricted to the pattern (tested against the dense masked
 //!   oracle); one block covering the image is full (causal: raster-causal) attention.
+//! - Decoding (causal): 1-D keeps a rolling window of the last l_q + l_m positions; 2-D keeps
+//!   every key and reads, per new pixel, its block's earlier pixels and the flange blocks above
+//!   and to the left (each step's input carries the image's grid, `AttnInput::with_grid`).
 //! - Modes: bidirectional, causal. Cross is a configuration error (the memory is a region of the
 //!   query's own image).
 //! - Deviation: t2t detects padding by all-zero keys; we use the explicit padding mask.
@@ -29,7 +32,7 @@ use burn::module::Module;
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Device, Tensor};
 
-use crate::decoding::{DecodeCache, WindowCache};
+use crate::decoding::{CausalPattern, DecodeCache, WindowCache, pattern_step};
 use crate::error::ConfigError;
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::extras::{Grid};
@@ -454,7 +457,66 @@ impl AttentionCore for ImageTransformer2dAttention {
         self.mode
     }
 
+    /// Causal mode decodes with a key/value cache read through the flange: each new pixel
+    /// reads its block's earlier pixels and the flange blocks above and to the left.
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        crate::interface::kv_cache(self.mode, batch, dims, max_len, device)
+    }
 
+    /// # Panics
+    /// Without the grid of the whole image on the input, or past its last pixel.
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        let grid = input.extras.grid.expect(
+            "image transformer 2d decoding needs the image's grid on every step (AttnInput::with_grid)",
+        );
+        let end = cache.len() + input.query.dims()[2];
+        assert!(
+            end <= grid.len(),
+            "image transformer 2d: decoding position {end} is past the {}x{} image",
+            grid.height,
+            grid.width
+        );
+        let pattern = Flange2d {
+            core: self,
+            blocks: Blocks2d::new(grid, self.query_shape),
+        };
+        let scale = 1.0 / (input.query.dims()[3] as f64).sqrt();
+        pattern_step(cache, &pattern, input.query, input.key, input.value, scale)
+    }
+}
+
+/// The causal 2-D pattern of one image, listing keys for decoding.
+#[derive(Debug)]
+struct Flange2d<'a> {
+    core: &'a ImageTransformer2dAttention,
+    blocks: Blocks2d,
+}
+
+impl CausalPattern for Flange2d<'_> {
+    fn keys(&self, _part: usize, _head: usize, p: usize, keys: &mut Vec<usize>) {
+        let b = &self.blocks;
+        let size = b.hq * b.wq;
+        let [hm, wm] = self.core.memory_flange;
+        let (dr, dc) = (hm.div_ceil(b.hq), wm.div_ceil(b.wq));
+        let q = p / size;
+        let (br, bc) = (q / b.cols, q % b.cols);
+        for r in br.saturating_sub(dr)..=br {
+            for c in bc.saturating_sub(dc)..=(bc + dc).min(b.cols - 1) {
+                let kb = r * b.cols + c;
+                if kb <= q {
+                    keys.extend(
+                        (kb * size..(kb + 1) * size).filter(|&j| self.core.allowed(b, p, j)),
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[cfg(feature = "testing")]

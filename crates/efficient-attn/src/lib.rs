@@ -104,7 +104,10 @@ mod rng;
 pub mod testing;
 
 pub use crate::config::{Attention, AttentionConfig};
-pub use crate::decoding::{DecodeCache, KvCache, RecurrentState, WindowCache, WindowRule};
+pub use crate::decoding::{
+    CausalPattern, DecodeCache, KvCache, RecurrentState, SlotCache, WindowCache, WindowRule,
+    pattern_step,
+};
 pub use crate::error::ConfigError;
 pub use crate::extras::{
     Extras, GlobalHeads, GlobalTokens, Grid, SharedParameter, SharedParameterSpec, SideInputs,

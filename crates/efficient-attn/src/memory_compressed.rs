@@ -22,6 +22,9 @@
 //!   zeroed before compressing and a slot of only padding is masked. O(N·N/k·d) time and
 //!   O(N·N/k) memory: quadratic, divided by k (the paper's claim). With k = 1, an identity
 //!   convolution and no null slot it is full attention (tested).
+//! - Decoding (causal): local keeps a rolling window of the last 2b positions; compressed keeps
+//!   the slots so far and the keys and values of the block not yet complete, compressing each
+//!   block when its k-th position arrives (a step costs O(t/k·d) at position t).
 //! - Modes: bidirectional, causal; cross is a configuration error for both (the papers define
 //!   self-attention layers; t2t raises `NotImplementedError` for a memory antecedent).
 //! - Deviation: compression is applied to the projected keys and values (lucidrains), not to
@@ -31,9 +34,9 @@
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::serde::{Deserialize, Serialize};
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use crate::decoding::{DecodeCache, WindowCache};
+use crate::decoding::{DecodeCache, SlotCache, WindowCache};
 use crate::error::ConfigError;
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
@@ -389,6 +392,68 @@ impl AttentionCore for MemoryCompressedAttention {
         self.mode
     }
 
+    /// Causal mode decodes with the compressed slots so far and the incomplete block.
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        let _ = (batch, dims, max_len, device);
+        self.mode
+            .is_causal()
+            .then(|| DecodeCache::Slots(Box::new(SlotCache::new(self.factor))))
+    }
+
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        let DecodeCache::Slots(slots) = cache else {
+            panic!("memory-compressed attention decodes with a slot cache")
+        };
+        let [b, h, t, _, dk, dv] = input.dims();
+        let device = input.query.device();
+        let start = slots.len();
+        slots.append(input.key, input.value, |k, v| {
+            (
+                self.compress(k, self.conv_key.val()),
+                self.compress(v, self.conv_value.val()),
+            )
+        });
+        let k = self.factor;
+        // Key sets: the null slot (always visible), then slot m (covering [mk, (m+1)k)), visible
+        // to the query at p iff (m+1)k − 1 ≤ p.
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        let mut visible: Vec<Box<dyn Fn(usize) -> bool>> = Vec::new();
+        if let (Some(nk), Some(nv)) = (&self.null_key, &self.null_value) {
+            keys.push(nk.val().reshape([1, h, 1, dk]).expand([b, h, 1, dk]));
+            values.push(nv.val().reshape([1, h, 1, dv]).expand([b, h, 1, dv]));
+            visible.push(Box::new(|_| true));
+        }
+        if let Some((ck, cv)) = slots.compressed() {
+            for m in 0..ck.dims()[2] {
+                visible.push(Box::new(move |p| (m + 1) * k <= p + 1));
+            }
+            keys.push(ck);
+            values.push(cv);
+        }
+        let total = visible.len();
+        if total == 0 {
+            return Tensor::zeros([b, h, t, dv], &device);
+        }
+        let hidden: Vec<bool> = (0..t)
+            .flat_map(|i| visible.iter().map(move |v| !v(start + i)))
+            .collect();
+        let (ck, cv) = (Tensor::cat(keys, 2), Tensor::cat(values, 2));
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(hidden, [t, total]), &device)
+            .reshape([1, 1, t, total])
+            .expand([b, h, t, total]);
+        let scores = input
+            .query
+            .matmul(ck.swap_dims(2, 3))
+            .mul_scalar(1.0 / (dk as f64).sqrt());
+        masked_softmax_matmul(scores, Some(mask), cv)
+    }
 }
 
 

@@ -11,7 +11,7 @@ use burn::tensor::{Bool, Device, Tensor};
 use crate::config::{Attention, AttentionConfig};
 use crate::decoding::DecodeCache;
 use crate::error::ConfigError;
-use crate::extras::{Extras, GlobalHeads, WithExtras};
+use crate::extras::{Extras, GlobalHeads, Grid, WithExtras};
 use crate::interface::{AttentionCore, AttentionMode, AttnInput, CoreConfig, HeadDims};
 
 /// Configuration of [`MultiHeadAttention`]. `A` is the attention's configuration: the
@@ -258,6 +258,17 @@ pub struct MhaCache {
     pub attention: DecodeCache,
     /// Positions decoded so far (the rotary offset of the next token).
     pub position: usize,
+    /// The grid of the whole sequence being decoded, for variants that lay it out in 2-D
+    /// (Axial, Image Transformer 2-D); set with [`with_grid`](Self::with_grid).
+    pub grid: Option<Grid>,
+}
+
+impl MhaCache {
+    /// This cache for a sequence laid out as `grid` (its final length is `grid.len()`).
+    pub fn with_grid(mut self, grid: Grid) -> Self {
+        self.grid = Some(grid);
+        self
+    }
 }
 
 /// Keys and values of a cross-attention context, projected once and reused for every decoded
@@ -388,6 +399,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
             .map(|attention| MhaCache {
                 attention,
                 position: 0,
+                grid: None,
             })
     }
 
@@ -402,9 +414,9 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         let k = self.split_heads(self.key.forward(x.clone())); // [batch, heads, t, d_k]
         let v = self.split_heads(self.value.forward(x)); // [batch, heads, t, d_k]
         let (q, k) = self.rotate(q, k, cache.position);
-        let out = self
-            .core
-            .decode_step(&mut cache.attention, AttnInput::new(q, k, v));
+        let mut input = AttnInput::new(q, k, v);
+        input.extras.grid = cache.grid;
+        let out = self.core.decode_step(&mut cache.attention, input);
         cache.position += t;
         self.merge_heads(out)
     }

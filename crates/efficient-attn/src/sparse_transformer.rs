@@ -21,6 +21,11 @@
 //!   mask, tested); with l ≥ N the A¹ heads are full (causal full) attention.
 //! - Modes: causal (native) and bidirectional (symmetric patterns, as DeepSpeed/xformers
 //!   `FixedSparsityConfig(attention="bidirectional")`). Cross is a configuration error.
+//! - Decoding (causal): a key/value cache of which each new query reads its pattern's keys
+//!   (its band or block, and the stride or summary positions so far): O(l + t/l) keys per head
+//!   for a query at position t (fixed: O(l + c·t/l)). With `stride = "sqrt"`, l is set from
+//!   the cache's `max_len` (the length of the sequence being decoded), so decode with `max_len`
+//!   equal to the final length to match a forward pass over the whole sequence.
 //! - Deviation: openai gives heads different summary columns (`num_verts`); all A² heads here
 //!   use the last c positions of each block.
 
@@ -30,6 +35,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
+use crate::decoding::{CausalPattern, DecodeCache, pattern_step};
 use crate::error::ConfigError;
 use crate::interface::{AttentionCore, CoreConfig, AttentionMode, AttnInput, Exactness, HeadDims, VariantInfo};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
@@ -422,7 +428,53 @@ impl AttentionCore for SparseTransformerAttention {
         self.mode
     }
 
+    /// Causal mode decodes with a key/value cache read through the pattern (module docs).
+    fn decode_cache(
+        &self,
+        batch: usize,
+        dims: HeadDims,
+        max_len: usize,
+        device: &Device,
+    ) -> Option<DecodeCache> {
+        crate::interface::kv_cache(self.mode, batch, dims, max_len, device)
+    }
 
+    fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
+        let DecodeCache::KeyValue(kv) = &*cache else {
+            panic!("sparse transformer attention decodes with a key/value cache")
+        };
+        let pattern = DecodePattern {
+            core: self,
+            stride: self.stride_for(kv.max_len()),
+        };
+        let scale = 1.0 / (input.query.dims()[3] as f64).sqrt();
+        pattern_step(cache, &pattern, input.query, input.key, input.value, scale)
+    }
+}
+
+/// The causal pattern at one stride, listing keys for decoding.
+#[derive(Debug)]
+struct DecodePattern<'a> {
+    core: &'a SparseTransformerAttention,
+    stride: usize,
+}
+
+impl CausalPattern for DecodePattern<'_> {
+    fn keys(&self, _part: usize, head: usize, p: usize, keys: &mut Vec<usize>) {
+        let l = self.stride;
+        let local = head < self.core.local_heads;
+        match (self.core.pattern, local) {
+            (SparsePattern::Strided, true) => keys.extend((p + 1).saturating_sub(l)..=p),
+            (SparsePattern::Fixed, true) => keys.extend(p / l * l..=p),
+            (SparsePattern::Strided, false) => keys.extend((p % l..=p).step_by(l)),
+            (SparsePattern::Fixed, false) => {
+                let summary = self.core.summary;
+                for block in 0..=p / l {
+                    keys.extend((block * l + l - summary..(block + 1) * l).take_while(|&j| j <= p));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(feature = "testing")]

@@ -3,8 +3,8 @@
 use burn::tensor::{Device, Tensor, TensorData, Tolerance};
 use efficient_attn::testing::SeededRng;
 use efficient_attn::{
-    AttentionMode, HeadDims, MemoryEfficientAttentionConfig, MhaInput, MultiHeadAttentionConfig,
-    WithExtras, padding_mask,
+    AttentionMode, AxialAttentionConfig, Grid, HeadDims, MemoryEfficientAttentionConfig, MhaInput,
+    MultiHeadAttentionConfig, WithExtras, padding_mask,
 };
 
 fn x(batch: usize, seq: usize, d: usize, seed: u64, device: &Device) -> Tensor<3> {
@@ -64,4 +64,28 @@ fn a_cross_layer_without_context_is_a_clear_error() {
         .init(&device)
         .unwrap();
     layer.forward(MhaInput::self_attn(x(1, 3, 8, 4, &device)));
+}
+
+/// A layer whose variant lays the sequence out in 2-D decodes with the grid on its cache:
+/// axial attention, a prompt then one position at a time, equals one causal forward.
+#[test]
+fn a_grid_layer_decodes_with_the_grid_on_its_cache() {
+    let device = Device::flex();
+    let mha = MultiHeadAttentionConfig::new(16, 2)
+        .with_dropout(0.0)
+        .with_mode(AttentionMode::Causal)
+        .with_attention(AxialAttentionConfig::default())
+        .init(&device)
+        .unwrap();
+    let grid = Grid::new(3, 4);
+    let input = x(2, 12, 16, 3, &device);
+    let whole = mha.forward(MhaInput::self_attn(input.clone()).with_grid(grid));
+    let mut cache = mha.init_cache(2, 12, &device).unwrap().with_grid(grid);
+    let mut parts = vec![mha.forward_step(input.clone().narrow(1, 0, 5), &mut cache)];
+    for t in 5..12 {
+        parts.push(mha.forward_step(input.clone().narrow(1, t, 1), &mut cache));
+    }
+    Tensor::cat(parts, 1)
+        .into_data()
+        .assert_approx_eq::<f32>(&whole.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
 }

@@ -9,7 +9,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use efficient_attn::padding_mask;
 use efficient_attn::{
     AttentionConfig, LinearTransformerAttentionConfig, LinformerAttentionConfig,
-    MemoryEfficientAttentionConfig, PerformerAttentionConfig, SynthesizerAttentionConfig,
+    MemoryCompressedAttentionConfig, MemoryEfficientAttentionConfig, PerformerAttentionConfig,
+    SparsePattern, SparseTransformerAttentionConfig, Stride, SynthesizerAttentionConfig,
     WithExtras,
 };
 use models::{
@@ -130,6 +131,23 @@ fn incremental_decoding_gives_the_same_logits_as_one_forward() {
         SynthesizerAttentionConfig {
             max_len: 32,
             ..Default::default()
+        }
+        .into(),
+        SparseTransformerAttentionConfig {
+            pattern: SparsePattern::Fixed,
+            stride: Stride::Length(3),
+            summary: 1,
+        }
+        .into(),
+        SparseTransformerAttentionConfig {
+            pattern: SparsePattern::Strided,
+            stride: Stride::Length(2),
+            summary: 1,
+        }
+        .into(),
+        MemoryCompressedAttentionConfig {
+            factor: 2,
+            null_slot: true,
         }
         .into(),
     ];

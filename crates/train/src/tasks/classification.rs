@@ -109,6 +109,7 @@ impl ClassificationTask {
             .stack
             .check("encoder", AttentionMode::Bidirectional)
             .map_err(|e| format!("model.{e}"))?;
+        super::check_grid(&config.model.stack, "model.stack", config.model.grid, true)?;
         if config.model.pretrained.is_none() {
             return Ok(());
         }

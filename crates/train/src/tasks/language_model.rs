@@ -67,8 +67,8 @@ impl LanguageModelTask {
             .model
             .stack
             .check("decoder", AttentionMode::Causal)
-            .map(|_| ())
-            .map_err(|e| format!("model.{e}"))
+            .map_err(|e| format!("model.{e}"))?;
+        super::check_grid(&config.model.stack, "model.stack", config.model.grid, false)
     }
 }
 

@@ -512,6 +512,42 @@ pub fn check_attention_lengths(
     Ok(())
 }
 
+/// Layers whose attention lays the sequence out in 2-D ([`VariantInfo::needs_grid`]: Axial,
+/// Image Transformer 2-D) need `model.grid`, which only classification tasks give; checked
+/// with the configuration instead of failing inside the first forward.
+///
+/// [`VariantInfo::needs_grid`]: efficient_attn::VariantInfo::needs_grid
+///
+/// # Errors
+/// The key to set (or the attention to change) and why.
+pub fn check_grid(
+    stack: &StackConfig,
+    key: &'static str,
+    grid: Option<[usize; 2]>,
+    task_has_grid: bool,
+) -> Result<(), String> {
+    let layers = stack.resolve_attention(key).map_err(|e| e.to_string())?;
+    let Some(kind) = layers
+        .iter()
+        .map(|a| a.info())
+        .find(|info| info.needs_grid)
+        .map(|info| info.kind)
+    else {
+        return Ok(());
+    };
+    match (task_has_grid, grid) {
+        (true, Some(_)) => Ok(()),
+        (true, None) => Err(format!(
+            "model.grid: attention kind \"{kind}\" in {key} lays the sequence out as a 2-D grid; \
+             set model.grid = [rows, columns] with rows × columns at least the longest sequence"
+        )),
+        (false, _) => Err(format!(
+            "{key}.attention: attention kind \"{kind}\" needs a 2-D grid (model.grid), which only \
+             classification tasks give; choose a 1-D attention for this task"
+        )),
+    }
+}
+
 /// The attention kinds of a stack's layers.
 pub fn attention_kinds(stack: &StackConfig) -> Vec<String> {
     stack

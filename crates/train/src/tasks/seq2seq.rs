@@ -79,6 +79,10 @@ impl Seq2SeqTask {
         decoder
             .check("decoder", AttentionMode::Causal)
             .map_err(err)?;
+        super::check_grid(&config.model.stack, "model.stack", None, false)?;
+        if let Some(d) = &config.model.decoder {
+            super::check_grid(d, "model.decoder", None, false)?;
+        }
         let cross = config.model.cross_attention.info();
         if !cross.supports(AttentionMode::Cross) {
             return Err(format!(

@@ -163,6 +163,16 @@ fn config_cases() -> Vec<Case> {
             "causal",
         ),
         train(
+            attention("kind = \"axial\""),
+            "2-D attention without a grid",
+            "model.grid",
+        ),
+        train(
+            lm("kind = \"image-transformer-2d\""),
+            "2-D attention in a language model",
+            "needs a 2-D grid",
+        ),
+        train(
             text("missing.jsonl", "missing.jsonl"),
             "missing text data file",
             "missing.jsonl",
