@@ -20,7 +20,8 @@ use burn::train::{
 use serde::Serialize;
 
 use crate::config::ExperimentConfig;
-use crate::data::loader::{EpochLoader, MakeBatch};
+use crate::data::batching::{Batching, ItemLength};
+use crate::data::loader::{EpochLoader, LoaderRole, MakeBatch, TokenMeter};
 use crate::metrics_log::{CsvMetricLogger, plot_curves};
 use crate::optim::{Schedule, optimizer};
 use crate::progress::PlainProgress;
@@ -57,8 +58,48 @@ pub struct EvalResult {
     pub loss: f64,
     /// Accuracy (per example, or per token).
     pub accuracy: f64,
+    /// Macro-averaged F1 over the classes (per-example tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
     /// Examples (or tokens) evaluated.
     pub count: usize,
+}
+
+/// Tokens a run's training passes processed and how fast (this process's epochs only, after a
+/// `--resume`).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Throughput {
+    /// Epochs timed.
+    pub epochs: usize,
+    /// The items' own tokens.
+    pub real_tokens: u64,
+    /// Tokens of the padded batches (what the model computed on).
+    pub padded_tokens: u64,
+    /// Seconds spent in training passes (validation excluded).
+    pub seconds: f64,
+    /// Real tokens per second.
+    pub real_tokens_per_second: f64,
+    /// Padded tokens per second.
+    pub padded_tokens_per_second: f64,
+    /// Seconds per training epoch.
+    pub seconds_per_epoch: f64,
+}
+
+impl Throughput {
+    /// The throughput of `epochs` training passes counted by `meter`.
+    pub fn of(meter: &TokenMeter, epochs: usize) -> Self {
+        let c = meter.count();
+        let per = |x: f64| if c.seconds > 0.0 { x / c.seconds } else { 0.0 };
+        Self {
+            epochs,
+            real_tokens: c.real,
+            padded_tokens: c.padded,
+            seconds: c.seconds,
+            real_tokens_per_second: per(c.real as f64),
+            padded_tokens_per_second: per(c.padded as f64),
+            seconds_per_epoch: c.seconds / epochs.max(1) as f64,
+        }
+    }
 }
 
 /// Why training ended before its last epoch.
@@ -110,16 +151,29 @@ pub fn steps_per_epoch(items: usize, config: &ExperimentConfig) -> usize {
         .div_ceil(config.train.grad_accumulation.max(1))
 }
 
-/// The training loader (epoch-seeded order, reseeded dropout, starting after a resumed epoch)
-/// and the validation loader.
+/// The loaders of a run and their token meters.
+pub struct Loaders<O> {
+    /// Training: batches drawn from (seed, epoch), starting after a resumed epoch.
+    pub train: Arc<dyn DataLoader<O>>,
+    /// Validation.
+    pub valid: Arc<dyn DataLoader<O>>,
+    /// Tokens and time of the training passes.
+    pub train_meter: Arc<TokenMeter>,
+    /// Tokens and time of the validation passes.
+    pub valid_meter: Arc<TokenMeter>,
+}
+
+/// The training loader (epoch-seeded batches, reseeded dropout, starting after a resumed
+/// epoch) and the validation loader, both batched by `train.batching`; prints the share of
+/// padding that batching leaves in the first epoch, next to the other batching's.
 pub fn loaders<I, O>(
     ctx: &RunContext,
     train: Vec<I>,
     valid: Vec<I>,
     batcher: Arc<dyn MakeBatch<I, O>>,
-) -> (Arc<dyn DataLoader<O>>, Arc<dyn DataLoader<O>>)
+) -> Loaders<O>
 where
-    I: Clone + Send + Sync + 'static,
+    I: Clone + ItemLength + Send + Sync + 'static,
     O: Send + 'static,
 {
     let t = &ctx.config.train;
@@ -128,23 +182,38 @@ where
         train,
         batcher.clone(),
         t.batch_size,
-        t.seed,
-        true,
-        true,
-        first_epoch,
+        t.batching,
+        LoaderRole::Train {
+            seed: t.seed,
+            first_epoch,
+        },
         ctx.main_device().clone(),
+    );
+    let other = match t.batching {
+        Batching::Shuffled => Batching::default(),
+        Batching::LengthBuckets { .. } => Batching::Shuffled,
+    };
+    let (mine, theirs) = train.padding_fraction(first_epoch, other);
+    eprintln!(
+        "batching: {}; padding is {:.1}% of the training tokens of epoch {first_epoch} ({other}: {:.1}%)",
+        t.batching,
+        100.0 * mine,
+        100.0 * theirs
     );
     let valid = EpochLoader::new(
         valid,
         batcher,
         t.eval_batch_size,
-        t.seed,
-        false,
-        false,
-        1,
+        t.batching,
+        LoaderRole::Eval,
         ctx.main_device().clone(),
     );
-    (Arc::new(train), Arc::new(valid))
+    Loaders {
+        train_meter: train.meter(),
+        valid_meter: valid.meter(),
+        train: Arc::new(train),
+        valid: Arc::new(valid),
+    }
 }
 
 /// Trains `model` with burn-train: optimiser, schedule, metrics, atomic checkpoints, early
@@ -155,8 +224,7 @@ where
 pub fn fit<T: Task>(
     ctx: &RunContext,
     model: T::Model,
-    train: Arc<dyn DataLoader<T::Batch>>,
-    valid: Arc<dyn DataLoader<T::Batch>>,
+    loaders: &Loaders<T::Batch>,
     steps_per_epoch: usize,
     pad: Option<usize>,
     guard: &NanGuard,
@@ -173,21 +241,26 @@ pub fn fit<T: Task>(
     let checkpoints = ctx.run_dir.join("checkpoint");
     let csv = CsvMetricLogger::open(&ctx.run_dir.join("metrics.csv"))?;
     let interrupter = guard.interrupter();
-    let mut training = SupervisedTraining::new(&ctx.run_dir, train, valid)
-        .with_metric_logger(burn::train::logger::FileMetricLogger::new(
-            ctx.run_dir.clone(),
-        ))
-        .with_metric_logger(csv)
-        .with_custom_checkpointers(
-            AtomicCheckpointer::new(&checkpoints, "model"),
-            AtomicCheckpointer::new(&checkpoints, "optim"),
-            AtomicCheckpointer::new(&checkpoints, "scheduler"),
-        )
-        .with_checkpointing_strategy(KeepLastNCheckpoints::new(t.keep_checkpoints.max(1)))
-        .with_interrupter(interrupter.clone())
-        .num_epochs(t.epochs);
+    let mut training =
+        SupervisedTraining::new(&ctx.run_dir, loaders.train.clone(), loaders.valid.clone())
+            .with_metric_logger(burn::train::logger::FileMetricLogger::new(
+                ctx.run_dir.clone(),
+            ))
+            .with_metric_logger(csv)
+            .with_custom_checkpointers(
+                AtomicCheckpointer::new(&checkpoints, "model"),
+                AtomicCheckpointer::new(&checkpoints, "optim"),
+                AtomicCheckpointer::new(&checkpoints, "scheduler"),
+            )
+            .with_checkpointing_strategy(KeepLastNCheckpoints::new(t.keep_checkpoints.max(1)))
+            .with_interrupter(interrupter.clone())
+            .num_epochs(t.epochs);
     if !std::io::stdout().is_terminal() {
-        training = training.renderer(Box::new(PlainProgress::new(Duration::from_secs(10))));
+        training = training.renderer(Box::new(
+            PlainProgress::new(Duration::from_secs(10))
+                .with_meter("train", loaders.train_meter.clone())
+                .with_meter("valid", loaders.valid_meter.clone()),
+        ));
     }
     training = match pad {
         Some(pad) => training.metrics((
@@ -241,22 +314,34 @@ pub fn fit<T: Task>(
     })
 }
 
-/// Mean loss and accuracy of `model` over `items`; with `pad`, per token and ignoring it.
+/// Mean loss, accuracy and (one label per example) macro-F1 of `model` over `items`, batched
+/// by `batching` (length buckets: the split sorted by length); with `pad`, per token and
+/// ignoring it.
 pub fn evaluate<I, O, M>(
     model: &M,
     items: &[I],
     batcher: &dyn MakeBatch<I, O>,
     batch_size: usize,
+    batching: Batching,
     device: &Device,
     pad: Option<usize>,
 ) -> EvalResult
 where
-    I: Clone,
+    I: Clone + ItemLength,
     M: InferenceStep<Input = O, Output = ClassificationOutput>,
 {
-    let (mut loss_sum, mut correct, mut count) = (0.0, 0usize, 0usize);
-    for chunk in items.chunks(batch_size.max(1)) {
-        let out = model.step(batcher.batch(chunk, device));
+    let lengths: Vec<usize> = items.iter().map(ItemLength::length).collect();
+    let batches = batching.batches(
+        &lengths,
+        (0, items.len()),
+        batch_size,
+        crate::data::batching::Pass::Eval,
+    );
+    let (mut loss_sum, mut count) = (0.0, 0usize);
+    let mut pairs: Vec<(i64, i64)> = Vec::new();
+    for batch in batches {
+        let chunk: Vec<I> = batch.iter().map(|&i| items[i].clone()).collect();
+        let out = model.step(batcher.batch(&chunk, device));
         let targets: Vec<i64> = out
             .targets
             .clone()
@@ -272,23 +357,43 @@ where
             .convert::<i64>()
             .try_to_vec()
             .unwrap_or_default();
-        let counted = targets
-            .iter()
-            .filter(|t| pad.is_none_or(|p| **t != p as i64))
-            .count();
-        correct += targets
-            .iter()
-            .zip(&predicted)
-            .filter(|(t, p)| pad.is_none_or(|pd| **t != pd as i64) && t == p)
-            .count();
+        let before = pairs.len();
+        pairs.extend(
+            targets
+                .iter()
+                .zip(&predicted)
+                .filter(|(t, _)| pad.is_none_or(|p| **t != p as i64))
+                .map(|(t, p)| (*t, *p)),
+        );
+        let counted = pairs.len() - before;
         loss_sum += out.loss.into_scalar::<f64>() * counted as f64;
         count += counted;
     }
+    let correct = pairs.iter().filter(|(t, p)| t == p).count();
     EvalResult {
         loss: loss_sum / count.max(1) as f64,
         accuracy: correct as f64 / count.max(1) as f64,
+        macro_f1: pad.is_none().then(|| macro_f1(&pairs)),
         count,
     }
+}
+
+/// Macro-averaged F1 over the classes that occur as a target or a prediction (as
+/// scikit-learn's `f1_score(average="macro")`): per class 2·tp / (2·tp + fp + fn).
+pub fn macro_f1(pairs: &[(i64, i64)]) -> f64 {
+    let mut classes: Vec<i64> = pairs.iter().flat_map(|&(t, p)| [t, p]).collect();
+    classes.sort_unstable();
+    classes.dedup();
+    if classes.is_empty() {
+        return 0.0;
+    }
+    let f1 = |c: i64| {
+        let tp = pairs.iter().filter(|&&(t, p)| t == c && p == c).count() as f64;
+        let fp = pairs.iter().filter(|&&(t, p)| t != c && p == c).count() as f64;
+        let fn_ = pairs.iter().filter(|&&(t, p)| t == c && p != c).count() as f64;
+        2.0 * tp / (2.0 * tp + fp + fn_)
+    };
+    classes.iter().map(|&c| f1(c)).sum::<f64>() / classes.len() as f64
 }
 
 /// Draws `curves.png` from the run's `metrics.csv` (a warning if it cannot).

@@ -6,12 +6,18 @@
 //! metric values (running means over the split so far).
 //!
 //! ```text
-//! [train] epoch 1/3   928/10000 items (  9%)  10.3 items/s  eta 14m41s  | Loss 2.113  Accuracy 21.9
+//! [train] epoch 1/3   928/10000 items (  9%)  10.3 items/s  1843 tokens/s (2011 padded)  elapsed 1m30s  eta 14m41s  |  Loss 2.1130  Accuracy 21.9000
 //! ```
+//!
+//! Tokens per second come from the loaders' [`TokenMeter`]s: the items' own tokens, and in
+//! brackets the tokens of the padded batches the model computed on.
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::data::loader::{TokenCount, TokenMeter};
 
 use burn::train::logger::{EvaluationProgressLogger, TrainingProgressLogger};
 use burn::train::metric::{MetricDefinition, MetricId, NumericEntry};
@@ -32,6 +38,8 @@ pub struct PlainProgress {
     items_done: usize,
     started: Instant,
     last_print: Option<Instant>,
+    meters: Vec<(String, Arc<TokenMeter>)>,
+    tokens_at_begin: Option<TokenCount>,
 }
 
 impl PlainProgress {
@@ -48,7 +56,23 @@ impl PlainProgress {
             items_done: 0,
             started: Instant::now(),
             last_print: None,
+            meters: Vec::new(),
+            tokens_at_begin: None,
         }
+    }
+
+    /// Shows the tokens per second of `meter` while the split named `split` runs.
+    pub fn with_meter(mut self, split: &str, meter: Arc<TokenMeter>) -> Self {
+        self.meters.push((split.to_lowercase(), meter));
+        self
+    }
+
+    fn meter(&self) -> Option<&Arc<TokenMeter>> {
+        let split = self.split.to_lowercase();
+        self.meters
+            .iter()
+            .find(|(s, _)| *s == split)
+            .map(|(_, m)| m)
     }
 
     fn record(&mut self, state: MetricState) {
@@ -77,6 +101,7 @@ impl PlainProgress {
         self.started = Instant::now();
         self.last_print = None;
         self.latest.clear();
+        self.tokens_at_begin = self.meter().map(|m| m.count());
     }
 
     fn progress(&mut self, done: usize, force: bool) {
@@ -111,8 +136,19 @@ impl PlainProgress {
         } else {
             String::from("?")
         };
+        let tokens = match (self.meter(), self.tokens_at_begin) {
+            (Some(m), Some(start)) if secs > 0.0 => {
+                let now = m.count();
+                format!(
+                    "  {:.0} tokens/s ({:.0} padded)",
+                    (now.real - start.real) as f64 / secs,
+                    (now.padded - start.padded) as f64 / secs
+                )
+            }
+            _ => String::new(),
+        };
         let mut line = format!(
-            "[{}] epoch {}/{}  {:>w$}/{} items ({:>3.0}%)  {:.1} items/s  elapsed {}  eta {}",
+            "[{}] epoch {}/{}  {:>w$}/{} items ({:>3.0}%)  {:.1} items/s{}  elapsed {}  eta {}",
             self.split,
             self.epoch,
             self.epochs,
@@ -120,6 +156,7 @@ impl PlainProgress {
             self.items_total,
             pct,
             rate,
+            tokens,
             format_duration(secs),
             eta,
             w = self.items_total.to_string().len(),

@@ -22,6 +22,7 @@ use efficient_attn::AttentionConfig;
 use models::{PositionKind, StackConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::data::batching::Batching;
 use crate::data::listops::ListOpsSettings;
 
 /// The task, which decides the data and the model family.
@@ -514,6 +515,8 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Examples per evaluation batch.
     pub eval_batch_size: usize,
+    /// How items are grouped into batches (default: buckets of similar length).
+    pub batching: Batching,
     /// Base learning rate.
     pub lr: f64,
     /// Optimiser.
@@ -543,6 +546,7 @@ impl Default for TrainSection {
             epochs: 3,
             batch_size: 32,
             eval_batch_size: 64,
+            batching: Batching::default(),
             lr: 1e-3,
             optimizer: OptimizerSection::default(),
             schedule: ScheduleSection::default(),

@@ -2,13 +2,16 @@
 //!
 //! Burn's own loader advances one shuffling generator per pass, so a run resumed from a
 //! checkpoint would see a different order than an uninterrupted run. [`EpochLoader`] draws the
-//! permutation of epoch `e` from `(seed, e)` and reseeds the device RNG (dropout) at the start
-//! of each training epoch the same way, which makes `--resume` reproduce the uninterrupted run.
+//! batches of epoch `e` from `(seed, e)` by its [`Batching`] (shuffled, or length buckets) and
+//! reseeds the device RNG (dropout) at the start of each training epoch the same way, which
+//! makes `--resume` reproduce the uninterrupted run. A [`TokenMeter`] counts the tokens it
+//! hands out (real and padded) and the time its passes take.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
-use crate::rng::DataRng;
+use super::batching::{Batching, ItemLength, Pass, mix};
 use burn::data::dataloader::{DataLoader, DataLoaderIterator, Progress};
 use burn::data::dataset::DatasetError;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -20,6 +23,24 @@ pub struct ClassItem {
     pub tokens: Vec<u32>,
     /// Class index.
     pub label: u32,
+}
+
+impl ItemLength for ClassItem {
+    fn length(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+impl ItemLength for LmItem {
+    fn length(&self) -> usize {
+        self.tokens.len().saturating_sub(1)
+    }
+}
+
+impl ItemLength for Seq2SeqItem {
+    fn length(&self) -> usize {
+        self.source.len() + self.target.len().saturating_sub(1)
+    }
 }
 
 /// A token sequence for language modelling: inputs are `tokens[..n-1]`, targets `tokens[1..]`.
@@ -120,6 +141,19 @@ pub fn pad_batch(
 pub trait MakeBatch<I, O>: Send + Sync {
     /// The batch of `items`.
     fn batch(&self, items: &[I], device: &Device) -> O;
+
+    /// Tokens of the batch of `items`: the items' own, and the padded batch's (what the model
+    /// computes on).
+    fn tokens(&self, items: &[&I]) -> (u64, u64);
+}
+
+/// Tokens of sequences padded to `len` (or the longest), as [`pad_batch`] pads them.
+fn padded_counts(lens: impl Iterator<Item = usize> + Clone, len: Option<usize>) -> (u64, u64) {
+    let n = len
+        .unwrap_or_else(|| lens.clone().max().unwrap_or(1))
+        .max(1);
+    let real: usize = lens.clone().map(|l| l.min(n)).sum();
+    (real as u64, (n * lens.count()) as u64)
 }
 
 /// Classification batches padded to the longest item, or to `fixed_len` for variants whose
@@ -142,6 +176,10 @@ impl MakeBatch<ClassItem, ClassBatch> for ClassBatcher {
             mask_pad,
             labels: Tensor::from_data(TensorData::new(labels, [items.len()]), device),
         }
+    }
+
+    fn tokens(&self, items: &[&ClassItem]) -> (u64, u64) {
+        padded_counts(items.iter().map(|i| i.tokens.len()), self.fixed_len)
     }
 }
 
@@ -166,6 +204,10 @@ impl MakeBatch<LmItem, LmBatch> for LmBatcher {
             targets,
             mask_pad,
         }
+    }
+
+    fn tokens(&self, items: &[&LmItem]) -> (u64, u64) {
+        padded_counts(items.iter().map(|i| i.length()), None)
     }
 }
 
@@ -195,99 +237,199 @@ impl MakeBatch<Seq2SeqItem, Seq2SeqBatch> for Seq2SeqBatcher {
             target_pad,
         }
     }
+
+    fn tokens(&self, items: &[&Seq2SeqItem]) -> (u64, u64) {
+        let (rs, ps) = padded_counts(items.iter().map(|i| i.source.len()), None);
+        let (rt, pt) = padded_counts(items.iter().map(|i| i.target.len() - 1), None);
+        (rs + rt, ps + pt)
+    }
 }
 
-/// A loader over in-memory items whose order in epoch `e` is a permutation drawn from
-/// `(seed, e)`. A training loader also reseeds the device RNG at the start of each epoch.
+/// Tokens handed out by a loader (real and padded) and the time its passes took, shared by
+/// its clones and device slices: the throughput a run reports.
+#[derive(Debug, Default)]
+pub struct TokenMeter {
+    real: AtomicU64,
+    padded: AtomicU64,
+    nanos: AtomicU64,
+}
+
+/// A [`TokenMeter`]'s counts at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TokenCount {
+    /// The items' own tokens.
+    pub real: u64,
+    /// Tokens of the padded batches.
+    pub padded: u64,
+    /// Seconds spent in finished passes.
+    pub seconds: f64,
+}
+
+impl TokenMeter {
+    fn add(&self, real: u64, padded: u64) {
+        self.real.fetch_add(real, Ordering::Relaxed);
+        self.padded.fetch_add(padded, Ordering::Relaxed);
+    }
+
+    /// The counts so far.
+    pub fn count(&self) -> TokenCount {
+        TokenCount {
+            real: self.real.load(Ordering::Relaxed),
+            padded: self.padded.load(Ordering::Relaxed),
+            seconds: self.nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+        }
+    }
+}
+
+/// A loader over in-memory items whose batches in epoch `e` are drawn from `(seed, e)` by a
+/// [`Batching`]. A training loader also reseeds the device RNG at the start of each epoch.
 pub struct EpochLoader<I, O> {
     items: Arc<Vec<I>>,
+    lengths: Arc<Vec<usize>>,
     range: (usize, usize),
     batcher: Arc<dyn MakeBatch<I, O>>,
     batch_size: usize,
     seed: u64,
-    shuffle: bool,
-    reseed_device: bool,
+    batching: Batching,
+    train: bool,
     next_epoch: Arc<AtomicUsize>,
     device: Device,
+    meter: Arc<TokenMeter>,
 }
 
-impl<I, O> EpochLoader<I, O> {
-    /// A loader over `items`; the first call of `iter` is epoch `first_epoch` (1-based, as
-    /// burn-train counts).
-    #[allow(clippy::too_many_arguments)]
+/// What an [`EpochLoader`] is for.
+#[derive(Clone, Copy, Debug)]
+pub enum LoaderRole {
+    /// Training: batches drawn from (seed, epoch), the device RNG reseeded every epoch; the
+    /// first pass is epoch `first_epoch` (1-based, as burn-train counts).
+    Train {
+        /// Data and dropout seed.
+        seed: u64,
+        /// The epoch of the first pass.
+        first_epoch: usize,
+    },
+    /// Evaluation: the same batches every pass.
+    Eval,
+}
+
+impl<I: ItemLength, O> EpochLoader<I, O> {
+    /// A loader over `items`.
     pub fn new(
         items: Vec<I>,
         batcher: Arc<dyn MakeBatch<I, O>>,
         batch_size: usize,
-        seed: u64,
-        shuffle: bool,
-        reseed_device: bool,
-        first_epoch: usize,
+        batching: Batching,
+        role: LoaderRole,
         device: Device,
     ) -> Self {
         let n = items.len();
+        let (seed, first_epoch, train) = match role {
+            LoaderRole::Train { seed, first_epoch } => (seed, first_epoch, true),
+            LoaderRole::Eval => (0, 1, false),
+        };
         Self {
+            lengths: Arc::new(items.iter().map(ItemLength::length).collect()),
             items: Arc::new(items),
             range: (0, n),
             batcher,
             batch_size: batch_size.max(1),
             seed,
-            shuffle,
-            reseed_device,
+            batching,
+            train,
             next_epoch: Arc::new(AtomicUsize::new(first_epoch)),
             device,
+            meter: Arc::new(TokenMeter::default()),
         }
     }
+}
 
+impl<I, O> EpochLoader<I, O> {
     fn with(&self, range: (usize, usize), device: Device) -> Self {
         Self {
             items: self.items.clone(),
+            lengths: self.lengths.clone(),
             range,
             batcher: self.batcher.clone(),
             batch_size: self.batch_size,
             seed: self.seed,
-            shuffle: self.shuffle,
-            reseed_device: self.reseed_device,
+            batching: self.batching,
+            train: self.train,
             next_epoch: Arc::new(AtomicUsize::new(self.next_epoch.load(Ordering::SeqCst))),
             device,
+            meter: self.meter.clone(),
         }
     }
 
-    /// The order of epoch `epoch`.
-    pub fn order(&self, epoch: usize) -> Vec<usize> {
-        let (start, end) = self.range;
-        let mut idx: Vec<usize> = (start..end).collect();
-        if self.shuffle {
-            let perm = DataRng::new(mix(self.seed, epoch as u64)).permutation(idx.len());
-            idx = perm.into_iter().map(|p| start + p).collect();
-        }
-        idx
+    /// The batches (item indices) of epoch `epoch`.
+    pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let pass = if self.train {
+            Pass::Train {
+                seed: self.seed,
+                epoch,
+            }
+        } else {
+            Pass::Eval
+        };
+        self.batching
+            .batches(&self.lengths, self.range, self.batch_size, pass)
     }
-}
 
-fn mix(seed: u64, epoch: u64) -> u64 {
-    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ epoch.wrapping_add(0x632b_e59b_d9b4_e019)
+    /// The token meter (shared by this loader's clones and slices).
+    pub fn meter(&self) -> Arc<TokenMeter> {
+        self.meter.clone()
+    }
+
+    /// The fraction of batch tokens that are padding in epoch `epoch`, under this loader's
+    /// batching and under `other`.
+    pub fn padding_fraction(&self, epoch: usize, other: Batching) -> (f64, f64) {
+        let fraction = |batches: Vec<Vec<usize>>| {
+            let (mut real, mut padded) = (0u64, 0u64);
+            for b in &batches {
+                let items: Vec<&I> = b.iter().map(|&i| &self.items[i]).collect();
+                let (r, p) = self.batcher.tokens(&items);
+                real += r;
+                padded += p;
+            }
+            1.0 - real as f64 / padded.max(1) as f64
+        };
+        let mine = fraction(self.batches(epoch));
+        let theirs = fraction(
+            Self {
+                batching: other,
+                ..self.with(self.range, self.device.clone())
+            }
+            .batches(epoch),
+        );
+        (mine, theirs)
+    }
 }
 
 struct EpochIter<'a, I, O> {
     loader: &'a EpochLoader<I, O>,
-    order: Vec<usize>,
+    batches: Vec<Vec<usize>>,
     position: usize,
+    items_done: usize,
+    items_total: usize,
+    started: Instant,
+}
+
+impl<I, O> Drop for EpochIter<'_, I, O> {
+    fn drop(&mut self) {
+        let nanos = self.started.elapsed().as_nanos() as u64;
+        self.loader.meter.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
 }
 
 impl<I: Clone, O> Iterator for EpochIter<'_, I, O> {
     type Item = Result<O, DatasetError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.position >= self.order.len() {
-            return None;
-        }
-        let end = (self.position + self.loader.batch_size).min(self.order.len());
-        let items: Vec<&I> = self.order[self.position..end]
-            .iter()
-            .map(|&i| &self.loader.items[i])
-            .collect();
-        self.position = end;
+        let batch = self.batches.get(self.position)?;
+        let items: Vec<&I> = batch.iter().map(|&i| &self.loader.items[i]).collect();
+        self.position += 1;
+        self.items_done += items.len();
+        let (real, padded) = self.loader.batcher.tokens(&items);
+        self.loader.meter.add(real, padded);
         Some(Ok(self
             .loader
             .batcher
@@ -297,7 +439,7 @@ impl<I: Clone, O> Iterator for EpochIter<'_, I, O> {
 
 impl<I: Clone, O> DataLoaderIterator<O> for EpochIter<'_, I, O> {
     fn progress(&self) -> Progress {
-        Progress::new(self.position, self.order.len(), None)
+        Progress::new(self.items_done, self.items_total, None)
     }
 }
 
@@ -320,14 +462,17 @@ where
 {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<O> + 'a> {
         let epoch = self.next_epoch.fetch_add(1, Ordering::SeqCst);
-        if self.reseed_device {
+        if self.train {
             self.device
                 .seed(mix(self.seed ^ 0xd1b5_4a32_d192_ed03, epoch as u64));
         }
         Box::new(EpochIter {
             loader: self,
-            order: self.order(epoch),
+            batches: self.batches(epoch),
             position: 0,
+            items_done: 0,
+            items_total: self.num_items(),
+            started: Instant::now(),
         })
     }
 

@@ -87,10 +87,11 @@ pub use self::classification::{ClassificationTask, ClassifierWithLoss, SavedClas
 pub use self::language_model::{LanguageModelTask, LanguageModelWithLoss};
 pub use self::seq2seq::{Seq2SeqTask, Seq2SeqWithLoss};
 use crate::config::{ExperimentConfig, ModelSection, TaskKind};
+use crate::data::batching::ItemLength;
 use crate::data::loader::MakeBatch;
 use crate::fit::{
-    EvalResult, RunContext, StopReason, evaluate, fit, loaders, peak_memory, plot_run_curves,
-    steps_per_epoch,
+    EvalResult, RunContext, StopReason, Throughput, evaluate, fit, loaders, peak_memory,
+    plot_run_curves, steps_per_epoch,
 };
 use crate::run_dir::{checkpoint_file, last_complete_checkpoint};
 
@@ -107,7 +108,7 @@ pub struct Splits<'a, I> {
 /// One kind of experiment: its prepared data, its model and how it is batched and scored.
 pub trait Task {
     /// An example.
-    type Item: Clone + Send + Sync + 'static;
+    type Item: Clone + ItemLength + Send + Sync + 'static;
     /// A batch on a device.
     type Batch: Send + 'static;
     /// The model with its loss: what burn-train trains and evaluates.
@@ -196,6 +197,8 @@ pub struct RunReport {
     pub steps_per_epoch: usize,
     /// Wall time of this process's training, in seconds.
     pub wall_seconds: f64,
+    /// Tokens per second of this process's training passes (real and padded).
+    pub train_throughput: Throughput,
     /// Peak resident memory of this process, in bytes (Linux).
     pub peak_memory_bytes: Option<u64>,
     /// Device(s).
@@ -245,13 +248,13 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
     let steps = steps_per_epoch(splits.train.len(), c);
     // Per-step state (Performer's feature redraws) continues from the epochs already done.
     let model = model.with_clock(StepClock::starting_at(ctx.resume_from.unwrap_or(0) * steps));
-    let (train, valid) = loaders(
+    let loaders = loaders(
         ctx,
         splits.train.to_vec(),
         splits.valid.to_vec(),
         batcher.clone(),
     );
-    let fitted = fit::<T>(ctx, model, train, valid, steps, task.pad_token(), &guard)?;
+    let fitted = fit::<T>(ctx, model, &loaders, steps, task.pad_token(), &guard)?;
     plot_run_curves(&ctx.run_dir);
     let eval_device = device.clone().inner();
     let kept = last_complete_checkpoint(&ctx.run_dir).unwrap_or(0);
@@ -277,6 +280,7 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
             items,
             batcher.as_ref(),
             c.train.eval_batch_size,
+            c.train.batching,
             &eval_device,
             task.pad_token(),
         )
@@ -289,6 +293,10 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
         evaluated_epoch,
         steps_per_epoch: steps,
         wall_seconds: fitted.seconds,
+        train_throughput: Throughput::of(
+            &loaders.train_meter,
+            kept.saturating_sub(ctx.resume_from.unwrap_or(0)),
+        ),
         peak_memory_bytes: peak_memory(),
         device: ctx.device_names.clone(),
         valid: score(splits.valid),
@@ -320,6 +328,7 @@ pub fn evaluate_checkpoint<T: Task>(
             items,
             batcher.as_ref(),
             c.train.eval_batch_size,
+            c.train.batching,
             device,
             task.pad_token(),
         )

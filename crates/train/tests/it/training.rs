@@ -54,6 +54,26 @@ fn a_run_writes_config_checkpoints_metrics_curves_and_result_and_is_not_overwrit
     let r = result(&run);
     assert_eq!(r["epochs"], 2);
     assert!(r["test"]["accuracy"].as_f64().unwrap() > 0.0);
+    let f1 = r["test"]["macro_f1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&f1), "macro-F1 {f1}");
+    // Throughput: every training token counted once per epoch, padding on top.
+    let t = &r["train_throughput"];
+    let (real, padded) = (
+        t["real_tokens"].as_u64().unwrap(),
+        t["padded_tokens"].as_u64().unwrap(),
+    );
+    assert_eq!(t["epochs"], 2);
+    assert!(real > 0 && padded >= real, "{t}");
+    assert!(t["real_tokens_per_second"].as_f64().unwrap() > 0.0, "{t}");
+    assert!(
+        stdout.contains("tokens/s (") && stdout.contains(" padded)"),
+        "progress lines show tokens per second: {stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("batching: length buckets of 16 batches; padding is"),
+        "the padding share is printed: {stderr}"
+    );
 
     // A second run into the same directory is refused and changes nothing.
     let before = std::fs::read(run.join("checkpoint/model-2.bpk")).unwrap();
