@@ -15,6 +15,7 @@ mod block;
 mod config;
 mod embedding;
 mod generate;
+mod hf_names;
 mod model;
 pub mod presets;
 mod pretrained;
@@ -26,6 +27,9 @@ pub use crate::config::{
 };
 pub use crate::embedding::{EmbeddingSettings, TokenEmbedding};
 pub use crate::generate::{SampleRng, Sampler};
+pub use crate::hf_names::{
+    CLASSIFIER_FROM_HF, CLASSIFIER_TO_HF, load_classifier_hf, save_classifier_hf,
+};
 pub use crate::model::{
     ClassifierConfig, DecodeState, Encoder, EncoderConfig, EncoderInput, LanguageModel,
     LanguageModelConfig, LmHead, Pooling, Seq2Seq, Seq2SeqConfig, SequenceClassifier,

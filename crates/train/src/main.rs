@@ -57,11 +57,12 @@ enum Command {
     },
     /// Classify documents with a trained text classifier: prints file, label and probability.
     Predict {
-        /// The experiment file the checkpoint was trained with.
+        /// The experiment file the checkpoint was trained with, or a directory written by
+        /// `efformer export` (then no --checkpoint).
         config: PathBuf,
         /// A model checkpoint (`<run>/checkpoint/model-<epoch>.bpk`).
         #[arg(long)]
-        checkpoint: PathBuf,
+        checkpoint: Option<PathBuf>,
         /// Text files to classify; none = one document from standard input.
         files: Vec<PathBuf>,
         /// Override a setting (as for `train`).
@@ -73,6 +74,22 @@ enum Command {
         /// Print one JSON object per document (with every label's probability).
         #[arg(long)]
         json: bool,
+    },
+    /// Write a trained text classifier as a directory to use elsewhere: model.safetensors
+    /// (Hugging Face BERT names where the architecture has them), config.json with the labels,
+    /// and the tokenizer; `efformer predict DIR` reads it.
+    Export {
+        /// The experiment file the checkpoint was trained with.
+        config: PathBuf,
+        /// A model checkpoint (`<run>/checkpoint/model-<epoch>.bpk`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The new directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a setting (as for `train`).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        sets: Vec<String>,
     },
     /// Inspect the attention variants.
     Attention {
@@ -345,13 +362,51 @@ fn run(cli: Cli) -> Result<(), String> {
             device,
             json,
         } => {
-            for p in train::predict::predict(&config, &sets, &checkpoint, &files, device)? {
+            let predictor = match checkpoint {
+                Some(checkpoint) => {
+                    train::predict::Predictor::from_run(&config, &sets, &checkpoint, device)?
+                }
+                None if config.is_dir() => train::predict::Predictor::from_export(&config, device)?,
+                None => {
+                    return Err(format!(
+                        "predict {}: pass --checkpoint <run>/checkpoint/model-<epoch>.bpk with an \
+                         experiment file, or give a directory written by `efformer export`",
+                        config.display()
+                    ));
+                }
+            };
+            for p in predictor.predict(&files)? {
                 if json {
                     println!("{}", serde_json::to_string(&p).map_err(|e| e.to_string())?);
                 } else {
                     println!("{}\t{}\t{:.4}", p.source, p.label, p.probability);
                 }
             }
+            Ok(())
+        }
+        Command::Export {
+            config,
+            checkpoint,
+            out,
+            sets,
+        } => {
+            let predictor = train::predict::Predictor::from_run(
+                &config,
+                &sets,
+                &checkpoint,
+                DeviceChoice::Flex,
+            )?;
+            predictor.export(&out)?;
+            eprintln!(
+                "exported to {}: model.safetensors, config.json{}; classify with `efformer predict {} FILE…`",
+                out.display(),
+                if out.join("tokenizer.json").exists() {
+                    ", tokenizer.json"
+                } else {
+                    ""
+                },
+                out.display()
+            );
             Ok(())
         }
         Command::Eval {

@@ -523,3 +523,74 @@ fn at_step_redraws_performer_features_on_their_schedule_through_the_model() {
         "the output follows the features"
     );
 }
+
+/// `save_classifier_hf` writes Hugging Face names (`[out, in]` linear weights, LayerNorm
+/// `weight`/`bias`, Longformer-style `*_global` projections, `classifier`), and
+/// `load_classifier_hf` reads them back into a differently initialised model exactly.
+#[test]
+fn a_classifier_saved_under_hugging_face_names_loads_back_identically() {
+    let device = Device::flex();
+    let config = ClassifierConfig {
+        encoder: EncoderConfig {
+            embedding: embedding(PositionKind::Learned),
+            stack: stack(efficient_attn::LongformerAttentionConfig {
+                window: 2,
+                global_projections: true,
+                ..Default::default()
+            }),
+        },
+        n_classes: 2,
+        pooling: Pooling::Cls,
+        dropout: 0.0,
+    };
+    device.seed(1);
+    let a = config.init_sequence(&device).unwrap();
+    device.seed(2);
+    let mut b = config.init_sequence(&device).unwrap();
+    let x = || EncoderInput::new(tokens(&[vec![1, 2, 3, 4, 5], vec![5, 4, 3, 2, 1]], &device));
+    let global = |m: &models::SequenceClassifier| {
+        m.encoder.stack.layers[1]
+            .self_attention
+            .global
+            .as_ref()
+            .unwrap()
+            .key
+            .weight
+            .val()
+    };
+    assert!(
+        max_diff(a.forward(x()), b.forward(x())) > 1e-4,
+        "different starts"
+    );
+
+    let dir = std::env::temp_dir().join(format!("efformer-hf-names-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    models::save_classifier_hf(&a, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    for name in [
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "encoder.layer.1.attention.self.query.weight",
+        "encoder.layer.0.attention.self.key_global.bias",
+        "encoder.layer.0.attention.output.dense.weight",
+        "encoder.layer.0.attention.output.LayerNorm.bias",
+        "encoder.layer.1.intermediate.dense.weight",
+        "encoder.layer.1.output.dense.weight",
+        "encoder.layer.1.output.LayerNorm.weight",
+        "classifier.weight",
+    ] {
+        assert!(header.get(name).is_some(), "{name} missing: {header}");
+    }
+    // PyTorch layout: intermediate.dense maps d_model 16 → d_ff 32, stored [out, in].
+    assert_eq!(
+        header["encoder.layer.0.intermediate.dense.weight"]["shape"],
+        serde_json::json!([32, 16])
+    );
+    models::load_classifier_hf(&mut b, &path).unwrap();
+    assert!(max_diff(a.forward(x()), b.forward(x())) < 1e-6);
+    assert!(max_diff(global(&a), global(&b)) == 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

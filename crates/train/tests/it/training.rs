@@ -511,6 +511,92 @@ lr = 1e-4
         text(&out)
     );
 
+    // Export: a directory with Hugging Face names, the labels and the tokenizer, which
+    // predict reads alone and which gives the run's probabilities.
+    let out = efformer(
+        &dir,
+        &[
+            "export",
+            "longdoc.toml",
+            "--checkpoint",
+            "run/checkpoint/model-1.bpk",
+            "--out",
+            "exported",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let exported = dir.join("exported");
+    for f in ["model.safetensors", "config.json", "tokenizer.json"] {
+        assert!(exported.join(f).is_file(), "{f} missing: {}", text(&out));
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["hidden_size"], 384);
+    assert_eq!(config["max_position_embeddings"], 600);
+    let labels: Vec<&str> = config["id2label"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(labels.len(), 2, "{config}");
+    let weights = std::fs::read(exported.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&weights[8..8 + n]).into_owned();
+    for name in [
+        "embeddings.word_embeddings.weight",
+        "encoder.layer.5.attention.self.query_global.weight",
+        "classifier.weight",
+    ] {
+        assert!(header.contains(name), "{name} not in the exported weights");
+    }
+    std::fs::write(dir.join("doc2.txt"), "a boring, awful film I hated").unwrap();
+    let probabilities = |args: &[&str]| {
+        let out = efformer(&dir, args);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["probabilities"].clone())
+            .collect::<Vec<_>>()
+    };
+    let from_run = probabilities(&[
+        "predict",
+        "longdoc.toml",
+        "--checkpoint",
+        "run/checkpoint/model-1.bpk",
+        "--json",
+        "doc.txt",
+        "doc2.txt",
+    ]);
+    let from_export = probabilities(&["predict", "exported", "--json", "doc.txt", "doc2.txt"]);
+    assert_eq!(from_run.len(), 2);
+    for (a, b) in from_run.iter().zip(&from_export) {
+        for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+            assert_eq!(x[0], y[0], "labels in the same order");
+            let (x, y) = (x[1].as_f64().unwrap(), y[1].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-6, "run {x} vs export {y}");
+        }
+    }
+    // Exporting over an existing directory is refused and changes nothing.
+    let again = efformer(
+        &dir,
+        &[
+            "export",
+            "longdoc.toml",
+            "--checkpoint",
+            "run/checkpoint/model-1.bpk",
+            "--out",
+            "exported",
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(text(&again).contains("already exists"), "{}", text(&again));
+    assert_eq!(
+        std::fs::read(exported.join("model.safetensors")).unwrap(),
+        weights
+    );
+
     // Shapes other than the attention come from the checkpoint.
     let out = efformer(
         &dir,
