@@ -13,6 +13,11 @@
 //!   reads only the positions its [`CausalPattern`] lists (strided and summary patterns, axial
 //!   rows and columns, 2-D blocks with a flange). A step costs O(m·d) for the m keys the
 //!   pattern shows, memory O(t·d) (the strided and summary keys reach back to the start).
+//! - [`DecodeCache::Prefix`] with [`prefix_step`]: queries, keys and values of every position;
+//!   each step runs the causal layer over the whole prefix and keeps the new rows. Exact for any
+//!   causal core (causality makes a prefix's outputs those of the whole sequence); a step costs
+//!   one forward over t positions. For variants whose sorting or clustering mixes all earlier
+//!   blocks (Sinkhorn), until they get a cache of their own.
 //! - [`DecodeCache::Slots`]: keys and values compressed every k positions (Memory-Compressed
 //!   attention): the slots so far and the positions of the block not yet complete. A step
 //!   costs O(t/k·d), memory O(t/k·d + k·d).
@@ -106,6 +111,9 @@ pub enum DecodeCache {
     Window(WindowCache),
     /// Compressed slots and the incomplete block.
     Slots(Box<SlotCache>),
+    /// Queries, keys and values of every position so far, for variants that recompute the
+    /// layer over the prefix ([`prefix_step`]).
+    Prefix(Box<PrefixCache>),
 }
 
 /// Which recent keys a causal local pattern shows the query at position p.
@@ -253,6 +261,7 @@ impl DecodeCache {
             Self::Recurrent(r) => r.len,
             Self::Window(w) => w.len,
             Self::Slots(s) => s.len,
+            Self::Prefix(p) => p.kv.len(),
         }
     }
 
@@ -480,4 +489,52 @@ impl SlotCache {
     pub fn compressed(&self) -> Option<(Tensor<4>, Tensor<4>)> {
         self.slots.clone()
     }
+}
+
+/// Queries, keys and values of the positions decoded so far ([`DecodeCache::Prefix`]).
+#[derive(Clone, Debug)]
+pub struct PrefixCache {
+    queries: KvCache,
+    kv: KvCache,
+}
+
+impl PrefixCache {
+    /// An empty cache for up to `max_len` positions.
+    pub fn new(batch: usize, dims: HeadDims, max_len: usize, device: &Device) -> Self {
+        let q_dims = HeadDims {
+            heads: dims.heads,
+            d_k: dims.d_k,
+            d_v: 1,
+        };
+        Self {
+            queries: KvCache::new(batch, q_dims, max_len, device),
+            kv: KvCache::new(batch, dims, max_len, device),
+        }
+    }
+}
+
+/// Appends `t` new positions to a prefix cache and returns the last `t` rows of `attend` over
+/// the whole prefix: exact for any causal core.
+///
+/// # Shapes
+/// - input: q, k `[batch, heads, t, d_k]`, v `[batch, heads, t, d_v]` → `[batch, heads, t, d_v]`
+///
+/// # Panics
+/// If `cache` is not a prefix cache, or it is full.
+pub fn prefix_step(
+    cache: &mut DecodeCache,
+    attend: impl Fn(crate::interface::AttnInput) -> Tensor<4>,
+    input: crate::interface::AttnInput,
+) -> Tensor<4> {
+    let DecodeCache::Prefix(p) = cache else {
+        panic!("this attention variant decodes with a prefix cache")
+    };
+    let [b, h, t, _] = input.query.dims();
+    let dummy = Tensor::zeros([b, h, t, 1], &input.query.device());
+    p.queries.append(input.query, dummy);
+    p.kv.append(input.key, input.value);
+    let n = p.kv.len();
+    let mut whole = crate::interface::AttnInput::new(p.queries.keys(), p.kv.keys(), p.kv.values());
+    whole.extras = input.extras;
+    attend(whole).narrow(2, n - t, t)
 }

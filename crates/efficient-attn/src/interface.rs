@@ -361,7 +361,10 @@ pub trait AttentionCore {
                 kv.append(input.key, input.value);
                 self.attend(AttnInput::new(input.query, kv.keys(), kv.values()))
             }
-            DecodeCache::Recurrent(_) | DecodeCache::Window(_) | DecodeCache::Slots(_) => {
+            DecodeCache::Recurrent(_)
+            | DecodeCache::Window(_)
+            | DecodeCache::Slots(_)
+            | DecodeCache::Prefix(_) => {
                 panic!("this attention variant decodes with a key/value cache")
             }
         }

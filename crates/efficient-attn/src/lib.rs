@@ -70,6 +70,7 @@ macro_rules! __registered_variants {
             etc { Etc("etc", EtcAttentionConfig => EtcAttention) },
             bigbird { Bigbird("bigbird", BigBirdAttentionConfig => BigBirdAttention) },
             axial { Axial("axial", AxialAttentionConfig => AxialAttention) },
+            sinkhorn { Sinkhorn("sinkhorn", SinkhornAttentionConfig => SinkhornAttention) },
         }
     };
 }
@@ -105,8 +106,8 @@ pub mod testing;
 
 pub use crate::config::{Attention, AttentionConfig};
 pub use crate::decoding::{
-    CausalPattern, DecodeCache, KvCache, RecurrentState, SlotCache, WindowCache, WindowRule,
-    pattern_step,
+    CausalPattern, DecodeCache, KvCache, PrefixCache, RecurrentState, SlotCache, WindowCache,
+    WindowRule, pattern_step, prefix_step,
 };
 pub use crate::error::ConfigError;
 pub use crate::extras::{
