@@ -66,6 +66,7 @@ impl AxialAttentionConfig {
         ),
         needs_grid: true,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

@@ -62,6 +62,7 @@ impl BigBirdAttentionConfig {
         exactness: Exactness::ExactWhen("on its block plan (full when everything is global)"),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

@@ -120,6 +120,12 @@ macro_rules! __attention_enums {
                 }
             }
 
+            fn shared_qk(&self) -> bool {
+                match self {
+                    $($(Self::$variant(c) => c.shared_qk(),)+)*
+                }
+            }
+
             fn memory_estimate(
                 &self,
                 n: usize,

@@ -59,6 +59,7 @@ impl EtcAttentionConfig {
         ),
         needs_grid: false,
         global_tokens: true,
+        cannot_decode: None,
     };
 
 }

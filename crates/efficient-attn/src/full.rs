@@ -41,6 +41,7 @@ impl FullAttentionConfig {
         exactness: Exactness::Exact,
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

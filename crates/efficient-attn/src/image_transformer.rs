@@ -71,6 +71,7 @@ impl ImageTransformer1dAttentionConfig {
         exactness: Exactness::ExactWhen("on its local pattern (full when l_q >= N)"),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }
@@ -249,6 +250,7 @@ impl ImageTransformer2dAttentionConfig {
         ),
         needs_grid: true,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

@@ -102,6 +102,9 @@ pub struct VariantInfo {
     /// Whether it reads global tokens ([`Extras::global`]): Longformer's CLS token, ETC's
     /// global prefix. Variants that choose their own (BigBird's global blocks) do not.
     pub global_tokens: bool,
+    /// For a causal variant that does not decode incrementally: why decoding cannot equal its
+    /// causal forward (the decoding test requires a cache or a reason).
+    pub cannot_decode: Option<&'static str>,
 }
 
 impl VariantInfo {
@@ -123,7 +126,14 @@ impl VariantInfo {
             exactness,
             needs_grid: false,
             global_tokens: false,
+            cannot_decode: None,
         }
+    }
+
+    /// A causal variant that cannot decode incrementally, and why.
+    pub const fn without_decoding(mut self, why: &'static str) -> Self {
+        self.cannot_decode = Some(why);
+        self
     }
 
     /// Inputs must carry a 2-D layout.
@@ -437,6 +447,13 @@ pub trait CoreConfig: Clone + fmt::Debug {
     /// [`MultiHeadAttention`](crate::MultiHeadAttention) then owns and passes to the core as
     /// [`GlobalHeads`](crate::GlobalHeads).
     fn global_projections(&self) -> bool {
+        false
+    }
+
+    /// Whether the core reads the query as the key (Reformer's shared QK):
+    /// [`MultiHeadAttention`](crate::MultiHeadAttention) then has no key projection and passes
+    /// the projected queries as keys.
+    fn shared_qk(&self) -> bool {
         false
     }
 

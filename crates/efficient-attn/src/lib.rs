@@ -71,6 +71,7 @@ macro_rules! __registered_variants {
             bigbird { Bigbird("bigbird", BigBirdAttentionConfig => BigBirdAttention) },
             axial { Axial("axial", AxialAttentionConfig => AxialAttention) },
             sinkhorn { Sinkhorn("sinkhorn", SinkhornAttentionConfig => SinkhornAttention) },
+            reformer { Reformer("reformer", ReformerAttentionConfig => ReformerAttention) },
         }
     };
 }

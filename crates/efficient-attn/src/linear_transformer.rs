@@ -53,6 +53,7 @@ impl LinearTransformerAttentionConfig {
         ),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

@@ -80,6 +80,7 @@ impl LinformerAttentionConfig {
         exactness: Exactness::Approximate("rank-k projection; exact with k = N, E = F = I"),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

@@ -71,6 +71,7 @@ impl LongformerAttentionConfig {
         ),
         needs_grid: false,
         global_tokens: true,
+        cannot_decode: None,
     };
 
 }

@@ -70,6 +70,7 @@ impl MemoryCompressedLocalAttentionConfig {
         exactness: Exactness::ExactWhen("on its block pattern (full when b >= N)"),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }
@@ -229,6 +230,7 @@ impl MemoryCompressedAttentionConfig {
         ),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

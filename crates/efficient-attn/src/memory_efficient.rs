@@ -61,6 +61,7 @@ impl MemoryEfficientAttentionConfig {
         exactness: Exactness::Exact,
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

@@ -191,7 +191,7 @@ impl<A: CoreConfig> MultiHeadAttentionConfig<A> {
         };
         Ok(MultiHeadAttention {
             query: linear(self.d_model, inner),
-            key: linear(d_context, inner),
+            key: (!self.attention.shared_qk()).then(|| linear(d_context, inner)),
             value: linear(d_context, inner),
             output: linear(inner, self.d_model),
             dropout: DropoutConfig::new(self.dropout).init(),
@@ -222,8 +222,9 @@ impl<A: CoreConfig> MultiHeadAttentionConfig<A> {
 pub struct MultiHeadAttention<C = Attention> {
     /// Query projection.
     pub query: Linear,
-    /// Key projection.
-    pub key: Linear,
+    /// Key projection; `None` for a core that reads the queries as keys
+    /// ([`CoreConfig::shared_qk`]: Reformer).
+    pub key: Option<Linear>,
     /// Value projection.
     pub value: Linear,
     /// Output projection.
@@ -372,7 +373,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
             });
         }
         let q = self.split_heads(self.query.forward(input.x)); // [batch, heads, seq_q, d_k]
-        let k = self.split_heads(self.key.forward(source.clone())); // [batch, heads, seq_k, d_k]
+        let k = self.project_key(&source, &q); // [batch, heads, seq_k, d_k]
         let v = self.split_heads(self.value.forward(source)); // [batch, heads, seq_k, d_k]
         let (q, k) = self.rotate(q, k, 0);
 
@@ -411,7 +412,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
     pub fn forward_step(&self, x: Tensor<3>, cache: &mut MhaCache) -> Tensor<3> {
         let t = x.dims()[1];
         let q = self.split_heads(self.query.forward(x.clone())); // [batch, heads, t, d_k]
-        let k = self.split_heads(self.key.forward(x.clone())); // [batch, heads, t, d_k]
+        let k = self.project_key(&x, &q); // [batch, heads, t, d_k]
         let v = self.split_heads(self.value.forward(x)); // [batch, heads, t, d_k]
         let (q, k) = self.rotate(q, k, cache.position);
         let mut input = AttnInput::new(q, k, v);
@@ -432,7 +433,12 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         mask_pad: Option<Tensor<2, Bool>>,
     ) -> ProjectedContext {
         ProjectedContext {
-            key: self.split_heads(self.key.forward(context.clone())),
+            key: self.split_heads(
+                self.key
+                    .as_ref()
+                    .expect("a cross-attention layer has a key projection")
+                    .forward(context.clone()),
+            ),
             value: self.split_heads(self.value.forward(context)),
             mask_pad,
         }
@@ -448,6 +454,14 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         let mut attn = AttnInput::new(q, context.key.clone(), context.value.clone());
         attn.mask_pad_k = context.mask_pad.clone();
         self.merge_heads(self.core.attend(attn))
+    }
+
+    /// The keys of `source`: its key projection, or the queries `q` for a shared-QK core.
+    fn project_key(&self, source: &Tensor<3>, q: &Tensor<4>) -> Tensor<4> {
+        match &self.key {
+            Some(key) => self.split_heads(key.forward(source.clone())),
+            None => q.clone(),
+        }
     }
 
     fn rotate(&self, q: Tensor<4>, k: Tensor<4>, start: usize) -> (Tensor<4>, Tensor<4>) {

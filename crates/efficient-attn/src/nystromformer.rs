@@ -68,6 +68,7 @@ impl NystromformerAttentionConfig {
         ),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

@@ -108,6 +108,7 @@ impl PerformerAttentionConfig {
         exactness: Exactness::Approximate("random-feature estimate of softmax; error ~ m^-1/2"),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

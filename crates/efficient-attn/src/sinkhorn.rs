@@ -95,6 +95,7 @@ impl SinkhornAttentionConfig {
         ),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 }
 

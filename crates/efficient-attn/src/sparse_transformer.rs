@@ -143,6 +143,7 @@ impl SparseTransformerAttentionConfig {
         exactness: Exactness::ExactWhen("on its factorised pattern (A¹ heads full when l >= N)"),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

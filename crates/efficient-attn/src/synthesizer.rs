@@ -97,6 +97,7 @@ impl SynthesizerAttentionConfig {
         ),
         needs_grid: false,
         global_tokens: false,
+        cannot_decode: None,
     };
 
 }

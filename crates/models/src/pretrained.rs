@@ -400,6 +400,9 @@ pub struct ConversionReport {
     pub global_copies: usize,
     /// Parameters of the new attention that start from their initialisation, by path.
     pub fresh: Vec<String>,
+    /// Layers whose pretrained key projection was dropped: the target attention shares
+    /// queries and keys (Reformer) and has none.
+    pub dropped_keys: usize,
 }
 
 fn linear_copy(l: &Linear) -> Linear {
@@ -494,12 +497,20 @@ pub fn convert(
         let attn = from.self_attention;
         if let Some(global) = to.self_attention.global.as_mut() {
             global.query = linear_copy(&attn.query);
-            global.key = linear_copy(&attn.key);
+            global.key = linear_copy(
+                attn.key
+                    .as_ref()
+                    .expect("a pretrained BERT layer has a key projection"),
+            );
             global.value = linear_copy(&attn.value);
             report.global_copies += 1;
         }
         to.self_attention.query = attn.query;
-        to.self_attention.key = attn.key;
+        if to.self_attention.key.is_some() {
+            to.self_attention.key = attn.key;
+        } else {
+            report.dropped_keys += 1;
+        }
         to.self_attention.value = attn.value;
         to.self_attention.output = attn.output;
         to.feed_forward = from.feed_forward;

@@ -89,3 +89,22 @@ fn a_grid_layer_decodes_with_the_grid_on_its_cache() {
         .into_data()
         .assert_approx_eq::<f32>(&whole.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
 }
+
+/// A shared-QK core (Reformer) gets no key projection: the layer has three projections, and
+/// its keys are its queries.
+#[test]
+fn a_shared_qk_layer_has_no_key_projection() {
+    use burn::module::Module;
+    let device = Device::flex();
+    let config = MultiHeadAttentionConfig::new(16, 2).with_dropout(0.0);
+    let shared = config
+        .clone()
+        .with_attention(efficient_attn::ReformerAttentionConfig::default())
+        .init(&device)
+        .unwrap();
+    let full = config.init(&device).unwrap();
+    assert!(shared.key.is_none() && full.key.is_some());
+    assert_eq!(full.num_params() - shared.num_params(), 16 * 16 + 16);
+    let out = shared.forward(MhaInput::self_attn(x(2, 9, 16, 4, &device)));
+    assert_eq!(out.dims(), [2, 9, 16]);
+}

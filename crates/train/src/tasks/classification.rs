@@ -283,7 +283,7 @@ impl Task for ClassificationTask {
         .map_err(|e| format!("model.pretrained: {e}"))?;
         model.model.encoder = encoder;
         eprintln!(
-            "pretrained encoder {}: positions {} -> {}, {} layers with global projections copied, {} fresh parameter tensors{}",
+            "pretrained encoder {}: positions {} -> {}, {} layers with global projections copied, {} fresh parameter tensors{}{}",
             ckpt.dir.display(),
             report.positions.0,
             report.positions.1,
@@ -293,6 +293,14 @@ impl Task for ClassificationTask {
                 String::new()
             } else {
                 format!(" ({})", report.fresh.join(", "))
+            },
+            if report.dropped_keys > 0 {
+                format!(
+                    "; {} key projections dropped (the attention shares queries and keys)",
+                    report.dropped_keys
+                )
+            } else {
+                String::new()
             }
         );
         Ok(model)
