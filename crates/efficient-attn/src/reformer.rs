@@ -10,8 +10,10 @@
 //!   unit-length queries k̂ = q/‖q‖; logits q·k̂/√d.
 //! - Hashing (per head and round r of `n_hashes`): h_r(x) = argmax([x·R_r ; −x·R_r]) with a
 //!   random rotation R_r ∈ ℝ^{d × n_buckets/2} (angular LSH); `n_buckets` is even, by default
-//!   2·N/chunk rounded up to even (trax: mean bucket = half a chunk). Padded positions go to an
-//!   extra bucket after all others, so they never move a real position.
+//!   2·N/chunk rounded up to even (trax: mean bucket = half a chunk), and above 128 factorised
+//!   as trax does (two rotations of f₁/2 and f₂/2 columns, bucket h₁·f₂ + h₂, f₁·f₂ ≥ the
+//!   buckets asked for), which keeps hashing O(N·√buckets). Padded positions go to an extra
+//!   bucket after all others, so they never move a real position.
 //! - Attention: positions are sorted by (round, bucket, position) (a unique key, so the sort is
 //!   stable by construction); the sorted sequence of every round is cut into chunks of `chunk`
 //!   positions; each chunk attends to itself and the chunk before it (the first wraps to the
@@ -150,13 +152,28 @@ pub struct ReformerAttention {
 impl ReformerAttention {
     /// Buckets per round for a padded length `n`.
     pub fn buckets_for(&self, n: usize) -> usize {
-        self.n_buckets
-            .unwrap_or_else(|| (2 * n.div_ceil(self.chunk)).max(2).next_multiple_of(2))
+        self.bucket_factors(n).iter().product()
     }
 
-    /// The rotations of the current step, `[1, heads, d, rounds·buckets/2]`.
-    fn rotations(&self, heads: usize, d: usize, buckets: usize, device: &Device) -> Tensor<4> {
-        let half = buckets / 2;
+    /// The buckets as factors (trax's factorised hashing): one even factor up to 128 buckets,
+    /// else two even factors near √buckets (the bucket is h₁·f₂ + h₂ from two rotations of
+    /// f₁/2 and f₂/2 columns), so hashing costs O(N·√buckets), not O(N·buckets) = O(N²/chunk).
+    pub fn bucket_factors(&self, n: usize) -> Vec<usize> {
+        if let Some(nb) = self.n_buckets {
+            return vec![nb];
+        }
+        let nb = (2 * n.div_ceil(self.chunk)).max(2).next_multiple_of(2);
+        if nb <= 128 {
+            return vec![nb];
+        }
+        let f1 = ((nb as f64).sqrt().ceil() as usize).next_multiple_of(2);
+        let f2 = nb.div_ceil(f1).next_multiple_of(2);
+        vec![f1, f2]
+    }
+
+    /// The rotations of the current step, `[1, heads, d, rounds·half]` (`half` columns per
+    /// round: the factors' halves side by side).
+    fn rotations(&self, heads: usize, d: usize, half: usize, device: &Device) -> Tensor<4> {
         let mut rng = SeededRng::new(
             self.seed
                 .wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -217,13 +234,26 @@ impl AttentionCore for ReformerAttention {
         let v = pad_tail(input.value);
 
         // Buckets: [batch, heads, np, rounds]; padded positions in the extra bucket nb.
+        let factors = self.bucket_factors(np);
+        let half: usize = factors.iter().map(|f| f / 2).sum();
         let rotated = qk
             .clone()
-            .matmul(self.rotations(h, dk, nb, &device)) // [batch, heads, np, rounds·nb/2]
-            .reshape([bs, h, np, rounds, nb / 2]);
-        let buckets = Tensor::cat(vec![rotated.clone(), rotated.neg()], 4)
-            .argmax(4)
-            .reshape([bs, h, np, rounds]);
+            .matmul(self.rotations(h, dk, half, &device)) // [batch, heads, np, rounds·half]
+            .reshape([bs, h, np, rounds, half]);
+        let mut offset = 0;
+        let mut buckets: Option<Tensor<4, Int>> = None;
+        for &f in &factors {
+            let part = rotated.clone().narrow(4, offset, f / 2);
+            offset += f / 2;
+            let hash = Tensor::cat(vec![part.clone(), part.neg()], 4)
+                .argmax(4)
+                .reshape([bs, h, np, rounds]);
+            buckets = Some(match buckets {
+                Some(b) => b.mul_scalar(f as i64).add(hash),
+                None => hash,
+            });
+        }
+        let buckets = buckets.expect("at least one bucket factor");
         let pad_rounds = pad
             .clone()
             .reshape([bs, 1, np, 1])
@@ -501,13 +531,15 @@ mod tests {
         assert!(max_diff(a, c) > 1e-3);
     }
 
-    /// Memory grows as n_hashes·N·chunk: the largest intermediate (the chunk scores) holds
-    /// rounds·N·2·chunk entries per head, whatever N.
+    /// Buckets default to two per chunk (trax), factorised above 128.
     #[test]
     fn the_buckets_default_to_two_per_chunk() {
         let c = core(AttentionMode::Bidirectional, 64, 1);
         assert_eq!(c.buckets_for(4096), 128);
         assert_eq!(c.buckets_for(64), 2);
         assert_eq!(c.buckets_for(200), 8);
+        // Above 128 buckets: two even factors near the square root.
+        assert_eq!(c.bucket_factors(16384), vec![24, 22]);
+        assert!(c.buckets_for(16384) >= 512);
     }
 }
