@@ -257,4 +257,8 @@ impl AttentionCore for Attention {
     fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
         self.as_core().decode_step(cache, input)
     }
+
+    fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        self.as_core().aux_loss(device)
+    }
 }

@@ -339,6 +339,15 @@ pub trait AttentionCore {
         self
     }
 
+    /// A term this core adds to the training loss, from its training forwards on `device`
+    /// since the last call (Routing's commitment loss); taken, so each is counted once. Models
+    /// sum their layers' terms into the loss ([`MultiHeadAttention::aux_loss`](crate::MultiHeadAttention::aux_loss)).
+    /// The default: none.
+    fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        let _ = device;
+        None
+    }
+
     /// The state for incremental decoding of up to `max_len` positions, if this instance
     /// decodes incrementally. The default: none.
     fn decode_cache(

@@ -72,6 +72,7 @@ macro_rules! __registered_variants {
             axial { Axial("axial", AxialAttentionConfig => AxialAttention) },
             sinkhorn { Sinkhorn("sinkhorn", SinkhornAttentionConfig => SinkhornAttention) },
             reformer { Reformer("reformer", ReformerAttentionConfig => ReformerAttention) },
+            routing { Routing("routing", RoutingAttentionConfig => RoutingAttention) },
         }
     };
 }

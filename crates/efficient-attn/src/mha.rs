@@ -391,6 +391,12 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         self.merge_heads(self.core.attend(attn))
     }
 
+    /// The core's training-loss term from its forwards on `device` since the last call
+    /// ([`AttentionCore::aux_loss`]).
+    pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        self.core.aux_loss(device)
+    }
+
     /// A decoding cache for up to `max_len` positions, if the layer's variant decodes
     /// incrementally (causal mode).
     pub fn init_cache(&self, batch: usize, max_len: usize, device: &Device) -> Option<MhaCache> {

@@ -107,6 +107,12 @@ pub struct Encoder<C = Attention> {
 }
 
 impl<C: AttentionCore + Module> Encoder<C> {
+    /// The attention loss terms of the training forwards on `device` since the last call
+    /// ([`Stack::aux_loss`]).
+    pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        self.stack.aux_loss(device)
+    }
+
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
     pub fn at_step(mut self, step: usize) -> Self {
@@ -236,6 +242,11 @@ pub fn mean_pool(h: Tensor<3>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<2> {
 }
 
 impl<C: AttentionCore + Module> SequenceClassifier<C> {
+    /// The attention loss terms of the training forwards on `device` since the last call
+    /// ([`Stack::aux_loss`]).
+    pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        self.encoder.aux_loss(device)
+    }
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
     pub fn at_step(mut self, step: usize) -> Self {
@@ -270,6 +281,11 @@ pub struct TokenClassifier<C = Attention> {
 }
 
 impl<C: AttentionCore + Module> TokenClassifier<C> {
+    /// The attention loss terms of the training forwards on `device` since the last call
+    /// ([`Stack::aux_loss`]).
+    pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        self.encoder.aux_loss(device)
+    }
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
     pub fn at_step(mut self, step: usize) -> Self {
@@ -390,6 +406,11 @@ pub struct DecodeState {
 }
 
 impl<C: AttentionCore + Module> LanguageModel<C> {
+    /// The attention loss terms of the training forwards on `device` since the last call
+    /// ([`Stack::aux_loss`]).
+    pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        self.stack.aux_loss(device)
+    }
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
     pub fn at_step(mut self, step: usize) -> Self {
@@ -567,6 +588,14 @@ pub struct Seq2Seq<C = Attention> {
 }
 
 impl<C: AttentionCore + Module> Seq2Seq<C> {
+    /// The attention loss terms of the training forwards on `device` since the last call
+    /// ([`Stack::aux_loss`]).
+    pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        [self.encoder.aux_loss(device), self.decoder.aux_loss(device)]
+            .into_iter()
+            .flatten()
+            .reduce(|a, b| a.add(b))
+    }
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
     pub fn at_step(mut self, step: usize) -> Self {

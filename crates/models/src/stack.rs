@@ -42,6 +42,19 @@ pub struct StackSpec<'a, A = efficient_attn::AttentionConfig> {
 }
 
 impl<C: AttentionCore + Module> Stack<C> {
+    /// The sum of the layers' attention loss terms from their training forwards on `device`
+    /// since the last call ([`AttentionCore::aux_loss`]: Routing's commitment loss); taken.
+    pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                std::iter::once(&l.self_attention)
+                    .chain(l.cross_attention.as_ref())
+                    .filter_map(|a| a.aux_loss(device))
+            })
+            .reduce(|a, b| a.add(b))
+    }
+
     /// This stack after optimiser step `step` (every layer's, [`TransformerLayer::at_step`]).
     pub fn at_step(mut self, step: usize) -> Self {
         self.layers = self.layers.into_iter().map(|l| l.at_step(step)).collect();

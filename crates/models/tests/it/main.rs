@@ -594,3 +594,43 @@ fn a_classifier_saved_under_hugging_face_names_loads_back_identically() {
     assert!(max_diff(global(&a), global(&b)) == 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Attention loss terms reach the model: a Routing classifier's training forward offers the
+/// commitment loss of every layer (summed, taken once), and the step hook moves the centroids.
+#[test]
+fn routing_layers_offer_their_commitment_loss_and_move_their_centroids() {
+    let device = Device::flex().autodiff();
+    let config = ClassifierConfig {
+        encoder: EncoderConfig {
+            embedding: embedding(PositionKind::Learned),
+            stack: stack(efficient_attn::RoutingAttentionConfig {
+                clusters: 2,
+                ..Default::default()
+            }),
+        },
+        n_classes: 2,
+        pooling: Pooling::Cls,
+        dropout: 0.0,
+    };
+    let model = config.init_sequence(&device).unwrap();
+    let centroids = |m: &models::SequenceClassifier| {
+        let efficient_attn::Attention::Routing(r) = &m.encoder.stack.layers[0].self_attention.core
+        else {
+            unreachable!("a routing layer")
+        };
+        r.centroids.val()
+    };
+    let before = centroids(&model);
+    let x = tokens(&[vec![1, 2, 3, 4, 5, 6], vec![6, 5, 4, 3, 2, 1]], &device);
+    let _ = model.forward(EncoderInput::new(x));
+    let loss = model
+        .aux_loss(&device)
+        .expect("two layers' commitment losses");
+    assert!(loss.into_scalar::<f32>() > 0.0);
+    assert!(model.aux_loss(&device).is_none(), "taken once");
+    let model = model.at_step(1);
+    assert!(
+        max_diff(centroids(&model), before) > 1e-3,
+        "k-means on the first batch"
+    );
+}

@@ -11,7 +11,7 @@ use efficient_attn::{AttentionConfig, AttentionMode, GlobalTokens, Grid, WithExt
 use models::{BertCheckpoint, ClassifierConfig, EncoderConfig, EncoderInput, SequenceClassifier};
 use serde::Serialize;
 
-use super::{NanGuard, Splits, StepClock, Task, embedding, fixed_length};
+use super::{NanGuard, Splits, StepClock, Task, embedding, fixed_length, with_aux};
 use crate::config::{ExperimentConfig, PretrainedInit, TaskKind};
 use crate::data::loader::{ClassBatch, ClassBatcher, ClassItem, MakeBatch};
 use crate::data::prepare::{ClassData, resolve};
@@ -60,9 +60,11 @@ impl ClassifierWithLoss {
             input = input.with_grid(Grid::new(rows, cols));
         }
         let logits = self.model.forward(input);
+        let device = logits.device();
         let loss = CrossEntropyLossConfig::new()
-            .init(&logits.device())
+            .init(&device)
             .forward(logits.clone(), batch.labels.clone());
+        let loss = with_aux(loss, self.model.aux_loss(&device));
         ClassificationOutput::new(loss, logits, batch.labels)
     }
 }

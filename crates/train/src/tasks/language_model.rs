@@ -41,7 +41,10 @@ impl LanguageModelWithLoss {
     /// Loss and flattened logits of a batch.
     pub fn forward(&self, batch: LmBatch) -> ClassificationOutput {
         let logits = self.model.forward(batch.inputs, Some(batch.mask_pad));
-        token_output(logits, batch.targets, self.pad)
+        let aux = self.model.aux_loss(&logits.device());
+        let mut out = token_output(logits, batch.targets, self.pad);
+        out.loss = super::with_aux(out.loss, aux);
+        out
     }
 }
 

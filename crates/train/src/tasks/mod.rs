@@ -463,6 +463,14 @@ pub fn token_output(
     ClassificationOutput::new(loss, logits, targets)
 }
 
+/// The task loss plus the attention layers' loss terms (Routing's commitment loss), if any.
+pub fn with_aux(loss: Tensor<1>, aux: Option<Tensor<1>>) -> Tensor<1> {
+    match aux {
+        Some(aux) => loss.add(aux),
+        None => loss,
+    }
+}
+
 /// The embedding of a model trained from scratch: the vocabulary from the data, the length
 /// the data needs unless `model.embedding.max_len` sets a longer one.
 ///

@@ -46,7 +46,10 @@ impl Seq2SeqWithLoss {
             batch.target_in,
             Some(batch.target_pad),
         );
-        token_output(logits, batch.target_out, self.pad)
+        let aux = self.model.aux_loss(&logits.device());
+        let mut out = token_output(logits, batch.target_out, self.pad);
+        out.loss = super::with_aux(out.loss, aux);
+        out
     }
 }
 
