@@ -194,10 +194,34 @@ fn resume_after_sigkill_reproduces_the_uninterrupted_run() {
 /// (a run without them ends elsewhere).
 #[test]
 fn a_resumed_run_continues_the_per_step_state() {
-    let dir = temp_dir("resume-steps");
-    let config = TINY_LISTOPS
-        .replace("features = 16", "features = 16\nredraw_interval = 5")
-        .replace("[train]", "[train]\nkeep_checkpoints = 3");
+    // Performer redrawing its features every 5 steps.
+    let performer = TINY_LISTOPS.replace("features = 16", "features = 16\nredraw_interval = 5");
+    let (dir, a) = resumed_equals_uninterrupted("resume-steps", &performer);
+    std::fs::write(dir.join("fixed.toml"), TINY_LISTOPS).unwrap();
+    let fixed = efformer(&dir, &["train", "fixed.toml", "--out", "fixed"]);
+    assert!(fixed.status.success(), "{}", text(&fixed));
+    assert_ne!(
+        result(&dir.join("fixed"))["valid"],
+        a["valid"],
+        "the redraws change the run"
+    );
+    // Routing: k-means centroids initialised after step 1 and moved by EMA every step, saved
+    // with the checkpoint, and the commitment loss in the training loss.
+    let routing = TINY_LISTOPS.replace(
+        "kind = \"performer\"\nfeatures = 16",
+        "kind = \"routing\"\nclusters = 3",
+    );
+    resumed_equals_uninterrupted("resume-routing", &routing);
+}
+
+/// Trains `config` (3 epochs) uninterrupted, and again from a copy of its epoch-1 checkpoints
+/// with `--resume`: the two results must be equal. Returns the folder and the first result.
+fn resumed_equals_uninterrupted(
+    name: &str,
+    config: &str,
+) -> (std::path::PathBuf, serde_json::Value) {
+    let dir = temp_dir(name);
+    let config = config.replace("[train]", "[train]\nkeep_checkpoints = 3");
     std::fs::write(dir.join("tiny.toml"), &config).unwrap();
     let whole = efformer(&dir, &["train", "tiny.toml", "--out", "whole"]);
     assert!(whole.status.success(), "{}", text(&whole));
@@ -212,16 +236,9 @@ fn a_resumed_run_continues_the_per_step_state() {
     let resumed = efformer(&dir, &["train", "tiny.toml", "--out", "cut", "--resume"]);
     assert!(resumed.status.success(), "{}", text(&resumed));
     let (a, b) = (result(&dir.join("whole")), result(&dir.join("cut")));
-    assert_eq!(a["test"], b["test"], "uninterrupted vs resumed");
-    assert_eq!(a["valid"], b["valid"], "uninterrupted vs resumed");
-    std::fs::write(dir.join("fixed.toml"), TINY_LISTOPS).unwrap();
-    let fixed = efformer(&dir, &["train", "fixed.toml", "--out", "fixed"]);
-    assert!(fixed.status.success(), "{}", text(&fixed));
-    assert_ne!(
-        result(&dir.join("fixed"))["valid"],
-        a["valid"],
-        "the redraws change the run"
-    );
+    assert_eq!(a["test"], b["test"], "{name}: uninterrupted vs resumed");
+    assert_eq!(a["valid"], b["valid"], "{name}: uninterrupted vs resumed");
+    (dir, a)
 }
 
 #[test]
