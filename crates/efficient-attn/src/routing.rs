@@ -296,22 +296,28 @@ impl RoutingAttention {
             });
         }
         let o = masked_softmax_matmul(scores, mask, gv).reshape([bs, h, c, w, dv]);
-        // Scatter back: the mean over the clusters that picked a query (indices are unique
-        // within one cluster, so each scatter adds every position at most once).
-        let mut out = Tensor::<4>::zeros([bs, h, n, dv], &device);
-        let mut count = Tensor::<4>::zeros([bs, h, n, 1], &device);
-        for cluster in 0..c {
-            let idx = iq.clone().narrow(2, cluster, 1).reshape([bs, h, w, 1]);
-            let oc = o.clone().narrow(2, cluster, 1).reshape([bs, h, w, dv]);
-            out = out.scatter(2, idx.clone().expand([bs, h, w, dv]), oc, burn::tensor::IndexingUpdateOp::Add);
-            count = count.scatter(
-                2,
-                idx,
-                Tensor::ones([bs, h, w, 1], &device),
-                burn::tensor::IndexingUpdateOp::Add,
-            );
-        }
-        out.div(count.clamp_min(1.0))
+        // Scatter back: the mean over the clusters that picked a query, one indexed add over
+        // the flattened [batch·heads·n] rows (a position picked by several clusters adds once
+        // per cluster).
+        let rows = bs * h * c * w;
+        let base = Tensor::<1, Int>::arange(0..(bs * h) as i64, &device)
+            .mul_scalar(n as i64)
+            .reshape([bs * h, 1]);
+        let global = iq.reshape([bs * h, c * w]).add(base).reshape([rows]);
+        let add = burn::tensor::IndexingUpdateOp::Add;
+        let out = Tensor::<2>::zeros([bs * h * n, dv], &device).select_assign(
+            0,
+            global.clone(),
+            o.reshape([rows, dv]),
+            add,
+        );
+        let count = Tensor::<2>::zeros([bs * h * n, 1], &device).select_assign(
+            0,
+            global,
+            Tensor::ones([rows, 1], &device),
+            add,
+        );
+        out.div(count.clamp_min(1.0)).reshape([bs, h, n, dv])
     }
 
     /// Collects a training forward's centroid statistics and commitment loss.
@@ -582,6 +588,22 @@ mod contract {
                 |_| {
                     RoutingAttentionConfig {
                         clusters: 1,
+                        ..Default::default()
+                    }
+                    .into()
+                },
+            );
+            // Three clusters each taking every position: every query is picked three times
+            // and the mean of three full attentions is full attention.
+            let spec = exact_config(
+                spec,
+                "every cluster holds every position = full attention",
+                Oracle::Full,
+                1e-5,
+                |_| {
+                    RoutingAttentionConfig {
+                        clusters: 3,
+                        window: Some(64),
                         ..Default::default()
                     }
                     .into()
