@@ -339,8 +339,9 @@ pub trait AttentionCore {
         self
     }
 
-    /// A term this core adds to the training loss, from its training forwards on `device`
-    /// since the last call (Routing's commitment loss); taken, so each is counted once. Models
+    /// A term this core adds to the training loss, from its last training forward on `device`
+    /// (Routing's commitment loss); taken, so each is counted once: call it after every
+    /// forward. Models
     /// sum their layers' terms into the loss ([`MultiHeadAttention::aux_loss`](crate::MultiHeadAttention::aux_loss)).
     /// The default: none.
     fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {

@@ -13,12 +13,14 @@
 //!   2·N/chunk rounded up to even (trax: mean bucket = half a chunk), and above 128 factorised
 //!   as trax does (two rotations of f₁/2 and f₂/2 columns, bucket h₁·f₂ + h₂, f₁·f₂ ≥ the
 //!   buckets asked for), which keeps hashing O(N·√buckets). Padded positions go to an extra
-//!   bucket after all others, so they never move a real position.
+//!   bucket after all others, so their content never moves a real position (their number
+//!   does: the chunking and the default bucket count follow the padded length).
 //! - Attention: positions are sorted by (round, bucket, position) (a unique key, so the sort is
 //!   stable by construction); the sorted sequence of every round is cut into chunks of `chunk`
 //!   positions; each chunk attends to itself and the chunk before it (the first wraps to the
-//!   last, as trax's `look_adjacent`). A query's own position gets the logit −1e5 (trax's
-//!   self-attention penalty, not −∞: a query with no other key attends to itself); padding and,
+//!   last, as trax's `look_adjacent`). A query's logit for its own position is set to −1e5
+//!   (lucidrains/HF; trax subtracts 1e5 — a penalty, not −∞: a query with no other key attends
+//!   to itself); padding and,
 //!   causally, later positions get −1e9. Each round's output and log-sum-exp are unsorted and the
 //!   rounds combined as Σ_r softmax_r(lse_r)·o_r (the paper's multi-round attention, without the
 //!   duplicate-pair correction, as trax).
@@ -260,18 +262,25 @@ impl AttentionCore for ReformerAttention {
             .expand([bs, h, np, rounds]);
         let buckets = buckets.mask_fill(pad_rounds, nb as i64);
 
-        // Sort by (round, bucket, position).
-        let round = Tensor::<1, Int>::arange(0..rounds as i64, &device).reshape([1, 1, 1, rounds]);
-        let pos = Tensor::<1, Int>::arange(0..np as i64, &device).reshape([1, 1, np, 1]);
-        let key = round
-            .mul_scalar((nb + 1) as i64)
-            .add(buckets)
+        // Sort each round by (bucket, position) (keys below (nb + 1)·np, so 32-bit integer
+        // backends hold them up to N ≈ 180K at chunk 64), then lay the rounds end to end.
+        let pos = Tensor::<1, Int>::arange(0..np as i64, &device).reshape([1, 1, 1, np]);
+        let key = buckets
+            .swap_dims(2, 3) // [batch, heads, rounds, np]
             .mul_scalar(np as i64)
-            .add(pos); // [batch, heads, np, rounds]
-        let key = key.swap_dims(2, 3).reshape([bs, h, total]);
-        let sorted = key.argsort(2); // indices into round-major [rounds·np]
-        let undo = sorted.clone().argsort(2);
-        let spos = sorted.remainder_scalar(np as i64); // original positions, [batch, heads, total]
+            .add(pos);
+        let within = key.argsort(3); // positions of each round in sorted order
+        let spos = within.clone().reshape([bs, h, total]); // original positions, round-major
+        // Where each (round, position) went in the sorted, round-major sequence: its rank in
+        // the round plus round·np (built from the ranks, so in their integer type).
+        let rank = within.argsort(3); // [batch, heads, rounds, np]
+        let offsets = rank
+            .ones_like()
+            .narrow(3, 0, 1)
+            .cumsum(2)
+            .sub_scalar(1)
+            .mul_scalar(np as i64); // [batch, heads, rounds, 1]: r·np
+        let undo = rank.add(offsets).reshape([bs, h, total]);
         let gather = |x: &Tensor<4>| {
             let d = x.dims()[3];
             x.clone()

@@ -11,7 +11,8 @@
 //!   takes its top-w queries and its top-w keys by similarity (balanced clusters, w = ⌈N/C⌉
 //!   unless set), its w queries attend to its w keys (softmax(q kᵀ/√d), padding and, causally,
 //!   later positions masked), and each query's output is the mean over the clusters that picked
-//!   it (0 for a query no cluster picked; queries whose every key is masked get 0).
+//!   it and in which it sees a key (0 for a query no cluster picked, or whose every key is
+//!   masked).
 //! - Local heads (the first `local_heads`): attention within blocks of `local_window` and the
 //!   block before (causal) or both neighbours (bidirectional), on the block-sparse kernel.
 //! - Centroid updates, after each optimiser step through [`AttentionCore::at_step`], never inside
@@ -295,10 +296,20 @@ impl RoutingAttention {
                 None => future,
             });
         }
+        // A cluster in which a query sees no key (all later or padded) is left out of its mean.
+        let sees: Tensor<2> = match &mask {
+            Some(m) => m
+                .clone()
+                .bool_not()
+                .any_dim(3)
+                .float()
+                .reshape([bs * h * c * w, 1]),
+            None => Tensor::ones([bs * h * c * w, 1], &device),
+        };
         let o = masked_softmax_matmul(scores, mask, gv).reshape([bs, h, c, w, dv]);
-        // Scatter back: the mean over the clusters that picked a query, one indexed add over
-        // the flattened [batch·heads·n] rows (a position picked by several clusters adds once
-        // per cluster).
+        // Scatter back: the mean over the clusters that picked a query and in which it sees a
+        // key, one indexed add over the flattened [batch·heads·n] rows (a position picked by
+        // several clusters adds once per cluster).
         let rows = bs * h * c * w;
         let base = Tensor::<1, Int>::arange(0..(bs * h) as i64, &device)
             .mul_scalar(n as i64)
@@ -314,7 +325,7 @@ impl RoutingAttention {
         let count = Tensor::<2>::zeros([bs * h * n, 1], &device).select_assign(
             0,
             global,
-            Tensor::ones([rows, 1], &device),
+            sees,
             add,
         );
         out.div(count.clamp_min(1.0)).reshape([bs, h, n, dv])
@@ -376,6 +387,7 @@ impl RoutingAttention {
             }
         }
         let first = (self.initialised.val().into_scalar::<f32>() == 0.0).then(|| {
+            // The real positions' q̂ and k̂ of every head (padding left out).
             let both = Tensor::cat(vec![qn.clone().detach(), kn.clone().detach()], 2); // [batch, heads, 2n, d]
             let per_head: Vec<f32> = both
                 .swap_dims(0, 1)
@@ -384,9 +396,23 @@ impl RoutingAttention {
                 .convert::<f32>()
                 .try_into_vec::<f32>()
                 .unwrap_or_default();
+            let keep: Vec<f32> = Tensor::cat(vec![real.clone(), real.clone()], 2) // [batch, heads, 2n, 1]
+                .swap_dims(0, 1)
+                .reshape([h * bs * 2 * n])
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default();
             per_head
                 .chunks(bs * 2 * n * d)
-                .map(<[f32]>::to_vec)
+                .zip(keep.chunks(bs * 2 * n))
+                .map(|(rows, keep)| {
+                    rows.chunks(d)
+                        .zip(keep)
+                        .filter(|(_, k)| **k > 0.5)
+                        .flat_map(|(row, _)| row.iter().copied())
+                        .collect::<Vec<f32>>()
+                })
                 .collect::<Vec<_>>()
         });
         let mut stats = self.state.0.lock().expect("routing statistics");
@@ -546,7 +572,8 @@ impl AttentionCore for RoutingAttention {
         self.updated()
     }
 
-    /// The commitment loss of the training forwards since it was last taken.
+    /// The commitment loss of the last training forward on `device`, if not taken yet (the
+    /// tasks take it after every forward).
     fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
         let mut stats = self.state.0.lock().ok()?;
         let at = stats.losses.iter().position(|(d, _)| d == device)?;

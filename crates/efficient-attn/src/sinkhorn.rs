@@ -14,10 +14,12 @@
 //!   4. sorted blocks: K̃ = S·K_blocks, Ṽ = S·V_blocks (each sorted block a mixture of blocks);
 //!   5. query block i attends to [K̃_i ; K_i]: the sorted block, then its own block.
 //! - Padding: padded keys are zeroed before mixing; a sorted key carries the real mass
-//!   m = Σ_j S_ij·real_j of its mixture as a logit bias ln m (m = 0 is masked), so padding never
-//!   changes an output and a block of padding contributes nothing.
+//!   m = Σ_j S_ij·real_j of its mixture as a logit bias ln m (m = 0 is masked), so the content
+//!   of padded positions never changes an output (their number does: blocks of padding still
+//!   take part in the balancing).
 //! - SortCut (`sortcut = n`): instead of its own sorted block, every query attends to the first
-//!   n sorted blocks (shared by all queries) and its own block: O(N·(n+1)·b).
+//!   n rows of the (square) sorted sequence, shared by all queries, and its own block:
+//!   O(N·(n+1)·b).
 //! - Causal: the summaries of block i use only blocks before it (the cumulative mean of the
 //!   earlier blocks' queries; lucidrains uses cumulative means too), block i may only draw from
 //!   blocks j < i (R masked), and the normalisation is over rows only (a softmax over the earlier
@@ -173,11 +175,13 @@ fn lse<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
 }
 
 impl SinkhornAttention {
-    /// The sorting matrix from log-domain scores `r` (`[batch, heads, rows, N_B]`) and the
-    /// allowed entries (`true` = forbidden), `[rows, N_B]`.
+    /// The sorting matrix from log-domain scores `r` (`[batch, heads, N_B, N_B]`) and the
+    /// forbidden entries (`true`), in the same shape.
     ///
     /// # Shapes
-    /// - output: `[batch, heads, rows, N_B]`, each allowed row summing to 1
+    /// - output: `[batch, heads, N_B, N_B]`: bidirectional, doubly stochastic in the limit (the
+    ///   columns sum to 1 exactly after the last step); causal, each row with an allowed entry
+    ///   sums to 1 over its allowed entries
     pub fn sinkhorn(&self, r: Tensor<4>, forbidden: Option<Tensor<4, Bool>>) -> Tensor<4> {
         let mut r = r.div_scalar(self.temperature);
         if let Some(f) = &forbidden {
@@ -245,8 +249,9 @@ impl AttentionCore for SinkhornAttention {
         }
         let real4 = real.clone().reshape([bs, 1, total, 1]);
         let q = pad_tail(input.query).mul_scalar(1.0 / (dk as f64).sqrt());
-        let k = pad_tail(input.key).mul(real4.clone());
-        let v = pad_tail(input.value).mul(real4);
+        let padded4 = real4.equal_elem(0.0);
+        let k = pad_tail(input.key).mask_fill(padded4.clone().expand([bs, h, total, dk]), 0.0);
+        let v = pad_tail(input.value).mask_fill(padded4.expand([bs, h, total, dv]), 0.0);
         let qb = q.reshape([bs, h, nb, b, dk]);
         let kb = k.reshape([bs, h, nb, b, dk]);
         let vb = v.reshape([bs, h, nb, b, dv]);
@@ -277,31 +282,31 @@ impl AttentionCore for SinkhornAttention {
             .reshape([bs, h, nb, dk])
             .div(counts.clone().clamp_min(1.0));
 
-        // Sort scores and the sorting matrix, rows = sorted slots.
-        let rows = self.sortcut.map_or(nb, |c| c.min(nb));
+        // Sort scores and the (square) sorting matrix; SortCut keeps its first rows.
         // q is already scaled by 1/√d: s_q · s_k = mean q · mean k / √d.
-        let scores = s_q.narrow(2, 0, rows).matmul(s_k.swap_dims(2, 3));
+        let scores = s_q.matmul(s_k.swap_dims(2, 3)); // [batch, heads, N_B, N_B]
         let scores = if device.is_autodiff() {
-            scores.add(self.gumbel([bs, h, rows, nb], &device))
+            scores.add(self.gumbel([bs, h, nb, nb], &device))
         } else {
             scores
         };
         let forbidden = causal.then(|| {
-            let f: Vec<bool> = (0..rows)
+            let f: Vec<bool> = (0..nb)
                 .flat_map(|i| (0..nb).map(move |j| j >= i))
                 .collect();
-            Tensor::<2, Bool>::from_data(TensorData::new(f, [rows, nb]), &device)
-                .reshape([1, 1, rows, nb])
-                .expand([bs, h, rows, nb])
+            Tensor::<2, Bool>::from_data(TensorData::new(f, [nb, nb]), &device)
+                .reshape([1, 1, nb, nb])
+                .expand([bs, h, nb, nb])
         });
         let s = if self.identity_sort {
             Tensor::<2>::eye(nb, &device)
-                .narrow(0, 0, rows)
-                .reshape([1, 1, rows, nb])
-                .expand([bs, h, rows, nb])
+                .reshape([1, 1, nb, nb])
+                .expand([bs, h, nb, nb])
         } else {
             self.sinkhorn(scores, forbidden)
         };
+        let rows = self.sortcut.map_or(nb, |c| c.min(nb));
+        let s = s.narrow(2, 0, rows);
 
         // Sorted blocks and the real mass of each sorted key.
         let k_sorted = s

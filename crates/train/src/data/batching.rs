@@ -47,7 +47,8 @@ impl std::fmt::Display for Batching {
     }
 }
 
-/// The length a batch of an item is padded by (its tokens; the longer side of a pair).
+/// The length that orders items into batches of similar length: a sequence's tokens (a
+/// sequence pair's source and target tokens together).
 pub trait ItemLength {
     /// Tokens.
     fn length(&self) -> usize;

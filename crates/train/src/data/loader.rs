@@ -245,13 +245,16 @@ impl MakeBatch<Seq2SeqItem, Seq2SeqBatch> for Seq2SeqBatcher {
     }
 }
 
-/// Tokens handed out by a loader (real and padded) and the time its passes took, shared by
-/// its clones and device slices: the throughput a run reports.
+/// Tokens handed out by a loader (real and padded) and the time its passes took (the union of
+/// the passes of its device slices, which run at the same time), shared by its clones and
+/// slices: the throughput a run reports.
 #[derive(Debug, Default)]
 pub struct TokenMeter {
     real: AtomicU64,
     padded: AtomicU64,
-    nanos: AtomicU64,
+    /// When each pass (of each device's slice) ran; passes of several devices overlap, so the
+    /// time is the length of their union.
+    passes: std::sync::Mutex<Vec<(Instant, Instant)>>,
 }
 
 /// A [`TokenMeter`]'s counts at one moment.
@@ -271,12 +274,31 @@ impl TokenMeter {
         self.padded.fetch_add(padded, Ordering::Relaxed);
     }
 
+    /// Seconds covered by the passes so far (overlapping passes counted once).
+    fn seconds(&self) -> f64 {
+        let mut passes = self.passes.lock().map(|p| p.clone()).unwrap_or_default();
+        passes.sort_by_key(|p| p.0);
+        let mut total = 0.0;
+        let mut current: Option<(Instant, Instant)> = None;
+        for (start, end) in passes {
+            current = match current {
+                Some((s, e)) if start <= e => Some((s, e.max(end))),
+                Some((s, e)) => {
+                    total += (e - s).as_secs_f64();
+                    Some((start, end))
+                }
+                None => Some((start, end)),
+            };
+        }
+        total + current.map_or(0.0, |(s, e)| (e - s).as_secs_f64())
+    }
+
     /// The counts so far.
     pub fn count(&self) -> TokenCount {
         TokenCount {
             real: self.real.load(Ordering::Relaxed),
             padded: self.padded.load(Ordering::Relaxed),
-            seconds: self.nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            seconds: self.seconds(),
         }
     }
 }
@@ -415,8 +437,9 @@ struct EpochIter<'a, I, O> {
 
 impl<I, O> Drop for EpochIter<'_, I, O> {
     fn drop(&mut self) {
-        let nanos = self.started.elapsed().as_nanos() as u64;
-        self.loader.meter.nanos.fetch_add(nanos, Ordering::Relaxed);
+        if let Ok(mut passes) = self.loader.meter.passes.lock() {
+            passes.push((self.started, Instant::now()));
+        }
     }
 }
 
@@ -488,5 +511,21 @@ where
         let s = self.range.0 + start.min(self.num_items());
         let e = self.range.0 + end.min(self.num_items());
         Arc::new(self.with((s, e), self.device.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Passes of several device slices overlap; their time is counted once.
+    #[test]
+    fn overlapping_passes_count_once() {
+        let meter = TokenMeter::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        *meter.passes.lock().unwrap() = vec![(at(5), at(12)), (at(0), at(10)), (at(20), at(25))];
+        assert!((meter.count().seconds - 17.0).abs() < 1e-9);
     }
 }

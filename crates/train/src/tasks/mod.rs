@@ -49,7 +49,13 @@ macro_rules! burn_train_steps {
 
         impl $crate::tasks::Stepped for $model {
             fn with_clock(mut self, clock: $crate::tasks::StepClock) -> Self {
+                // A resumed run: per-step state that checkpoints do not hold (Reformer's
+                // rotations, Sinkhorn's noise: functions of the step) starts at the step count.
+                let steps = clock.count();
                 self.clock = clock;
+                if steps > 0 {
+                    self.model = self.model.at_step(steps);
+                }
                 self
             }
         }
@@ -372,6 +378,11 @@ impl StepClock {
     /// A clock that has counted `steps` already.
     pub fn starting_at(steps: usize) -> Self {
         Self(Arc::new(AtomicUsize::new(steps)))
+    }
+
+    /// Steps counted so far.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
     }
 
     /// Counts one more step and returns the new count (1 for the first).

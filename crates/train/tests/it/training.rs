@@ -212,6 +212,12 @@ fn a_resumed_run_continues_the_per_step_state() {
         "kind = \"routing\"\nclusters = 3",
     );
     resumed_equals_uninterrupted("resume-routing", &routing);
+    // Reformer: rotations drawn from the step, which no checkpoint holds.
+    let reformer = TINY_LISTOPS.replace(
+        "kind = \"performer\"\nfeatures = 16",
+        "kind = \"reformer\"\nchunk = 4\nn_hashes = 2",
+    );
+    resumed_equals_uninterrupted("resume-reformer", &reformer);
 }
 
 /// Trains `config` (3 epochs) uninterrupted, and again from a copy of its epoch-1 checkpoints
