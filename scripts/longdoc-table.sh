@@ -3,7 +3,10 @@
 # each into runs/longdoc/<dataset>-<config>-s<seed>. Resumable: a finished run (result.json) is
 # skipped, an interrupted one continues with --resume from its last complete epoch, so the
 # script can be stopped and started again across sittings. Wall times go to
-# runs/longdoc/times.tsv (one line per process); every log line carries its UTC time.
+# runs/longdoc/times.tsv (one line per process); every log line carries its UTC time. Work that
+# needs the CPU meanwhile can stop the run (kill -STOP / -CONT the efformer process) and append
+# "start<TAB>end" (UTC, %Y-%m-%dT%H:%M:%SZ) to runs/longdoc/pauses.tsv: scripts/longdoc-report.py
+# subtracts those stops from the epoch times it reports.
 #
 #   scripts/longdoc-table.sh            # everything
 #   scripts/longdoc-table.sh hp         # only Hyperpartisan
