@@ -93,6 +93,7 @@ pub struct FeedForward {
     pub dropout: Dropout,
     #[module(skip)]
     kind: FeedForwardKind,
+    chunks: usize,
 }
 
 impl FeedForward {
@@ -111,7 +112,15 @@ impl FeedForward {
             linear_outer: LinearConfig::new(d_ff, d_model).init(device),
             dropout: DropoutConfig::new(dropout).init(),
             kind,
+            chunks: 1,
         }
+    }
+
+    /// This block applied to `chunks` pieces of the sequence one after another (Reformer's
+    /// chunked feed-forward: the same result, a `[seq / chunks, d_ff]` intermediate).
+    pub fn with_chunks(mut self, chunks: usize) -> Self {
+        self.chunks = chunks.max(1);
+        self
     }
 
     /// On Flex, GELU and ReLU blocks run as one fused operation with its own backward
@@ -120,6 +129,19 @@ impl FeedForward {
     /// # Shapes
     /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let n = x.dims()[1];
+        if self.chunks > 1 && n > 1 {
+            let size = n.div_ceil(self.chunks.min(n));
+            let pieces: Vec<Tensor<3>> = (0..n)
+                .step_by(size)
+                .map(|start| self.forward_whole(x.clone().narrow(1, start, size.min(n - start))))
+                .collect();
+            return Tensor::cat(pieces, 1);
+        }
+        self.forward_whole(x)
+    }
+
+    fn forward_whole(&self, x: Tensor<3>) -> Tensor<3> {
         let activation = match self.kind {
             FeedForwardKind::Gelu => Some(FeedForwardActivation::Gelu),
             FeedForwardKind::Relu => Some(FeedForwardActivation::Relu),
@@ -233,7 +255,8 @@ impl<C: AttentionCore + Module> TransformerLayer<C> {
             self_attention,
             norm_cross: cross_attention.as_ref().map(|_| norm()),
             cross_attention,
-            feed_forward: FeedForward::new(s.feed_forward, s.d_model, s.d_ff, s.dropout, device),
+            feed_forward: FeedForward::new(s.feed_forward, s.d_model, s.d_ff, s.dropout, device)
+                .with_chunks(s.ff_chunks),
             norm_attention: norm(),
             norm_feed_forward: norm(),
             dropout: DropoutConfig::new(s.dropout).init(),

@@ -127,6 +127,10 @@ pub struct StackConfig<A = AttentionConfig> {
     /// Self-attention variants repeated cyclically over the layers (e.g. the
     /// Memory-Compressed paper's local/compressed alternation).
     pub attention_pattern: Option<Vec<A>>,
+    /// Apply the feed-forward block to this many chunks of the sequence, one after another
+    /// (Reformer §4: the `[seq, d_ff]` intermediate is one chunk's at a time; the result is
+    /// the same). 1: the whole sequence at once.
+    pub ff_chunks: usize,
 }
 
 impl<A: Default> Default for StackConfig<A> {
@@ -144,6 +148,7 @@ impl<A: Default> Default for StackConfig<A> {
             attention: A::default(),
             attention_layers: None,
             attention_pattern: None,
+            ff_chunks: 1,
         }
     }
 }
@@ -174,6 +179,7 @@ impl<A: CoreConfig> StackConfig<A> {
             attention,
             attention_layers: None,
             attention_pattern: None,
+            ff_chunks: self.ff_chunks,
         }
     }
 
@@ -244,6 +250,7 @@ impl<A: CoreConfig> StackConfig<A> {
         };
         positive("n_layers", self.n_layers)?;
         positive("d_ff", self.d_ff)?;
+        positive("ff_chunks", self.ff_chunks)?;
         let layers = self.resolve_attention(stack)?;
         self.attention_layer(self.attention.clone(), mode, None, None)
             .validate()

@@ -54,6 +54,7 @@ fn lra_classifier(
                 attention,
                 attention_layers: None,
                 attention_pattern: None,
+                ff_chunks: 1,
             },
         },
         n_classes,
@@ -89,6 +90,7 @@ pub fn minilm_l6(attention: AttentionConfig) -> EncoderConfig {
             attention,
             attention_layers: None,
             attention_pattern: None,
+            ff_chunks: 1,
         },
     }
 }

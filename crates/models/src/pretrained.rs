@@ -293,6 +293,7 @@ impl BertCheckpoint {
                 attention,
                 attention_layers: None,
                 attention_pattern: None,
+                ff_chunks: 1,
             },
         }
     }

@@ -74,6 +74,7 @@ fn model_config(kind: &str, n: usize) -> Result<ClassifierConfig, String> {
                 attention: config_for_length(kind, n)?,
                 attention_layers: None,
                 attention_pattern: None,
+                ff_chunks: 1,
             },
         },
         n_classes: 10,

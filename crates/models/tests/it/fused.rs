@@ -63,3 +63,25 @@ fn fused_feed_forward_equals_the_composed_block() {
         check(kind, 0.0);
     }
 }
+
+/// Reformer's chunked feed-forward: the block applied to pieces of the sequence (here 4 uneven
+/// chunks of 23 positions) gives the unchunked output and gradients.
+#[test]
+fn chunked_feed_forward_equals_the_whole_sequence() {
+    let device = Device::flex().autodiff();
+    device.seed(5);
+    for kind in [FeedForwardKind::Gelu, FeedForwardKind::Swiglu] {
+        let block = FeedForward::new(kind, 16, 40, 0.0, &device);
+        let x = Tensor::<3>::random([2, 23, 16], Distribution::Normal(0.0, 1.0), &device);
+        let run = |b: &FeedForward| {
+            let x = x.clone().detach().require_grad();
+            let y = b.forward(x.clone());
+            let g = y.clone().sum().backward();
+            (y, x.grad(&g).unwrap())
+        };
+        let (y1, g1) = run(&block);
+        let (y4, g4) = run(&block.clone().with_chunks(4));
+        assert!(rel_diff(y4, y1) < 1e-6, "{kind:?} output");
+        assert!(rel_diff(g4, g1) < 1e-6, "{kind:?} gradient");
+    }
+}

@@ -130,6 +130,7 @@ impl ClassificationTask {
             attention_layers: stack.attention_layers.clone(),
             attention_pattern: stack.attention_pattern.clone(),
             dropout: stack.dropout,
+            ff_chunks: stack.ff_chunks,
             ..defaults
         };
         if *stack != unset(crate::config::ModelSection::default().stack)
