@@ -264,13 +264,28 @@ impl RoutingAttention {
             sim.swap_dims(2, 3).topk_with_indices(w, 3).1 // [batch, heads, C, w]
         };
         let (iq, ik) = (top(sim_q), top(sim_k));
-        let gather = |x: &Tensor<4>, idx: &Tensor<4, Int>| {
+        // Whole rows of the flattened [batch·heads·n, d] tensors (contiguous copies, faster
+        // than an element-wise gather): global row = (batch·heads index)·n + position.
+        let global = |idx: &Tensor<4, Int>| {
+            let rows = idx.clone().reshape([bs * h, c * w]);
+            let base = rows
+                .clone()
+                .narrow(1, 0, 1)
+                .ones_like()
+                .cumsum(0)
+                .sub_scalar(1)
+                .mul_scalar(n as i64);
+            rows.add(base).reshape([bs * h * c * w])
+        };
+        let (rows_q, rows_k) = (global(&iq), global(&ik));
+        let gather = |x: &Tensor<4>, rows: &Tensor<1, Int>| {
             let d = x.dims()[3];
             x.clone()
-                .gather(2, idx.clone().reshape([bs, h, c * w, 1]).expand([bs, h, c * w, d]))
+                .reshape([bs * h * n, d])
+                .select(0, rows.clone())
                 .reshape([bs * h, c, w, d])
         };
-        let (gq, gk, gv) = (gather(&q, &iq), gather(&k, &ik), gather(&v, &ik));
+        let (gq, gk, gv) = (gather(&q, &rows_q), gather(&k, &rows_k), gather(&v, &rows_k));
         let scores = gq
             .matmul(gk.swap_dims(2, 3))
             .mul_scalar(1.0 / (dk as f64).sqrt()); // [batch·heads, C, w, w]
