@@ -30,8 +30,12 @@
 //! - Exact: with one block (b ≥ N) S = [1], the sorted block is the own block, and the output is
 //!   full (causal: causal full) attention (tested); with S = I, local block attention (tested).
 //!   Otherwise it attends to mixtures of keys: not an approximation of full attention.
-//! - Modes: bidirectional, causal. Cross is a configuration error (the sorted blocks are
-//!   sorted to the query blocks of the same sequence; SortCut over a context is not built yet).
+//! - Cross (lucidrains' context attention): the query blocks and the context's blocks are
+//!   summarised the same way; a rectangular Sinkhorn matrix (rows = query blocks, columns =
+//!   context blocks; rows sum to 1, columns to N_q/N_k) sorts a context block to every query
+//!   block, which attends to it alone; with SortCut every query attends to the first n sorted
+//!   blocks. One context block is full cross-attention (tested).
+//! - Modes: bidirectional, causal, cross (SortCut: bidirectional and cross).
 //! - Decoding (causal): the layer is recomputed over the prefix at every step (a prefix cache of
 //!   queries, keys and values; exact by causality), O(t·2b·d) for position t: the sorted block
 //!   of block i mixes every earlier block, so even a dedicated cache would read O(t·d).
@@ -89,8 +93,8 @@ impl SinkhornAttentionConfig {
     pub const INFO: VariantInfo = VariantInfo {
         kind: "sinkhorn",
         paper: "Tay et al. 2020, Sparse Sinkhorn Attention, arXiv:2002.11296",
-        modes: &[AttentionMode::Bidirectional, AttentionMode::Causal],
-        time: "O(N·2b·d + (N/b)²·d); SortCut O(N·(n+1)·b·d)",
+        modes: &[AttentionMode::Bidirectional, AttentionMode::Causal, AttentionMode::Cross],
+        time: "O(N·2b·d + (N/b)²·d); SortCut O(N·(n+1)·b·d); cross O(N·b·d + (N/b)(M/b)·d)",
         memory: "O(N·2b + (N/b)²)",
         exactness: Exactness::ExactWhen(
             "with one block (full attention) or S = I (local block attention); otherwise attends to learned mixtures of key blocks",
@@ -116,11 +120,7 @@ impl CoreConfig for SinkhornAttentionConfig {
         device: &Device,
     ) -> Result<SinkhornAttention, ConfigError> {
         let _ = (dims, device);
-        ConfigError::check_mode_because(
-            &Self::INFO,
-            mode,
-            "the blocks are sorted to the query blocks of the same sequence",
-        )?;
+        ConfigError::check_mode(&Self::INFO, mode)?;
         ConfigError::check_nonzero("block", self.block)?;
         ConfigError::check_nonzero("iterations", self.iterations)?;
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
@@ -179,25 +179,129 @@ impl SinkhornAttention {
     /// forbidden entries (`true`), in the same shape.
     ///
     /// # Shapes
-    /// - output: `[batch, heads, N_B, N_B]`: bidirectional, doubly stochastic in the limit (the
-    ///   columns sum to 1 exactly after the last step); causal, each row with an allowed entry
-    ///   sums to 1 over its allowed entries
+    /// - r: `[batch, heads, rows, cols]` (rows = cols but in cross mode)
+    /// - output: the same shape. Bidirectional: doubly stochastic in the limit (the columns sum
+    ///   to 1 exactly after the last step); causal: each row with an allowed entry sums to 1
+    ///   over its allowed entries; cross (rows ≠ cols): rows sum to 1 exactly, columns to
+    ///   rows/cols in the limit
     pub fn sinkhorn(&self, r: Tensor<4>, forbidden: Option<Tensor<4, Bool>>) -> Tensor<4> {
+        let [_, _, rows, cols] = r.dims();
         let mut r = r.div_scalar(self.temperature);
         if let Some(f) = &forbidden {
             r = r.mask_fill(f.clone(), -1e9);
         }
+        // Columns of a rectangular matrix (cross mode) sum to rows/cols; a last row step makes
+        // every row a distribution over the key blocks.
+        let column_target = (rows as f64 / cols as f64).ln();
         for _ in 0..self.iterations {
             r = r.clone().sub(lse(r, 3));
             if !self.mode.is_causal() {
-                r = r.clone().sub(lse(r, 2));
+                r = r.clone().sub(lse(r, 2)).add_scalar(column_target);
             }
+        }
+        if rows != cols {
+            r = r.clone().sub(lse(r, 3));
         }
         let s = r.exp();
         match forbidden {
             Some(f) => s.mask_fill(f, 0.0),
             None => s,
         }
+    }
+
+    /// Cross-attention: query block i attends to the context blocks sorted to it (row i of a
+    /// rectangular Sinkhorn matrix over query × context blocks), or with SortCut every query
+    /// to the first n sorted blocks.
+    ///
+    /// # Shapes
+    /// - input: see [`AttnInput`] (`seq_k` may differ from `seq_q`)
+    /// - output: `[batch, heads, seq_q, d_v]`
+    fn attend_cross(&self, input: AttnInput) -> Tensor<4> {
+        let [bs, h, lq, lk, dk, dv] = input.dims();
+        let device = input.query.device();
+        let (bq, bk) = (self.block.min(lq.max(1)), self.block.min(lk.max(1)));
+        let (nq, nk) = (lq.div_ceil(bq), lk.div_ceil(bk));
+        let (tq, tk) = (nq * bq, nk * bk);
+        let real_of = |mask: Option<&Tensor<2, Bool>>, len: usize, total: usize| {
+            let real: Tensor<2> = match mask {
+                Some(p) => p.clone().bool_not().float(),
+                None => Tensor::ones([bs, len], &device),
+            };
+            if total > len {
+                Tensor::cat(vec![real, Tensor::zeros([bs, total - len], &device)], 1)
+            } else {
+                real
+            }
+        };
+        let pad_to = |x: Tensor<4>, total: usize| {
+            let [_, _, len, d] = x.dims();
+            if total > len {
+                Tensor::cat(vec![x, Tensor::zeros([bs, h, total - len, d], &device)], 2)
+            } else {
+                x
+            }
+        };
+        let real_q = real_of(input.mask_pad_q(), lq, tq);
+        let real_k = real_of(input.mask_pad_k.as_ref(), lk, tk);
+        let masked = |x: Tensor<4>, real: &Tensor<2>, total: usize| {
+            let d = x.dims()[3];
+            let pad = real.clone().reshape([bs, 1, total, 1]).equal_elem(0.0).expand([bs, h, total, d]);
+            pad_to(x, total).mask_fill(pad, 0.0)
+        };
+        let q = masked(input.query, &real_q, tq).mul_scalar(1.0 / (dk as f64).sqrt());
+        let kb = masked(input.key, &real_k, tk).reshape([bs, h, nk, bk, dk]);
+        let vb = masked(input.value, &real_k, tk).reshape([bs, h, nk, bk, dv]);
+        let qb = q.reshape([bs, h, nq, bq, dk]);
+        let rq = real_q.reshape([bs, 1, nq, bq]);
+        let rk = real_k.reshape([bs, 1, nk, bk]);
+        let mean = |x: Tensor<5>, real: &Tensor<4>, blocks: usize, len: usize, d: usize| {
+            let counts = real.clone().sum_dim(3).clamp_min(1.0); // [batch, 1, blocks, 1]
+            x.mul(real.clone().reshape([bs, 1, blocks, len, 1]))
+                .sum_dim(3)
+                .reshape([bs, h, blocks, d])
+                .div(counts)
+        };
+        let s_q = mean(qb.clone(), &rq, nq, bq, dk);
+        let s_k = mean(kb.clone(), &rk, nk, bk, dk);
+        let scores = s_q.matmul(s_k.swap_dims(2, 3)); // [batch, heads, N_q, N_k]
+        let scores = if device.is_autodiff() {
+            scores.add(self.gumbel([bs, h, nq, nk], &device))
+        } else {
+            scores
+        };
+        let s = self.sinkhorn(scores, None);
+        let rows = self.sortcut.map_or(nq, |c| c.min(nq));
+        let s = s.narrow(2, 0, rows);
+        let k_sorted = s.clone().matmul(kb.reshape([bs, h, nk, bk * dk])).reshape([bs, h, rows, bk, dk]);
+        let v_sorted = s.clone().matmul(vb.reshape([bs, h, nk, bk * dv])).reshape([bs, h, rows, bk, dv]);
+        let mass = s.matmul(rk.expand([bs, h, nk, bk])); // [batch, heads, rows, b_k]
+        let (keys, values, mass, m) = match self.sortcut {
+            None => (k_sorted, v_sorted, mass, bk),
+            Some(_) => {
+                let w = rows * bk;
+                (
+                    k_sorted.reshape([bs, h, 1, w, dk]).expand([bs, h, nq, w, dk]),
+                    v_sorted.reshape([bs, h, 1, w, dv]).expand([bs, h, nq, w, dv]),
+                    mass.reshape([bs, h, 1, w]).expand([bs, h, nq, w]),
+                    w,
+                )
+            }
+        };
+        let empty = mass
+            .clone()
+            .lower_equal_elem(0.0)
+            .reshape([bs, h, nq, 1, m])
+            .expand([bs, h, nq, bq, m]);
+        let scores = qb
+            .matmul(keys.swap_dims(3, 4))
+            .add(mass.clamp_min(1e-30).log().reshape([bs, h, nq, 1, m]).expand([bs, h, nq, bq, m]));
+        masked_softmax_matmul(
+            scores.reshape([bs * h, nq, bq, m]),
+            Some(empty.reshape([bs * h, nq, bq, m])),
+            values.reshape([bs * h, nq, m, dv]),
+        )
+        .reshape([bs, h, tq, dv])
+        .narrow(2, 0, lq)
     }
 
     /// Gumbel noise for the current training step, `[batch, heads, rows, cols]`.
@@ -223,8 +327,11 @@ impl AttentionCore for SinkhornAttention {
     /// - input: see [`AttnInput`] (`seq_q = seq_k`)
     /// - output: `[batch, heads, seq_q, d_v]`
     fn attend(&self, input: AttnInput) -> Tensor<4> {
+        if self.mode == AttentionMode::Cross {
+            return self.attend_cross(input);
+        }
         let [bs, h, n, lk, dk, dv] = input.dims();
-        assert_eq!(n, lk, "sinkhorn attention is self-attention (seq_q = seq_k)");
+        assert_eq!(n, lk, "sinkhorn self-attention has seq_q = seq_k (cross mode for a context)");
         let device = input.query.device();
         let b = self.block.min(n.max(1));
         let nb = n.div_ceil(b);
@@ -444,7 +551,7 @@ mod contract {
             },
         );
         if sortcut.is_some() {
-            spec.modes.retain(|m| *m == AttentionMode::Bidirectional);
+            spec.modes.retain(|m| *m != AttentionMode::Causal);
         }
         spec.name = format!("sinkhorn (sortcut {sortcut:?})");
         spec
@@ -522,6 +629,20 @@ mod tests {
             .unwrap();
         for (row, &col) in perm.iter().enumerate() {
             assert!(s[row * 8 + col] > 0.9, "row {row}: {:?}", &s[row * 8..row * 8 + 8]);
+        }
+    }
+
+    /// Cross mode's rectangular matrix (3 query blocks × 6 context blocks): rows sum to 1
+    /// exactly, columns to 3/6 in the limit.
+    #[test]
+    fn rectangular_sinkhorn_balances_to_the_shape() {
+        let r = SeededRng::new(4).normal_tensor([1, 1, 3, 6], 1.0, &Device::flex());
+        let s = core(AttentionMode::Cross, 0.75, 30).sinkhorn(r, None);
+        for row in sums(s.clone(), 3) {
+            assert!((row - 1.0).abs() < 1e-5, "row sum {row}");
+        }
+        for col in sums(s, 2) {
+            assert!((col - 0.5).abs() < 1e-3, "column sum {col}");
         }
     }
 
