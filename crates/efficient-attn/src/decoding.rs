@@ -14,8 +14,9 @@
 //!   rows and columns, 2-D blocks with a flange). A step costs O(m·d) for the m keys the
 //!   pattern shows, memory O(t·d) (the strided and summary keys reach back to the start).
 //! - [`DecodeCache::Prefix`] with [`prefix_step`]: queries, keys and values of every position;
-//!   each step runs the causal layer over the whole prefix and keeps the new rows. Exact for any
-//!   causal core (causality makes a prefix's outputs those of the whole sequence); a step costs
+//!   each step runs the causal layer over the whole prefix and keeps the new rows. Exact for a
+//!   causal core whose outputs do not depend on later positions at all (not Reformer's or
+//!   Routing's, whose chunks and clusters do); a step costs
 //!   one forward over t positions. For variants whose sorting or clustering mixes all earlier
 //!   blocks (Sinkhorn), until they get a cache of their own.
 //! - [`DecodeCache::Slots`]: keys and values compressed every k positions (Memory-Compressed
@@ -514,7 +515,7 @@ impl PrefixCache {
 }
 
 /// Appends `t` new positions to a prefix cache and returns the last `t` rows of `attend` over
-/// the whole prefix: exact for any causal core.
+/// the whole prefix: exact for a causal core whose outputs do not depend on later positions.
 ///
 /// # Shapes
 /// - input: q, k `[batch, heads, t, d_k]`, v `[batch, heads, t, d_v]` → `[batch, heads, t, d_v]`

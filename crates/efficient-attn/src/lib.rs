@@ -28,7 +28,8 @@
 //! - Selection from TOML: [`AttentionConfig`] → [`Attention`]; every variant's config, module
 //!   and option enums (`PerformerAttentionConfig`, `SparsePattern`, ...).
 //! - Decoding caches: [`DecodeCache`], [`KvCache`], [`WindowCache`] ([`WindowRule`]), [`RecurrentState`],
-//!   [`kv_cache`].
+//!   [`SlotCache`], [`PrefixCache`], [`kv_cache`]; [`CausalPattern`] with [`pattern_step`], and
+//!   [`prefix_step`].
 //! - Fused CPU operations other layers use: [`fused_feed_forward`] and [`fused_layer_norm`]
 //!   (with [`runs_fused`] to know when they run).
 //!

@@ -10,15 +10,17 @@
 //!   unit-length queries k̂ = q/‖q‖; logits q·k̂/√d.
 //! - Hashing (per head and round r of `n_hashes`): h_r(x) = argmax([x·R_r ; −x·R_r]) with a
 //!   random rotation R_r ∈ ℝ^{d × n_buckets/2} (angular LSH); `n_buckets` is even, by default
-//!   2·N/chunk rounded up to even (trax: mean bucket = half a chunk), and above 128 factorised
+//!   2·N/chunk rounded up to even (trax: mean bucket = half a chunk), and this default, above
+//!   128, factorised
 //!   as trax does (two rotations of f₁/2 and f₂/2 columns, bucket h₁·f₂ + h₂, f₁·f₂ ≥ the
 //!   buckets asked for), which keeps hashing O(N·√buckets). Padded positions go to an extra
 //!   bucket after all others, so their content never moves a real position (their number
 //!   does: the chunking and the default bucket count follow the padded length).
-//! - Attention: positions are sorted by (round, bucket, position) (a unique key, so the sort is
-//!   stable by construction); the sorted sequence of every round is cut into chunks of `chunk`
-//!   positions; each chunk attends to itself and the chunk before it (the first wraps to the
-//!   last, as trax's `look_adjacent`). A query's logit for its own position is set to −1e5
+//! - Attention: each round's positions are sorted by (bucket, position) (a unique key, so the
+//!   sort is stable by construction); the rounds' sorted sequences are laid end to end and cut
+//!   into chunks of `chunk` positions; each chunk attends to itself and the chunk before it (the
+//!   first chunk of a round sees the last of the previous round, the very first the very last,
+//!   as trax's `look_adjacent`). A query's logit for its own position is set to −1e5
 //!   (lucidrains/HF; trax subtracts 1e5 — a penalty, not −∞: a query with no other key attends
 //!   to itself); padding and,
 //!   causally, later positions get −1e9. Each round's output and log-sum-exp are unsorted and the
@@ -33,7 +35,8 @@
 //!   Causal: later positions are masked inside chunks, so no *value* of the future reaches an
 //!   output; the future's queries/keys can still move chunk boundaries (which positions share a
 //!   chunk), so earlier outputs may change with them — the contract's leak check perturbs values
-//!   only, for that reason (notes: measured up to 3.1 in the reference).
+//!   only, for that reason (the project's research notes measured changes up to 3.1 in a
+//!   reference implementation).
 //! - Decoding: none. Which keys a query meets depends on where the whole sequence's positions
 //!   sort, so a prefix's outputs differ from the whole sequence's; trax decodes with a
 //!   different (full-attention) memory, which would not equal this layer's forward.

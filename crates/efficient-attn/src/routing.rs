@@ -31,7 +31,7 @@
 //!   error (clusters hold positions of one sequence; the official cross variant is not built).
 //!   Causal: no value of the future reaches an output, but which queries and keys a cluster
 //!   takes is a top-w over the whole sequence, so future queries/keys can change earlier
-//!   outputs: the leak check perturbs values only (notes §3).
+//!   outputs: the leak check perturbs values only.
 //! - Decoding: none, for the same reason (a cluster's top-w depends on the whole sequence).
 //! - Deviations: attention uses the raw q, k (scaled by 1/√d); routing uses the normalised
 //!   ones. No learned null key (lucidrains' `num_mem_kv`); no shared QK.

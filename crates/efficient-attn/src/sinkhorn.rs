@@ -32,13 +32,15 @@
 //!   Otherwise it attends to mixtures of keys: not an approximation of full attention.
 //! - Cross (lucidrains' context attention): the query blocks and the context's blocks are
 //!   summarised the same way; a rectangular Sinkhorn matrix (rows = query blocks, columns =
-//!   context blocks; rows sum to 1, columns to N_q/N_k) sorts a context block to every query
+//!   context blocks; rows sum to 1, columns to ⌈N_q/b⌉/⌈N_k/b⌉) sorts a context block to every
+//!   query
 //!   block, which attends to it alone; with SortCut every query attends to the first n sorted
 //!   blocks. One context block is full cross-attention (tested).
 //! - Modes: bidirectional, causal, cross (SortCut: bidirectional and cross).
 //! - Decoding (causal): the layer is recomputed over the prefix at every step (a prefix cache of
-//!   queries, keys and values; exact by causality), O(t·2b·d) for position t: the sorted block
-//!   of block i mixes every earlier block, so even a dedicated cache would read O(t·d).
+//!   queries, keys and values; exact by causality), O(t·2b·d + (t/b)²·d) for position t: the
+//!   sorted block of block i mixes every earlier block, so even a dedicated cache would read
+//!   O(t·d).
 //! - Randomness: Gumbel noise only on an autodiff device (training), drawn on the host from
 //!   (`seed`, training step) through [`AttentionCore::at_step`], so a step's forward and any
 //!   recomputation agree and a resumed run reproduces an uninterrupted one.
