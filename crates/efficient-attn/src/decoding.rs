@@ -245,6 +245,27 @@ impl WindowCache {
     }
 }
 
+/// The decode step of every windowed variant: the new queries attend through the window cache
+/// at the standard 1/√d_k scale.
+///
+/// # Shapes
+/// - input: q, k `[batch, heads, t, d_k]`, v `[batch, heads, t, d_v]` → `[batch, heads, t, d_v]`
+///
+/// # Panics
+/// If `cache` is not a window cache.
+pub fn window_step(cache: &mut DecodeCache, input: crate::interface::AttnInput) -> Tensor<4> {
+    let DecodeCache::Window(window) = cache else {
+        panic!("this attention variant decodes with a window cache")
+    };
+    let dk = input.query.dims()[3];
+    window.step(
+        input.query,
+        input.key,
+        input.value,
+        1.0 / (dk as f64).sqrt(),
+    )
+}
+
 /// The recurrent state of kernel attention and how many positions it has absorbed.
 #[derive(Clone, Debug)]
 pub struct RecurrentState {

@@ -187,16 +187,7 @@ impl AttentionCore for ImageTransformer1dAttention {
     }
 
     fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
-        let DecodeCache::Window(window) = cache else {
-            panic!("image transformer 1-D attention decodes with a window cache")
-        };
-        let dk = input.query.dims()[3];
-        window.step(
-            input.query,
-            input.key,
-            input.value,
-            1.0 / (dk as f64).sqrt(),
-        )
+        crate::decoding::window_step(cache, input)
     }
 
 

@@ -463,16 +463,7 @@ impl AttentionCore for LongformerAttention {
     }
 
     fn decode_step(&self, cache: &mut DecodeCache, input: AttnInput) -> Tensor<4> {
-        let DecodeCache::Window(window) = cache else {
-            panic!("longformer decodes with a window cache")
-        };
-        let dk = input.query.dims()[3];
-        window.step(
-            input.query,
-            input.key,
-            input.value,
-            1.0 / (dk as f64).sqrt(),
-        )
+        crate::decoding::window_step(cache, input)
     }
 
 }

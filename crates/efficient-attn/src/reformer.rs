@@ -52,6 +52,7 @@ use crate::error::ConfigError;
 use crate::interface::{
     AttentionCore, AttentionMode, AttnInput, CoreConfig, Exactness, HeadDims, VariantInfo,
 };
+use crate::kernels::rows::{global_rows, select_rows, unit_rows};
 use crate::rng::SeededRng;
 
 /// Configuration of [`ReformerAttention`].
@@ -284,33 +285,12 @@ impl AttentionCore for ReformerAttention {
             .sub_scalar(1)
             .mul_scalar(np as i64); // [batch, heads, rounds, 1]: r·np
         let undo = rank.add(offsets).reshape([bs, h, total]);
-        // Row selections over the flattened [batch·heads·len] rows (contiguous row copies,
-        // faster than an element-wise gather): global row = (batch·heads index)·len + row.
-        let global = |idx: Tensor<3, Int>, len: usize| {
-            let rows = idx.clone().reshape([bs * h, total]);
-            let base = rows
-                .clone()
-                .narrow(1, 0, 1)
-                .ones_like()
-                .cumsum(0)
-                .sub_scalar(1)
-                .mul_scalar(len as i64); // [batch·heads, 1]
-            rows.add(base).reshape([bs * h * total])
-        };
-        let sorted_rows = global(spos.clone(), np);
-        let undo_rows = global(undo, total);
-        let select_rows = |x: &Tensor<4>, rows: &Tensor<1, Int>, len: usize| {
-            let d = x.dims()[3];
-            x.clone()
-                .reshape([bs * h * len, d])
-                .select(0, rows.clone())
-                .reshape([bs, h, total, d])
-        };
-        let sq = select_rows(&qk, &sorted_rows, np); // [batch, heads, total, d_k]
-        let sv = select_rows(&v, &sorted_rows, np);
-        let sk = sq
-            .clone()
-            .div(sq.clone().powf_scalar(2.0).sum_dim(3).sqrt().clamp_min(1e-6));
+        // Whole rows of the flattened [batch·heads·len, d] tensors (kernels::rows).
+        let sorted_rows = global_rows(spos.clone().reshape([bs * h, total]), np);
+        let undo_rows = global_rows(undo.reshape([bs * h, total]), total);
+        let sq = select_rows(qk, sorted_rows.clone()); // [batch, heads, total, d_k]
+        let sv = select_rows(v, sorted_rows.clone());
+        let sk = unit_rows(sq.clone());
         let spad = pad
             .int()
             .reshape([bs, 1, np])
@@ -375,7 +355,7 @@ impl AttentionCore for ReformerAttention {
         let lse_c = sum.log().add(max);
 
         // Unsort and combine the rounds.
-        let o = select_rows(&o.reshape([bs, h, total, dv]), &undo_rows, total)
+        let o = select_rows(o.reshape([bs, h, total, dv]), undo_rows.clone())
             .reshape([bs, h, rounds, np, dv]);
         let l = lse_c
             .reshape([bs * h * total])
@@ -420,7 +400,7 @@ pub(crate) fn dense_shared_qk(input: &AttnInput, mode: AttentionMode) -> Tensor<
     let [b, h, n, _, dk, _] = input.dims();
     let device = input.query.device();
     let q = input.query.clone();
-    let k = q.clone().div(q.clone().powf_scalar(2.0).sum_dim(3).sqrt().clamp_min(1e-6));
+    let k = crate::kernels::rows::unit_rows(q.clone());
     let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (dk as f64).sqrt());
     let eye = Tensor::<2>::eye(n, &device)
         .equal_elem(1.0)

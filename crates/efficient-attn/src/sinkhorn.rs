@@ -44,6 +44,8 @@
 //! - Randomness: Gumbel noise only on an autodiff device (training), drawn on the host from
 //!   (`seed`, training step) through [`AttentionCore::at_step`], so a step's forward and any
 //!   recomputation agree and a resumed run reproduces an uninterrupted one.
+//! - Length: over 600 lines because the file holds the self and cross computations and, as
+//!   every variant file does, the contract spec and the Sinkhorn invariant tests.
 //! - Deviations: the paper's sort net is a learned feed-forward on block sums; lucidrains' is
 //!   the parameter-free product of mean query and key summaries followed by a ReLU, which we use
 //!   without the ReLU (R are log-domain scores). lucidrains' non-SortCut branch mixes the
@@ -59,6 +61,7 @@ use crate::interface::{
     AttentionCore, AttentionMode, AttnInput, CoreConfig, Exactness, HeadDims, VariantInfo,
 };
 use crate::kernels::dense::masked_softmax_matmul;
+use crate::kernels::rows::log_sum_exp as lse;
 use crate::rng::SeededRng;
 
 /// Configuration of [`SinkhornAttention`].
@@ -170,11 +173,6 @@ pub struct SinkhornAttention {
     identity_sort: bool,
 }
 
-/// `log Σ exp` along `dim` (the maximum detached: the gradient is the softmax either way).
-fn lse<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
-    let max = x.clone().max_dim(dim).detach();
-    x.sub(max.clone()).exp().sum_dim(dim).log().add(max)
-}
 
 impl SinkhornAttention {
     /// The sorting matrix from log-domain scores `r` (`[batch, heads, N_B, N_B]`) and the

@@ -6,3 +6,4 @@ pub mod cpu;
 pub mod dense;
 pub mod fused;
 pub mod prefix_sum;
+pub mod rows;
