@@ -327,7 +327,8 @@ fn forward_block(
     let q0 = qb * pattern.plan.block;
     let q = &head.q[q0 * d_k..(q0 + rows) * d_k];
     let width = widest(shape, pattern.plan);
-    let mut max = vec![f32::NEG_INFINITY; rows];
+    // Each row's shift starts as a guess: 0 for the first row, then the row above's.
+    let mut shift = vec![0.0f32; rows];
     let mut sum = vec![0.0f32; rows];
     out.fill(0.0);
     for visit in visits(shape, pattern.plan, head.head, qb) {
@@ -344,13 +345,23 @@ fn forward_block(
             let i = q0 + r;
             let row = &mut scores[r * width..r * width + cols];
             visit.mask_row(pattern, head.head, qb, i, row);
+            if r > 0 && sum[r] == 0.0 {
+                shift[r] = shift[r - 1];
+            }
+            let q_row = &q[r * d_k..(r + 1) * d_k];
             absorb_tile_row(
                 ops,
                 row,
                 pattern.scale,
                 visit.bias(shape, head, i),
                 &mut out[r * d_v..(r + 1) * d_v],
-                (&mut max[r], &mut sum[r]),
+                (&mut shift[r], &mut sum[r]),
+                |row| {
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s = ops.dot(q_row, &k[j * d_k..(j + 1) * d_k]);
+                    }
+                    visit.mask_row(pattern, head.head, qb, i, row);
+                },
             );
         }
         gemm(
@@ -361,7 +372,7 @@ fn forward_block(
             1.0,
         );
     }
-    finish_rows(ops, out, d_v, &max, &sum, lse);
+    finish_rows(ops, out, d_v, &shift, &sum, lse);
 }
 
 /// The gradients of one call: `dq`, `dk`, `dv` like the inputs, and the extra keys' and

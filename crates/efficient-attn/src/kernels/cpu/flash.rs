@@ -1,9 +1,12 @@
 //! Exact attention, tiled (FlashAttention-2, Dao 2023, arXiv:2307.08691), on `f32` slices.
 //!
 //! - Forward: for each `(batch, head)` and tile of `tile_q` queries, the key tiles are visited
-//!   in order; scores `S = Q Kᵀ` of a tile come from one GEMM, the online softmax keeps the row
-//!   maximum `m` and sum `l` and rescales the output accumulator, and `O += P V` is a second
-//!   GEMM. Only `O` and the row log-sum-exp `lse = m + ln l` are written: O(N·d) memory.
+//!   in order; scores `S = Q Kᵀ` of a tile come from one GEMM, the online softmax keeps a row
+//!   shift `m` (in place of the running maximum: guessed, then moved only when a tile exceeds
+//!   it by a fixed headroom, so a tile usually costs one pass) and sum `l`, rescaling the
+//!   output accumulator when `m` moves,
+//!   and `O += P V` is a second GEMM. Only `O` and the row log-sum-exp `lse = m + ln l` are
+//!   written: O(N·d) memory.
 //! - Backward: for each `(batch, head)`, `D = rowsum(dO ⊙ O)`; then for each key tile, for each
 //!   query tile that sees it, the scores are recomputed, `P = exp(S - lse)`, and
 //!   `dV += Pᵀ dO`, `dS = P ⊙ (dO Vᵀ - D)`, `dQ += dS K · scale`, `dK += dSᵀ Q · scale`: five
@@ -212,42 +215,66 @@ pub fn forward(inputs: Inputs<'_>, shape: Shape, params: Params, out: &mut [f32]
         });
 }
 
-/// One online-softmax step of a query row over a tile of keys: scales and masks the tile's
-/// scores `row`, exponentiates them against the row's running maximum (so `row` becomes the
-/// tile's unnormalised probabilities), rescales the row's output accumulator `out` when the
-/// maximum grows, and adds to the running `sum`. A fully masked tile leaves zeros. Shared by
-/// the dense and the block-sparse kernels.
+/// How far a tile's scores may rise above a row's shift before the row takes a new shift:
+/// probabilities stay below `e^HEADROOM` (≈ 2.6·10¹⁰), so sums and output accumulators of any
+/// realistic length stay finite in `f32`, with the same relative precision as with the
+/// running maximum.
+const HEADROOM: f32 = 24.0;
+
+/// How far below a guessed shift the first scores of a row may lie: `exp` keeps values down
+/// to `e^-87`, so the largest of them keep at least 27 orders of `e` of range below them
+/// (terms smaller than `e^-27` of the row's largest are below `f32` precision anyway).
+const FLOOR: f32 = 60.0;
+
+/// One online-softmax step of a query row over a tile of keys: turns the tile's scores `row`
+/// (scaled by `scale`, plus the key `bias`) into unnormalised probabilities `exp(s - shift)`
+/// and adds them to the row's running `sum`.
+///
+/// The shift plays the part of FlashAttention's running maximum but moves rarely: while the
+/// row has no probability mass (`sum == 0`) it is a guess (the caller's: 0, or the previous
+/// row's shift), and afterwards it changes only when a tile's maximum exceeds it by more than
+/// [`HEADROOM`]. So the usual step is one pass over the tile that exponentiates and watches
+/// the maximum together. When the guess or the shift does not fit the tile, the row's raw
+/// scores are rebuilt by `raw` (an exponentiated row cannot be undone exactly), the output
+/// accumulator `out` and the sum are rescaled to the new shift, and the tile is redone. A
+/// fully masked tile leaves zeros. Shared by the dense and the block-sparse kernels.
 pub(super) fn absorb_tile_row(
     ops: &RowOps,
     row: &mut [f32],
     scale: f32,
     bias: Option<&[f32]>,
     out: &mut [f32],
-    (max, sum): (&mut f32, &mut f32),
+    (shift, sum): (&mut f32, &mut f32),
+    raw: impl FnOnce(&mut [f32]),
 ) {
-    let tile_max = ops.scale_bias_max(row, scale, bias);
-    if tile_max == f32::NEG_INFINITY {
-        row.fill(0.0);
+    let (tile_sum, tile_max) = ops.exp_affine_sum_max(row, scale, bias, *shift);
+    let fresh = *sum == 0.0;
+    let fits = tile_max <= *shift + HEADROOM && (!fresh || tile_max >= *shift - FLOOR);
+    if tile_max == f32::NEG_INFINITY || fits {
+        *sum += tile_sum;
         return;
     }
-    let new_max = max.max(tile_max);
-    let tile_sum = ops.exp_sum(row, new_max);
-    if *max != f32::NEG_INFINITY && *max != new_max {
-        let correction = super::simd::exp(*max - new_max);
+    raw(row);
+    let tile_max = ops.scale_bias_max(row, scale, bias);
+    let new_shift = if fresh { tile_max } else { shift.max(tile_max) };
+    let tile_sum = ops.exp_sum(row, new_shift);
+    if !fresh && *shift != new_shift {
+        let correction = super::simd::exp(*shift - new_shift);
         ops.scale(out, correction);
         *sum *= correction;
     }
     *sum += tile_sum;
-    *max = new_max;
+    *shift = new_shift;
 }
 
 /// Ends the online softmax of `rows` query rows: divides each output row (width `d_v`) by its
-/// sum and writes its log-sum-exp; a row that saw no key gets zeros and a log-sum-exp of +∞.
+/// sum and writes its log-sum-exp (`shift + ln sum`); a row that saw no key gets zeros and a
+/// log-sum-exp of +∞.
 pub(super) fn finish_rows(
     ops: &RowOps,
     out: &mut [f32],
     d_v: usize,
-    max: &[f32],
+    shift: &[f32],
     sum: &[f32],
     lse: &mut [f32],
 ) {
@@ -255,7 +282,7 @@ pub(super) fn finish_rows(
         let row = &mut out[r * d_v..(r + 1) * d_v];
         if sum[r] > 0.0 {
             ops.scale(row, 1.0 / sum[r]);
-            lse[r] = max[r] + sum[r].ln();
+            lse[r] = shift[r] + sum[r].ln();
         } else {
             row.fill(0.0);
             lse[r] = f32::INFINITY;
@@ -302,7 +329,8 @@ fn forward_rows(
     let (d_k, d_v) = (shape.d_k, shape.d_v);
     let rows = lse.len();
     let tk = p.tile_k.max(1);
-    let mut max = vec![f32::NEG_INFINITY; rows];
+    // Each row's shift starts as a guess: 0 for the first row, then the row above's.
+    let mut shift = vec![0.0f32; rows];
     let mut sum = vec![0.0f32; rows];
     out.fill(0.0);
     for (k0, k1, diagonal) in key_tiles(shape, p, q0, q0 + rows) {
@@ -324,13 +352,22 @@ fn forward_rows(
             };
             let (seen, future) = row.split_at_mut(visible);
             future.fill(0.0);
+            if r > 0 && sum[r] == 0.0 {
+                shift[r] = shift[r - 1];
+            }
+            let q_row = &q[r * d_k..(r + 1) * d_k];
             absorb_tile_row(
                 ops,
                 seen,
                 p.scale,
                 tile_bias,
                 &mut out[r * d_v..(r + 1) * d_v],
-                (&mut max[r], &mut sum[r]),
+                (&mut shift[r], &mut sum[r]),
+                |seen| {
+                    for (j, s) in seen.iter_mut().enumerate() {
+                        *s = ops.dot(q_row, &k[(k0 + j) * d_k..(k0 + j + 1) * d_k]);
+                    }
+                },
             );
         }
         gemm(
@@ -341,7 +378,7 @@ fn forward_rows(
             1.0,
         );
     }
-    finish_rows(ops, out, d_v, &max, &sum, lse);
+    finish_rows(ops, out, d_v, &shift, &sum, lse);
 }
 
 /// Gradients `dq [B, H, Nq, Dk]`, `dk [B, H, Nk, Dk]`, `dv [B, H, Nk, Dv]` of the forward
@@ -662,6 +699,72 @@ mod tests {
                         || (x.is_infinite() && y.is_infinite()),
                     "lse {x} vs {y}"
                 );
+            }
+        }
+    }
+
+    /// Scores that climb by more than the headroom from tile to tile (each later tile restarts
+    /// its row from recomputed raw scores), that start far above the first guess and fall
+    /// (later tiles underflow against the first tile's shift), and that lie far below the
+    /// guess everywhere give the dense result, with and without padding and causality.
+    #[test]
+    fn forward_survives_scores_far_above_and_below_the_first_tile() {
+        let (seq, heads) = (23, 3);
+        let shape = Shape {
+            batch: 1,
+            heads,
+            seq_q: seq,
+            seq_k: seq,
+            d_k: 2,
+            d_v: 3,
+        };
+        let q: Vec<f32> = (0..heads * seq)
+            .flat_map(|i| [1.0, 0.1 * (i % 3) as f32])
+            .collect();
+        // Head 0: scores climbing 9 per key (36 per tile of 4); head 1: falling as fast from
+        // 207; head 2: about -150 everywhere.
+        let k: Vec<f32> = (0..heads * seq)
+            .flat_map(|i| {
+                let j = (i % seq) as f32;
+                let x = match i / seq {
+                    0 => 9.0 * j,
+                    1 => 9.0 * (seq as f32 - j),
+                    _ => -150.0 + 0.5 * j,
+                };
+                [x, 1.0]
+            })
+            .collect();
+        let v = data(heads * seq * 3, 4);
+        let bias: Vec<f32> = (0..seq)
+            .map(|j| if j == seq - 1 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        for causal in [false, true] {
+            for key_bias in [None, Some(bias.as_slice())] {
+                let inputs = Inputs {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    key_bias,
+                };
+                let params = Params {
+                    scale: 1.0,
+                    causal,
+                    tile_q: 5,
+                    tile_k: 4,
+                };
+                let mut out = vec![0.0; heads * seq * 3];
+                let mut lse = vec![0.0; heads * seq];
+                forward(inputs, shape, params, &mut out, &mut lse);
+                let (want, want_lse) = dense(&inputs, &shape, &params);
+                for (x, y) in out.iter().zip(&want) {
+                    assert!((*x as f64 - y).abs() < 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+                }
+                for (x, y) in lse.iter().zip(&want_lse) {
+                    assert!(
+                        (*x as f64 - y).abs() < 1e-5 * (1.0 + y.abs()),
+                        "lse {x} vs {y}"
+                    );
+                }
             }
         }
     }

@@ -19,6 +19,19 @@ const LANES: usize = 16;
 /// then a degree-6 polynomial of `e^r` and the exponent bits of `2^n`.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    exp_with::<false>(x)
+}
+
+/// `a·b + c`, fused into one instruction when `FMA` (only in code compiled with the `fma`
+/// target feature: elsewhere `mul_add` is a slow library call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// [`exp`], its polynomial in fused multiply-adds when `FMA`.
+#[inline(always)]
+fn exp_with<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -27,16 +40,16 @@ pub fn exp(x: f32) -> f32 {
     let clamped = x.clamp(-87.3, 88.0);
     // `t`'s low mantissa bits hold the integer n: no float-to-int conversion (which does not
     // vectorise, `as` being saturating).
-    let t = clamped * LOG2E + ROUND;
+    let t = madd::<FMA>(clamped, LOG2E, ROUND);
     let n = t - ROUND;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, clamped));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5e-1;
-    let e = (p * r * r + r) + 1.0;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 5e-1);
+    let e = madd::<FMA>(p * r, r, r) + 1.0;
     let n_bits = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let scale = f32::from_bits((n_bits.wrapping_add(127) as u32) << 23);
     if x < -87.3 { 0.0 } else { e * scale }
@@ -86,17 +99,17 @@ fn scale_bias_max_generic(row: &mut [f32], scale: f32, bias: Option<&[f32]>) -> 
 
 /// `row[j] = exp(row[j] - shift)`, returning the sum of the new row.
 #[inline(always)]
-fn exp_sum_generic(row: &mut [f32], shift: f32) -> f32 {
+fn exp_sum_generic<const FMA: bool>(row: &mut [f32], shift: f32) -> f32 {
     let mut lanes = [0.0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
-            c[l] = exp(c[l] - shift);
+            c[l] = exp_with::<FMA>(c[l] - shift);
             lanes[l] += c[l];
         }
     }
     for x in chunks.into_remainder() {
-        *x = exp(*x - shift);
+        *x = exp_with::<FMA>(*x - shift);
         lanes[0] += *x;
     }
     lanes.iter().sum()
@@ -105,20 +118,85 @@ fn exp_sum_generic(row: &mut [f32], shift: f32) -> f32 {
 /// `row[j] = exp(row[j]·scale + bias[j] - shift)`: the probabilities of a row whose
 /// log-sum-exp `shift` is known (the backward pass).
 #[inline(always)]
-fn exp_affine_generic(row: &mut [f32], scale: f32, bias: Option<&[f32]>, shift: f32) {
+fn exp_affine_generic<const FMA: bool>(
+    row: &mut [f32],
+    scale: f32,
+    bias: Option<&[f32]>,
+    shift: f32,
+) {
     match bias {
         Some(bias) => {
             let bias = &bias[..row.len()];
             for (x, b) in row.iter_mut().zip(bias) {
-                *x = exp(*x * scale + b - shift);
+                *x = exp_with::<FMA>(*x * scale + b - shift);
             }
         }
         None => {
             for x in row.iter_mut() {
-                *x = exp(*x * scale - shift);
+                *x = exp_with::<FMA>(*x * scale - shift);
             }
         }
     }
+}
+
+/// `row[j] = exp(row[j]·scale + bias[j] - shift)`, returning the sum of the new row and the
+/// maximum of `row[j]·scale + bias[j]` (the online softmax's one-pass step when `shift` is
+/// already known to be close to the row's maximum).
+#[inline(always)]
+fn exp_affine_sum_max_generic<const FMA: bool>(
+    row: &mut [f32],
+    scale: f32,
+    bias: Option<&[f32]>,
+    shift: f32,
+) -> (f32, f32) {
+    let mut sums = [0.0f32; LANES];
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    match bias {
+        Some(bias) => {
+            let bias = &bias[..row.len()];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            let mut bias_chunks = bias.chunks_exact(LANES);
+            for (c, b) in (&mut chunks).zip(&mut bias_chunks) {
+                for l in 0..LANES {
+                    let x = c[l] * scale + b[l];
+                    maxes[l] = maxes[l].max(x);
+                    c[l] = exp_with::<FMA>(x - shift);
+                    sums[l] += c[l];
+                }
+            }
+            for (c, b) in chunks
+                .into_remainder()
+                .iter_mut()
+                .zip(bias_chunks.remainder())
+            {
+                let x = *c * scale + b;
+                maxes[0] = maxes[0].max(x);
+                *c = exp_with::<FMA>(x - shift);
+                sums[0] += *c;
+            }
+        }
+        None => {
+            let mut chunks = row.chunks_exact_mut(LANES);
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    let x = c[l] * scale;
+                    maxes[l] = maxes[l].max(x);
+                    c[l] = exp_with::<FMA>(x - shift);
+                    sums[l] += c[l];
+                }
+            }
+            for c in chunks.into_remainder() {
+                let x = *c * scale;
+                maxes[0] = maxes[0].max(x);
+                *c = exp_with::<FMA>(x - shift);
+                sums[0] += *c;
+            }
+        }
+    }
+    (
+        sums.iter().sum(),
+        maxes.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+    )
 }
 
 /// `dp[j] = p[j]·(dp[j] - d)`: the softmax gradient of a row, with `d = Σ dO ⊙ O`.
@@ -162,14 +240,21 @@ fn scale_generic(row: &mut [f32], factor: f32) {
 /// `erf(x)`, within 4e-7 absolute in f32 (Abramowitz & Stegun 7.1.26, 1.5e-7 in exact
 /// arithmetic, with the sign restored),
 /// branch-free so that it vectorises.
+#[cfg(test)]
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_with::<false>(x)
+}
+
+/// [`erf`], its exponential in fused multiply-adds when `FMA`.
+#[inline(always)]
+fn erf_with<const FMA: bool>(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_72 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp(-a * a);
+    let y = 1.0 - poly * exp_with::<FMA>(-a * a);
     f32::from_bits(y.to_bits() | (x.to_bits() & 0x8000_0000))
 }
 
@@ -184,7 +269,7 @@ pub enum Activation {
 
 /// `z += bias; a = act(z)` (a dropout `mask`, 0 or `1/(1-p)` per element, multiplies `a`).
 #[inline(always)]
-fn bias_activation_generic(
+fn bias_activation_generic<const FMA: bool>(
     z: &mut [f32],
     a: &mut [f32],
     bias: Option<&[f32]>,
@@ -202,7 +287,7 @@ fn bias_activation_generic(
     match act {
         Activation::Gelu => {
             for (y, x) in a.iter_mut().zip(z.iter()) {
-                *y = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                *y = 0.5 * x * (1.0 + erf_with::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2));
             }
         }
         Activation::Relu => {
@@ -222,7 +307,7 @@ fn bias_activation_generic(
 /// `a = act(z)·mask` (the forward's activation, recomputed) and `g = g·mask·act'(z)` (the
 /// gradient of the pre-activation from that of the activation).
 #[inline(always)]
-fn activation_grad_generic(
+fn activation_grad_generic<const FMA: bool>(
     z: &[f32],
     a: &mut [f32],
     g: &mut [f32],
@@ -235,8 +320,8 @@ fn activation_grad_generic(
     match act {
         Activation::Gelu => {
             for ((y, d), x) in a.iter_mut().zip(g.iter_mut()).zip(z) {
-                let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+                let cdf = 0.5 * (1.0 + erf_with::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = INV_SQRT_2PI * exp_with::<FMA>(-0.5 * x * x);
                 *y = x * cdf;
                 *d *= cdf + x * pdf;
             }
@@ -369,19 +454,29 @@ fn layer_norm_grad_generic(
 /// Declares one set of row operations compiled with `$features` (or for the baseline target
 /// when no features are given).
 macro_rules! row_ops {
-    ($module:ident $(, $features:literal)?) => {
+    ($module:ident, $fma:literal $(, $features:literal)?) => {
         mod $module {
+            const FMA: bool = $fma;
             $(#[target_feature(enable = $features)])?
             pub(super) fn scale_bias_max(row: &mut [f32], scale: f32, bias: Option<&[f32]>) -> f32 {
                 super::scale_bias_max_generic(row, scale, bias)
             }
             $(#[target_feature(enable = $features)])?
             pub(super) fn exp_sum(row: &mut [f32], shift: f32) -> f32 {
-                super::exp_sum_generic(row, shift)
+                super::exp_sum_generic::<FMA>(row, shift)
             }
             $(#[target_feature(enable = $features)])?
             pub(super) fn exp_affine(row: &mut [f32], scale: f32, bias: Option<&[f32]>, shift: f32) {
-                super::exp_affine_generic(row, scale, bias, shift)
+                super::exp_affine_generic::<FMA>(row, scale, bias, shift)
+            }
+            $(#[target_feature(enable = $features)])?
+            pub(super) fn exp_affine_sum_max(
+                row: &mut [f32],
+                scale: f32,
+                bias: Option<&[f32]>,
+                shift: f32,
+            ) -> (f32, f32) {
+                super::exp_affine_sum_max_generic::<FMA>(row, scale, bias, shift)
             }
             $(#[target_feature(enable = $features)])?
             pub(super) fn softmax_grad(dp: &mut [f32], p: &[f32], d: f32) {
@@ -403,7 +498,7 @@ macro_rules! row_ops {
                 mask: Option<&[f32]>,
                 act: super::Activation,
             ) {
-                super::bias_activation_generic(z, a, bias, mask, act)
+                super::bias_activation_generic::<FMA>(z, a, bias, mask, act)
             }
             $(#[target_feature(enable = $features)])?
             pub(super) fn activation_grad(
@@ -413,7 +508,7 @@ macro_rules! row_ops {
                 mask: Option<&[f32]>,
                 act: super::Activation,
             ) {
-                super::activation_grad_generic(z, a, g, mask, act)
+                super::activation_grad_generic::<FMA>(z, a, g, mask, act)
             }
             $(#[target_feature(enable = $features)])?
             pub(super) fn add(acc: &mut [f32], row: &[f32]) {
@@ -445,11 +540,11 @@ macro_rules! row_ops {
     };
 }
 
-row_ops!(portable);
+row_ops!(portable, false);
 #[cfg(target_arch = "x86_64")]
-row_ops!(avx2, "avx2,fma");
+row_ops!(avx2, true, "avx2,fma");
 #[cfg(target_arch = "x86_64")]
-row_ops!(avx512, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma");
+row_ops!(avx512, true, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma");
 
 /// Which build of the row operations runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -530,6 +625,18 @@ impl RowOps {
     /// `row = exp(row·scale + bias - shift)`.
     pub fn exp_affine(&self, row: &mut [f32], scale: f32, bias: Option<&[f32]>, shift: f32) {
         dispatch!(self, exp_affine(row, scale, bias, shift))
+    }
+
+    /// `row = exp(row·scale + bias - shift)`; returns the sum of the new row and the maximum
+    /// of `row·scale + bias`.
+    pub fn exp_affine_sum_max(
+        &self,
+        row: &mut [f32],
+        scale: f32,
+        bias: Option<&[f32]>,
+        shift: f32,
+    ) -> (f32, f32) {
+        dispatch!(self, exp_affine_sum_max(row, scale, bias, shift))
     }
 
     /// `dp = p ⊙ (dp - d)`.
