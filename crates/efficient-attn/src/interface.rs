@@ -415,7 +415,7 @@ pub fn kv_cache(
 /// capabilities and default to "not needed".
 pub trait CoreConfig: Clone + fmt::Debug {
     /// The core it builds.
-    type Core: AttentionCore + Module;
+    type Core: AttentionCore + Module + burn::module::ModuleDisplay + 'static;
 
     /// What the variant is.
     fn info(&self) -> &'static VariantInfo;

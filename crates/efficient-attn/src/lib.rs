@@ -94,6 +94,7 @@ __registered_variants!(__declare_variant_modules,);
 
 mod config;
 mod decoding;
+mod dropout;
 mod error;
 mod extras;
 mod interface;
@@ -112,6 +113,7 @@ pub use crate::decoding::{
     CausalPattern, DecodeCache, KvCache, PrefixCache, RecurrentState, SlotCache, WindowCache,
     WindowRule, pattern_step, prefix_step,
 };
+pub use crate::dropout::{DropoutSeed, seeded_dropout};
 pub use crate::error::ConfigError;
 pub use crate::extras::{
     Extras, GlobalHeads, GlobalTokens, Grid, SharedParameter, SharedParameterSpec, SideInputs,

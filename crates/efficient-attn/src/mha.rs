@@ -10,6 +10,7 @@ use burn::tensor::{Bool, Device, Tensor};
 
 use crate::config::{Attention, AttentionConfig};
 use crate::decoding::DecodeCache;
+use crate::dropout::{DropoutSeed, seeded_dropout};
 use crate::error::ConfigError;
 use crate::extras::{Extras, GlobalHeads, Grid, WithExtras};
 use crate::interface::{AttentionCore, AttentionMode, AttnInput, CoreConfig, HeadDims};
@@ -381,6 +382,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
             AttentionMode::Cross => input.mask_pad_context,
             _ => extras.mask_pad.clone(),
         };
+        let seed = extras.side.get::<DropoutSeed>().map(|s| s.0);
         let attn = AttnInput {
             query: q,
             key: k,
@@ -388,7 +390,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
             mask_pad_k,
             extras,
         };
-        self.merge_heads(self.core.attend(attn))
+        self.merge_heads(self.core.attend(attn), seed)
     }
 
     /// The core's training-loss term from its forwards on `device` since the last call
@@ -425,7 +427,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         input.extras.grid = cache.grid;
         let out = self.core.decode_step(&mut cache.attention, input);
         cache.position += t;
-        self.merge_heads(out)
+        self.merge_heads(out, None)
     }
 
     /// Projects a cross-attention context once (keys and values), for
@@ -459,7 +461,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         let q = self.split_heads(self.query.forward(x)); // [batch, heads, seq_q, d_k]
         let mut attn = AttnInput::new(q, context.key.clone(), context.value.clone());
         attn.mask_pad_k = context.mask_pad.clone();
-        self.merge_heads(self.core.attend(attn))
+        self.merge_heads(self.core.attend(attn), None)
     }
 
     /// The keys of `source`: its key projection, or the queries `q` for a shared-QK core.
@@ -482,10 +484,11 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         x.reshape([b, l, self.n_heads, self.d_k]).swap_dims(1, 2)
     }
 
-    /// `[batch, heads, seq, d_k]` → output projection and dropout → `[batch, seq, d_model]`.
-    fn merge_heads(&self, x: Tensor<4>) -> Tensor<3> {
+    /// `[batch, heads, seq, d_k]` → output projection and dropout (its mask from `seed` if
+    /// given, [`seeded_dropout`]) → `[batch, seq, d_model]`.
+    fn merge_heads(&self, x: Tensor<4>, seed: Option<u64>) -> Tensor<3> {
         let [b, _, l, _] = x.dims();
         let x = x.swap_dims(1, 2).reshape([b, l, self.n_heads * self.d_k]); // [batch, seq, heads * d_k]
-        self.dropout.forward(self.output.forward(x))
+        seeded_dropout(&self.dropout, self.output.forward(x), seed)
     }
 }

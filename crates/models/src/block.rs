@@ -1,7 +1,7 @@
 //! The pieces of a transformer layer: normalisation, feed-forward, and the encoder and decoder
 //! layers that combine them with attention from `efficient-attn`.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::module::layer_norm;
@@ -9,10 +9,18 @@ use burn::tensor::{Device, Tensor};
 use efficient_attn::{
     Attention, AttentionCore, AttentionMode, CoreConfig, Extras, FeedForwardActivation, MhaCache,
     MhaInput, MultiHeadAttention, ProjectedContext, RotaryConfig, WithExtras, fused_feed_forward,
-    fused_layer_norm, runs_fused,
+    fused_layer_norm, runs_fused, seeded_dropout,
 };
 
 use crate::config::{FeedForwardKind, ModelConfigError, NormKind, NormPlacement, StackConfig};
+
+/// A seed for part `part` of what `seed` seeds (SplitMix64 of their mix).
+pub(crate) fn derive_seed(seed: u64, part: u64) -> u64 {
+    let mut z = seed ^ part.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 /// Layer normalisation over the last axis, `(x - mean)/√(var + eps)·γ + β`, with the fields and
 /// record layout of Burn's `LayerNorm` (`gamma`, `beta`): on Flex one fused operation with its
@@ -129,19 +137,32 @@ impl FeedForward {
     /// # Shapes
     /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_seeded(x, None)
+    }
+
+    /// [`forward`](Self::forward) with the dropout mask drawn from `seed` (chunk `i` from a
+    /// seed derived from it), the same on every call ([`seeded_dropout`]); `None` draws from
+    /// the device's generator.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub fn forward_seeded(&self, x: Tensor<3>, seed: Option<u64>) -> Tensor<3> {
         let n = x.dims()[1];
         if self.chunks > 1 && n > 1 {
             let size = n.div_ceil(self.chunks.min(n));
             let pieces: Vec<Tensor<3>> = (0..n)
                 .step_by(size)
-                .map(|start| self.forward_whole(x.clone().narrow(1, start, size.min(n - start))))
+                .map(|start| {
+                    let chunk_seed = seed.map(|s| derive_seed(s, start as u64));
+                    self.forward_whole(x.clone().narrow(1, start, size.min(n - start)), chunk_seed)
+                })
                 .collect();
             return Tensor::cat(pieces, 1);
         }
-        self.forward_whole(x)
+        self.forward_whole(x, seed)
     }
 
-    fn forward_whole(&self, x: Tensor<3>) -> Tensor<3> {
+    fn forward_whole(&self, x: Tensor<3>, seed: Option<u64>) -> Tensor<3> {
         let activation = match self.kind {
             FeedForwardKind::Gelu => Some(FeedForwardActivation::Gelu),
             FeedForwardKind::Relu => Some(FeedForwardActivation::Relu),
@@ -153,8 +174,7 @@ impl FeedForward {
                 let d_ff = self.linear_inner.weight.dims()[1];
                 // Burn's dropout, applied to ones, is the mask (ones when it is inactive).
                 let mask = (self.dropout.prob > 0.0 && x.device().is_autodiff()).then(|| {
-                    self.dropout
-                        .forward(Tensor::ones([b, n, d_ff], &x.device()))
+                    seeded_dropout(&self.dropout, Tensor::ones([b, n, d_ff], &x.device()), seed)
                 });
                 fused_feed_forward(
                     x,
@@ -166,7 +186,7 @@ impl FeedForward {
                     activation,
                 )
             }
-            _ => self.forward_composed(x),
+            _ => self.composed(x, seed),
         }
     }
 
@@ -176,6 +196,10 @@ impl FeedForward {
     /// # Shapes
     /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     pub fn forward_composed(&self, x: Tensor<3>) -> Tensor<3> {
+        self.composed(x, None)
+    }
+
+    fn composed(&self, x: Tensor<3>, seed: Option<u64>) -> Tensor<3> {
         let h = self.linear_inner.forward(x.clone());
         let h = match (self.kind, &self.linear_gate) {
             (FeedForwardKind::Gelu, _) => gelu(h),
@@ -183,7 +207,8 @@ impl FeedForward {
             (FeedForwardKind::Swiglu, Some(gate)) => silu(h).mul(gate.forward(x)),
             (FeedForwardKind::Swiglu, None) => unreachable!("SwiGLU has a gate"),
         };
-        self.linear_outer.forward(self.dropout.forward(h))
+        self.linear_outer
+            .forward(seeded_dropout(&self.dropout, h, seed))
     }
 }
 
@@ -221,7 +246,7 @@ pub(crate) struct LayerSpec<'a, A> {
     pub d_context: usize,
 }
 
-impl<C: AttentionCore + Module> TransformerLayer<C> {
+impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
     /// This layer after optimiser step `step` (its attention cores' per-step state,
     /// [`AttentionCore::at_step`]).
     pub fn at_step(mut self, step: usize) -> Self {
@@ -311,6 +336,40 @@ impl<C: AttentionCore + Module> TransformerLayer<C> {
         });
         let x = self.cross_branch(x, context);
         self.feed_forward_branch(x)
+    }
+
+    /// The self-attention branch of a pre-norm layer without its residual:
+    /// `attention(norm(x))`, the attention's output dropout included (`F` of a reversible
+    /// block, [`crate::reversible`]).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub(crate) fn attention_residual(&self, x: Tensor<3>, extras: &Extras) -> Tensor<3> {
+        self.self_attention.forward(
+            MhaInput::self_attn(self.norm_attention.forward(x)).with_extras(extras.clone()),
+        )
+    }
+
+    /// [`attention_residual`](Self::attention_residual) for `t` new positions given the
+    /// layer's cache.
+    ///
+    /// # Shapes
+    /// - x: `[batch, t, d_model]` → `[batch, t, d_model]`
+    pub(crate) fn attention_residual_step(&self, x: Tensor<3>, cache: &mut MhaCache) -> Tensor<3> {
+        self.self_attention
+            .forward_step(self.norm_attention.forward(x), cache)
+    }
+
+    /// The feed-forward branch of a pre-norm layer without its residual:
+    /// `dropout(feed_forward(norm(x)))` (`G` of a reversible block), its dropout masks drawn
+    /// from `seed` if given ([`seeded_dropout`]).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub(crate) fn feed_forward_residual(&self, x: Tensor<3>, seed: Option<u64>) -> Tensor<3> {
+        let h = self.norm_feed_forward.forward(x);
+        let h = self.feed_forward.forward_seeded(h, seed);
+        seeded_dropout(&self.dropout, h, seed.map(|s| derive_seed(s, u64::MAX)))
     }
 
     /// Incremental decoding: `t` new positions given the layer's cache.

@@ -131,6 +131,12 @@ pub struct StackConfig<A = AttentionConfig> {
     /// (Reformer §4: the `[seq, d_ff]` intermediate is one chunk's at a time; the result is
     /// the same). 1: the whole sequence at once.
     pub ff_chunks: usize,
+    /// Reversible residual blocks (Reformer §3, RevNet): the input is duplicated into two
+    /// halves, each layer computes `y₁ = x₁ + Attention(x₂)`, `y₂ = x₂ + FeedForward(y₁)`, and
+    /// the output is their mean. Training through `efformer train` then stores no activations
+    /// per layer: the backward pass reconstructs each layer's input from its output
+    /// ([`crate::reversible`]). Needs `placement = "pre"` and no cross-attention.
+    pub reversible: bool,
 }
 
 impl<A: Default> Default for StackConfig<A> {
@@ -149,6 +155,7 @@ impl<A: Default> Default for StackConfig<A> {
             attention_layers: None,
             attention_pattern: None,
             ff_chunks: 1,
+            reversible: false,
         }
     }
 }
@@ -180,6 +187,7 @@ impl<A: CoreConfig> StackConfig<A> {
             attention_layers: None,
             attention_pattern: None,
             ff_chunks: self.ff_chunks,
+            reversible: self.reversible,
         }
     }
 
@@ -251,6 +259,13 @@ impl<A: CoreConfig> StackConfig<A> {
         positive("n_layers", self.n_layers)?;
         positive("d_ff", self.d_ff)?;
         positive("ff_chunks", self.ff_chunks)?;
+        if self.reversible && self.placement != NormPlacement::Pre {
+            return Err(ModelConfigError::new(
+                format!("{stack}.reversible"),
+                "placement = \"pre\" for reversible blocks (a norm after the residual sum \
+                 cannot be inverted)",
+            ));
+        }
         let layers = self.resolve_attention(stack)?;
         self.attention_layer(self.attention.clone(), mode, None, None)
             .validate()

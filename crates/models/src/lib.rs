@@ -19,6 +19,7 @@ mod hf_names;
 mod model;
 pub mod presets;
 mod pretrained;
+pub mod reversible;
 mod stack;
 
 pub use crate::block::{FeedForward, LayerNorm, Norm, TransformerLayer};
@@ -39,4 +40,5 @@ pub use crate::pretrained::{
     BERT_KEY_MAP, BertCheckpoint, ConversionReport, HfBertConfig, ImportError, convert,
     load_weights,
 };
-pub use crate::stack::{Stack, StackSpec};
+pub use crate::reversible::ReversibleTape;
+pub use crate::stack::{Stack, StackSpec, Wiring};

@@ -5,7 +5,7 @@
 //! decoding state, and each is a thin layer over [`Stack`](crate::Stack); one file per model
 //! would split ~100-line types and their shared helpers across six files.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleDisplay};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::serde::{Deserialize, Serialize};
 use burn::tensor::{Bool, Device, Int, Tensor};
@@ -106,7 +106,7 @@ pub struct Encoder<C = Attention> {
     pub stack: Stack<C>,
 }
 
-impl<C: AttentionCore + Module> Encoder<C> {
+impl<C: AttentionCore + Module + ModuleDisplay + 'static> Encoder<C> {
     /// The attention loss terms of the training forwards on `device` since the last call
     /// ([`Stack::aux_loss`]).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
@@ -241,7 +241,7 @@ pub fn mean_pool(h: Tensor<3>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<2> {
     }
 }
 
-impl<C: AttentionCore + Module> SequenceClassifier<C> {
+impl<C: AttentionCore + Module + ModuleDisplay + 'static> SequenceClassifier<C> {
     /// The attention loss terms of the training forwards on `device` since the last call
     /// ([`Stack::aux_loss`]).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
@@ -280,7 +280,7 @@ pub struct TokenClassifier<C = Attention> {
     pub output: Linear,
 }
 
-impl<C: AttentionCore + Module> TokenClassifier<C> {
+impl<C: AttentionCore + Module + ModuleDisplay + 'static> TokenClassifier<C> {
     /// The attention loss terms of the training forwards on `device` since the last call
     /// ([`Stack::aux_loss`]).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
@@ -405,7 +405,7 @@ pub struct DecodeState {
     pub position: usize,
 }
 
-impl<C: AttentionCore + Module> LanguageModel<C> {
+impl<C: AttentionCore + Module + ModuleDisplay + 'static> LanguageModel<C> {
     /// The attention loss terms of the training forwards on `device` since the last call
     /// ([`Stack::aux_loss`]).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
@@ -424,11 +424,21 @@ impl<C: AttentionCore + Module> LanguageModel<C> {
     /// - tokens: `[batch, seq]`, mask_pad: `[batch, seq]`
     /// - output: `[batch, seq, vocab]`
     pub fn forward(&self, tokens: Tensor<2, Int>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<3> {
-        let x = self.embedding.forward(tokens, None, 0);
         let extras = Extras {
             mask_pad,
             ..Default::default()
         };
+        self.forward_extras(tokens, extras)
+    }
+
+    /// [`forward`](Self::forward) with everything the sequence carries (padding, side inputs
+    /// such as a [`ReversibleTape`](crate::ReversibleTape)).
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`; extras: padding `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward_extras(&self, tokens: Tensor<2, Int>, extras: Extras) -> Tensor<3> {
+        let x = self.embedding.forward(tokens, None, 0);
         self.head
             .forward(self.stack.forward(x, extras, &[]), &self.embedding)
     }
@@ -587,7 +597,7 @@ pub struct Seq2Seq<C = Attention> {
     pub head: LmHead,
 }
 
-impl<C: AttentionCore + Module> Seq2Seq<C> {
+impl<C: AttentionCore + Module + ModuleDisplay + 'static> Seq2Seq<C> {
     /// The attention loss terms of the training forwards on `device` since the last call
     /// ([`Stack::aux_loss`]).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {

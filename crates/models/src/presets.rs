@@ -55,6 +55,7 @@ fn lra_classifier(
                 attention_layers: None,
                 attention_pattern: None,
                 ff_chunks: 1,
+                reversible: false,
             },
         },
         n_classes,
@@ -91,6 +92,7 @@ pub fn minilm_l6(attention: AttentionConfig) -> EncoderConfig {
             attention_layers: None,
             attention_pattern: None,
             ff_chunks: 1,
+            reversible: false,
         },
     }
 }

@@ -294,6 +294,7 @@ impl BertCheckpoint {
                 attention_layers: None,
                 attention_pattern: None,
                 ff_chunks: 1,
+                reversible: false,
             },
         }
     }

@@ -1,7 +1,7 @@
 //! Stacks of layers: encoder (bidirectional), decoder (causal, optionally with cross-attention),
 //! each with the final norm pre-norm stacks need.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Bool, Device, Tensor};
 use efficient_attn::{
@@ -11,6 +11,7 @@ use efficient_attn::{
 
 use crate::block::{LayerSpec, Norm, TransformerLayer};
 use crate::config::{ModelConfigError, NormPlacement, StackConfig};
+use crate::reversible::ReversibleTape;
 
 /// A stack of [`TransformerLayer`]s over the attention core `C` ([`Attention`] by default).
 #[derive(Module, Debug)]
@@ -23,6 +24,22 @@ pub struct Stack<C = Attention> {
     /// one parameter trained once, and passed to every layer as a [`SharedParameter`]. (The
     /// field keeps its first name so that checkpoints stay loadable.)
     pub shared_projection: Option<Param<Tensor<2>>>,
+    #[module(skip)]
+    wiring: Wiring,
+}
+
+/// How a stack's layers are connected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Wiring {
+    /// One after another, each layer's residual branches on one stream.
+    #[default]
+    Sequential,
+    /// Reversible blocks on two streams ([`crate::reversible`]); `step` (the optimiser step)
+    /// seeds the dropout each block replays.
+    Reversible {
+        /// The optimiser step this stack is at.
+        step: usize,
+    },
 }
 
 /// How a stack is built.
@@ -41,7 +58,7 @@ pub struct StackSpec<'a, A = efficient_attn::AttentionConfig> {
     pub d_context: usize,
 }
 
-impl<C: AttentionCore + Module> Stack<C> {
+impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
     /// The sum of the layers' attention loss terms from their training forwards on `device`
     /// since the last call ([`AttentionCore::aux_loss`]: Routing's commitment loss); taken.
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
@@ -58,7 +75,36 @@ impl<C: AttentionCore + Module> Stack<C> {
     /// This stack after optimiser step `step` (every layer's, [`TransformerLayer::at_step`]).
     pub fn at_step(mut self, step: usize) -> Self {
         self.layers = self.layers.into_iter().map(|l| l.at_step(step)).collect();
+        if let Wiring::Reversible { .. } = self.wiring {
+            self.wiring = Wiring::Reversible { step };
+        }
         self
+    }
+
+    /// How the layers are connected (`reversible` in the stack's configuration).
+    pub fn wiring(&self) -> Wiring {
+        self.wiring
+    }
+
+    /// The optimiser step a reversible stack is at (0 for a sequential one).
+    pub(crate) fn step(&self) -> usize {
+        match self.wiring {
+            Wiring::Reversible { step } => step,
+            Wiring::Sequential => 0,
+        }
+    }
+
+    /// Layer `l`'s attention loss terms since the last call (see [`aux_loss`](Self::aux_loss)).
+    pub(crate) fn layer_aux_loss(&self, l: usize, device: &Device) -> Option<Tensor<1>> {
+        self.layers[l].self_attention.aux_loss(device)
+    }
+
+    /// `extras` with this stack's [`SharedParameter`], if it has one.
+    pub fn extras_with_shared(&self, mut extras: Extras) -> Extras {
+        if let Some(p) = &self.shared_projection {
+            extras.side.insert(SharedParameter(p.val()));
+        }
+        extras
     }
 
     /// Builds the stack; a variant without the stack's mode is an error naming the layer.
@@ -94,6 +140,14 @@ impl<C: AttentionCore + Module> Stack<C> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let c = spec.config;
+        if c.reversible && spec.cross.is_some() {
+            return Err(ModelConfigError::new(
+                format!("{}.reversible", spec.name),
+                "a stack without cross-attention (a reversible block has two residual \
+                 branches, attention and feed-forward; a decoder layer with cross-attention \
+                 has three)",
+            ));
+        }
         // One shared parameter for the layers that ask for one (they must agree on it).
         let mut shared: Option<(usize, SharedParameterSpec)> = None;
         for (i, attention) in per_layer.iter().enumerate() {
@@ -123,6 +177,11 @@ impl<C: AttentionCore + Module> Stack<C> {
             final_norm: (c.placement == NormPlacement::Pre)
                 .then(|| Norm::new(c.norm, c.d_model, c.norm_eps, device)),
             shared_projection,
+            wiring: if c.reversible {
+                Wiring::Reversible { step: 0 }
+            } else {
+                Wiring::Sequential
+            },
         })
     }
 
@@ -131,16 +190,28 @@ impl<C: AttentionCore + Module> Stack<C> {
     /// - extras: what the sequence carries (padding `[batch, seq]`, global tokens, grid, side
     ///   inputs); the stack adds its [`SharedParameter`] if it has one
     /// - `contexts`: one projected encoder output per layer (cross-attention), or empty
+    ///
+    /// A reversible stack ([`Wiring::Reversible`]) given a [`ReversibleTape`] in
+    /// `extras.side` on an autodiff device stores no activations; see [`crate::reversible`].
     pub fn forward(
         &self,
         mut x: Tensor<3>,
         extras: Extras,
         contexts: &[ProjectedContext],
     ) -> Tensor<3> {
-        let mut extras = extras;
-        if let Some(p) = &self.shared_projection {
-            extras.side.insert(SharedParameter(p.val()));
+        if let Wiring::Reversible { .. } = self.wiring {
+            let tape = extras.side.get::<ReversibleTape>().cloned();
+            return match tape {
+                Some(tape) if x.device().is_autodiff() => {
+                    self.finish(self.reversible_forward_taped(x, &extras, &tape))
+                }
+                _ => {
+                    let extras = self.extras_with_shared(extras);
+                    self.finish(self.reversible_forward(x, &extras))
+                }
+            };
         }
+        let extras = self.extras_with_shared(extras);
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(x, &extras, contexts.get(i));
         }
@@ -157,6 +228,17 @@ impl<C: AttentionCore + Module> Stack<C> {
         caches: &mut [MhaCache],
         contexts: &[ProjectedContext],
     ) -> Tensor<3> {
+        if let Wiring::Reversible { .. } = self.wiring {
+            let mut pair = (x.clone(), x);
+            for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+                let y1 = pair
+                    .0
+                    .add(layer.attention_residual_step(pair.1.clone(), cache));
+                let y2 = pair.1.add(layer.feed_forward_residual(y1.clone(), None));
+                pair = (y1, y2);
+            }
+            return self.finish(pair.0.add(pair.1).div_scalar(2.0));
+        }
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             x = layer.forward_step(x, cache, contexts.get(i));
         }

@@ -2,8 +2,9 @@
 //! `../shared/notes/perf/train_step_bench.py` (the same model in PyTorch).
 //!
 //! The model: vocabulary 256, learned positions, 4 pre-LN encoder layers (d_model 256, 4 heads
-//! of 64, feed-forward 1,024 with GELU), a final norm, mean pooling, a linear layer to 10
-//! classes, cross-entropy; batch 8, no dropout. A step is forward, backward and an AdamW
+//! of 64, feed-forward 1,024 with GELU; `--layers` and `--reversible` change the depth and make
+//! the blocks reversible, trained through a [`ReversibleTape`] as `efformer train` does), a
+//! final norm, mean pooling, a linear layer to 10 classes, cross-entropy; batch 8, no dropout. A step is forward, backward and an AdamW
 //! (lr 1e-4) update. Each `(attention, N)` runs in its own process (`efformer
 //! bench-train-case`, hidden) so that its peak memory is its own; after one warm-up step the
 //! median of `steps` steps is reported, as wall time and tokens per second.
@@ -15,9 +16,10 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor};
+use efficient_attn::WithExtras;
 use models::{
     ClassifierConfig, EmbeddingSettings, EncoderConfig, EncoderInput, FeedForwardKind, NormKind,
-    NormPlacement, Pooling, PositionKind, StackConfig,
+    NormPlacement, Pooling, PositionKind, ReversibleTape, StackConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +28,24 @@ use crate::device::DeviceChoice;
 
 /// Sequences per step.
 pub const BATCH: usize = 8;
+
+/// The encoder's depth and wiring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Depth {
+    /// Layers.
+    pub layers: usize,
+    /// Reversible blocks.
+    pub reversible: bool,
+}
+
+impl Default for Depth {
+    fn default() -> Self {
+        Self {
+            layers: 4,
+            reversible: false,
+        }
+    }
+}
 
 /// One measured training-step configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,6 +56,12 @@ pub struct TrainStepRecord {
     pub n: usize,
     /// Sequences per step.
     pub batch: usize,
+    /// Encoder layers.
+    #[serde(default = "four")]
+    pub layers: usize,
+    /// Reversible blocks.
+    #[serde(default)]
+    pub reversible: bool,
     /// Median step time in milliseconds.
     pub median_ms: f64,
     /// Tokens (batch · n) per second at the median.
@@ -48,8 +74,12 @@ pub struct TrainStepRecord {
     pub device: String,
 }
 
+fn four() -> usize {
+    4
+}
+
 /// The model of `train_step_bench.py` with `kind` attention at length `n`.
-fn model_config(kind: &str, n: usize) -> Result<ClassifierConfig, String> {
+fn model_config(kind: &str, n: usize, depth: Depth) -> Result<ClassifierConfig, String> {
     Ok(ClassifierConfig {
         encoder: EncoderConfig {
             embedding: EmbeddingSettings {
@@ -62,7 +92,7 @@ fn model_config(kind: &str, n: usize) -> Result<ClassifierConfig, String> {
                 dropout: 0.0,
             },
             stack: StackConfig {
-                n_layers: 4,
+                n_layers: depth.layers,
                 d_model: 256,
                 n_heads: 4,
                 d_ff: 1024,
@@ -75,6 +105,7 @@ fn model_config(kind: &str, n: usize) -> Result<ClassifierConfig, String> {
                 attention_layers: None,
                 attention_pattern: None,
                 ff_chunks: 1,
+                reversible: depth.reversible,
             },
         },
         n_classes: 10,
@@ -90,12 +121,13 @@ fn model_config(kind: &str, n: usize) -> Result<ClassifierConfig, String> {
 pub fn run_case(
     kind: &str,
     n: usize,
+    depth: Depth,
     steps: usize,
     device: &Device,
 ) -> Result<TrainStepRecord, String> {
     let device = device.clone().autodiff();
     device.seed(0);
-    let config = model_config(kind, n)?;
+    let config = model_config(kind, n, depth)?;
     let mut model = config
         .init_sequence(&device)
         .map_err(|e| format!("model.{e}"))?;
@@ -108,9 +140,10 @@ pub fn run_case(
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let mut step = || {
         let start = Instant::now();
-        let logits = model.forward(EncoderInput::new(tokens.clone()));
+        let tape = ReversibleTape::default();
+        let logits = model.forward(EncoderInput::new(tokens.clone()).with_side(tape.clone()));
         let loss = loss_fn.forward(logits, labels.clone());
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads: GradientsParams = tape.gradients(loss.backward(), &model);
         model = optim.step(1e-4, model.clone(), grads);
         // Reading a parameter forces lazy backends to finish the update.
         let _ = model
@@ -131,6 +164,8 @@ pub fn run_case(
         attention: kind.to_string(),
         n,
         batch: BATCH,
+        layers: depth.layers,
+        reversible: depth.reversible,
         median_ms: median,
         tokens_per_s: (BATCH * n) as f64 / (median / 1e3),
         peak_bytes: memory_status().map(|(_, hwm)| hwm),
@@ -146,6 +181,7 @@ pub fn run_case(
 pub fn run_all(
     kinds: &[String],
     lengths: &[usize],
+    depths: &[Depth],
     steps: usize,
     device: DeviceChoice,
 ) -> Result<Vec<TrainStepRecord>, String> {
@@ -153,41 +189,51 @@ pub fn run_all(
         std::env::current_exe().map_err(|e| format!("cannot find the efformer binary: {e}"))?;
     let mut records = Vec::new();
     for &n in lengths {
-        for kind in kinds {
-            eprint!("{kind} n={n} ... ");
-            let output = Command::new(&exe)
-                .args([
-                    "bench-train-case",
-                    "--attention",
-                    kind,
-                    "--n",
-                    &n.to_string(),
-                    "--steps",
-                    &steps.to_string(),
-                    "--device",
-                    &device.to_string(),
-                ])
-                .output()
-                .map_err(|e| format!("cannot run a bench case: {e}"))?;
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            match stdout
-                .lines()
-                .rev()
-                .find_map(|l| serde_json::from_str::<TrainStepRecord>(l).ok())
-            {
-                Some(r) if output.status.success() => {
-                    eprintln!(
-                        "{:.0} ms/step, {:.0} tokens/s, peak {:.0} MiB",
-                        r.median_ms,
-                        r.tokens_per_s,
-                        r.peak_bytes.unwrap_or(0) as f64 / (1u64 << 20) as f64
-                    );
-                    records.push(r);
+        for depth in depths {
+            for kind in kinds {
+                let layers = depth.layers.to_string();
+                eprint!(
+                    "{kind} n={n} layers={layers}{} ... ",
+                    if depth.reversible { " reversible" } else { "" }
+                );
+                let mut args = vec!["bench-train-case", "--attention", kind, "--layers", &layers];
+                if depth.reversible {
+                    args.push("--reversible");
                 }
-                _ => {
-                    let stderr = String::from_utf8_lossy(&output.stderr);
-                    let last = stderr.lines().last().unwrap_or("no output");
-                    eprintln!("failed ({}): {last}", output.status);
+                let (n_text, steps_text, device_text) =
+                    (n.to_string(), steps.to_string(), device.to_string());
+                args.extend([
+                    "--n",
+                    &n_text,
+                    "--steps",
+                    &steps_text,
+                    "--device",
+                    &device_text,
+                ]);
+                let output = Command::new(&exe)
+                    .args(&args)
+                    .output()
+                    .map_err(|e| format!("cannot run a bench case: {e}"))?;
+                let stdout = String::from_utf8_lossy(&output.stdout);
+                match stdout
+                    .lines()
+                    .rev()
+                    .find_map(|l| serde_json::from_str::<TrainStepRecord>(l).ok())
+                {
+                    Some(r) if output.status.success() => {
+                        eprintln!(
+                            "{:.0} ms/step, {:.0} tokens/s, peak {:.0} MiB",
+                            r.median_ms,
+                            r.tokens_per_s,
+                            r.peak_bytes.unwrap_or(0) as f64 / (1u64 << 20) as f64
+                        );
+                        records.push(r);
+                    }
+                    _ => {
+                        let stderr = String::from_utf8_lossy(&output.stderr);
+                        let last = stderr.lines().last().unwrap_or("no output");
+                        eprintln!("failed ({}): {last}", output.status);
+                    }
                 }
             }
         }

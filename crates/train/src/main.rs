@@ -168,6 +168,12 @@ enum Command {
         /// Timed steps per case (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Encoder depths (layers; comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        layers: Vec<usize>,
+        /// Reversible layers (`reversible = true`), trained without stored activations.
+        #[arg(long)]
+        reversible: bool,
         /// Device.
         #[arg(long, default_value = "flex")]
         device: DeviceChoice,
@@ -184,6 +190,10 @@ enum Command {
         n: usize,
         #[arg(long)]
         steps: usize,
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        #[arg(long)]
+        reversible: bool,
         #[arg(long)]
         device: DeviceChoice,
     },
@@ -267,16 +277,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// The delay, in milliseconds, before mimalloc returns freed pages to the OS.
-const PURGE_DELAY_MS: std::ffi::c_long = 1000;
+const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 
-/// Keeps freed pages mapped for a second (mimalloc 2's default is 10 ms) before returning them
-/// to the OS: a training step frees and re-allocates the same tens of MiB of activations, and
-/// faulting them back in (the kernel zeroes every page) cost ~13% of a step (`perf`:
-/// `clear_page_erms`). Measured on `bench-train-case --attention full` (batch 8, this 2-core
-/// machine, one sitting): a delay of 1 s keeps the speed of never purging at N = 1,024
-/// (1,587 vs 1,609 ms a step) and at N = 4,096 costs 10% of it (13.6 vs 12.1 s) for a
-/// third less peak memory (2.2 vs 3.1 GiB); 250 ms is slower at 1,024 (1,834 ms).
-/// `MIMALLOC_PURGE_DELAY` set in the environment wins.
+/// Keeps freed pages mapped for ten seconds (mimalloc's default is 10 ms) before returning
+/// them to the OS: a training step frees and re-allocates the same tens to hundreds of MiB of
+/// activations, and faulting them back in (the kernel zeroes every page) cost 18% of a step at
+/// a delay of 1 s (`perf`: `clear_page_erms` under `do_huge_pmd_anonymous_page`). Measured with
+/// `bench-train --attentions full,linear-transformer` (batch 8, this 2-core machine, one
+/// sitting, 2026-12-02), ms a step and peak MiB: N = 1,024 `full` 1,483–1,608 / 780 at 1 s,
+/// 1,251–1,258 / 913 at 10 s; N = 4,096 `full` 12,232 / 2,273 at 1 s, 9,726 / 2,829 at 10 s,
+/// 9,360 / 3,186 at 30 s, 10,251 / 3,050 never; linear attention 5,178 / 2,436 at 1 s and
+/// 4,088 / 3,386 at 10 s. Ten seconds outlasts a step at these sizes and keeps the peak below
+/// PyTorch's for the same model. `MIMALLOC_PURGE_DELAY` set in the environment wins.
 #[allow(unsafe_code)]
 fn keep_freed_pages_mapped() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
@@ -546,25 +558,33 @@ fn run(cli: Cli) -> Result<(), String> {
             attentions,
             lengths,
             steps,
+            layers,
+            reversible,
             device,
             json,
         } => {
             for a in &attentions {
                 train::bench::parse_variant_spec(a)?;
             }
-            if steps == 0 || lengths.contains(&0) {
-                return Err("--steps and --lengths: expected positive numbers".into());
+            if steps == 0 || lengths.contains(&0) || layers.contains(&0) {
+                return Err("--steps, --lengths and --layers: expected positive numbers".into());
             }
-            let records = train::bench_train::run_all(&attentions, &lengths, steps, device)?;
+            let shapes: Vec<_> = layers
+                .iter()
+                .map(|&layers| train::bench_train::Depth { layers, reversible })
+                .collect();
+            let records =
+                train::bench_train::run_all(&attentions, &lengths, &shapes, steps, device)?;
             println!(
-                "{:<20} {:>6} {:>10} {:>12} {:>10}",
-                "attention", "n", "ms/step", "tokens/s", "peak MiB"
+                "{:<20} {:>6} {:>7} {:>10} {:>12} {:>10}",
+                "attention", "n", "layers", "ms/step", "tokens/s", "peak MiB"
             );
             for r in &records {
                 println!(
-                    "{:<20} {:>6} {:>10.0} {:>12.0} {:>10.0}",
+                    "{:<20} {:>6} {:>7} {:>10.0} {:>12.0} {:>10.0}",
                     r.attention,
                     r.n,
+                    format!("{}{}", r.layers, if r.reversible { "r" } else { "" }),
                     r.median_ms,
                     r.tokens_per_s,
                     r.peak_bytes.unwrap_or(0) as f64 / (1u64 << 20) as f64
@@ -581,10 +601,13 @@ fn run(cli: Cli) -> Result<(), String> {
             attention,
             n,
             steps,
+            layers,
+            reversible,
             device,
         } => {
             let dev = device.device()?;
-            let mut record = train::bench_train::run_case(&attention, n, steps, &dev)?;
+            let depth = train::bench_train::Depth { layers, reversible };
+            let mut record = train::bench_train::run_case(&attention, n, depth, steps, &dev)?;
             record.device = device.to_string();
             println!(
                 "{}",

@@ -3,6 +3,7 @@
 
 mod fused;
 mod pretrained;
+mod reversible;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};

@@ -8,7 +8,10 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::Device;
 use burn::train::ClassificationOutput;
 use efficient_attn::{AttentionConfig, AttentionMode, GlobalTokens, Grid, WithExtras};
-use models::{BertCheckpoint, ClassifierConfig, EncoderConfig, EncoderInput, SequenceClassifier};
+use models::{
+    BertCheckpoint, ClassifierConfig, EncoderConfig, EncoderInput, ReversibleTape,
+    SequenceClassifier,
+};
 use serde::Serialize;
 
 use super::{NanGuard, Splits, StepClock, Task, embedding, fixed_length, with_aux};
@@ -52,7 +55,19 @@ impl ClassifierWithLoss {
 
     /// Loss and logits of a batch.
     pub fn forward(&self, batch: ClassBatch) -> ClassificationOutput {
+        self.forward_taped(batch, None)
+    }
+
+    /// [`forward`](Self::forward), a reversible encoder recording on `tape` (training).
+    pub fn forward_taped(
+        &self,
+        batch: ClassBatch,
+        tape: Option<ReversibleTape>,
+    ) -> ClassificationOutput {
         let mut input = EncoderInput::new(batch.tokens).mask_pad(batch.mask_pad);
+        if let Some(tape) = tape {
+            input = input.with_side(tape);
+        }
         if self.global_prefix > 0 {
             input = input.with_global(GlobalTokens::Prefix(self.global_prefix));
         }
@@ -131,6 +146,7 @@ impl ClassificationTask {
             attention_pattern: stack.attention_pattern.clone(),
             dropout: stack.dropout,
             ff_chunks: stack.ff_chunks,
+            reversible: stack.reversible,
             ..defaults
         };
         if *stack != unset(crate::config::ModelSection::default().stack)

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use burn::module::Module;
 use burn::tensor::Device;
 use burn::train::ClassificationOutput;
-use efficient_attn::AttentionMode;
-use models::{LanguageModel, LanguageModelConfig};
+use efficient_attn::{AttentionMode, Extras};
+use models::{LanguageModel, LanguageModelConfig, ReversibleTape};
 
 use super::{NanGuard, Splits, StepClock, Task, embedding, token_output};
 use crate::config::ExperimentConfig;
@@ -40,7 +40,23 @@ impl LanguageModelWithLoss {
 
     /// Loss and flattened logits of a batch.
     pub fn forward(&self, batch: LmBatch) -> ClassificationOutput {
-        let logits = self.model.forward(batch.inputs, Some(batch.mask_pad));
+        self.forward_taped(batch, None)
+    }
+
+    /// [`forward`](Self::forward), a reversible decoder recording on `tape` (training).
+    pub fn forward_taped(
+        &self,
+        batch: LmBatch,
+        tape: Option<ReversibleTape>,
+    ) -> ClassificationOutput {
+        let mut extras = Extras {
+            mask_pad: Some(batch.mask_pad),
+            ..Default::default()
+        };
+        if let Some(tape) = tape {
+            extras.side.insert(tape);
+        }
+        let logits = self.model.forward_extras(batch.inputs, extras);
         let aux = self.model.aux_loss(&logits.device());
         let mut out = token_output(logits, batch.targets, self.pad);
         out.loss = super::with_aux(out.loss, aux);

@@ -6,10 +6,12 @@
 //! every task goes through.
 
 /// burn-train's training and inference steps for a model-with-loss type `$model` whose
-/// `forward($batch) -> ClassificationOutput` gives the loss and outputs: training passes the
-/// loss through the type's [`NanGuard`] (field `guard`) and backpropagates; after every
-/// optimiser step the model's per-step state advances (field `clock`, a [`StepClock`]; field
-/// `model` with an `at_step` method).
+/// `forward_taped($batch, Option<ReversibleTape>) -> ClassificationOutput` gives the loss and
+/// outputs (and `forward($batch)` the same without a tape): training passes the loss through
+/// the type's [`NanGuard`] (field `guard`) and backpropagates, completing the gradients of
+/// reversible stacks from a fresh [`models::ReversibleTape`]; after every optimiser step the
+/// model's per-step state advances (field `clock`, a [`StepClock`]; field `model` with an
+/// `at_step` method).
 macro_rules! burn_train_steps {
     ($model:ty, $batch:ty) => {
         impl burn::train::TrainStep for $model {
@@ -17,9 +19,13 @@ macro_rules! burn_train_steps {
             type Output = burn::train::ClassificationOutput;
 
             fn step(&self, batch: $batch) -> burn::train::TrainOutput<Self::Output> {
-                let mut out = self.forward(batch);
+                let tape = models::ReversibleTape::default();
+                let mut out = self.forward_taped(batch, Some(tape.clone()));
                 out.loss = self.guard.check(out.loss);
-                burn::train::TrainOutput::new(self, out.loss.backward(), out)
+                burn::train::TrainOutput {
+                    grads: tape.gradients(out.loss.backward(), self),
+                    item: out,
+                }
             }
 
             fn optimize(

@@ -40,6 +40,16 @@ impl Seq2SeqWithLoss {
 
     /// Loss and flattened logits of a batch.
     pub fn forward(&self, batch: Seq2SeqBatch) -> ClassificationOutput {
+        self.forward_taped(batch, None)
+    }
+
+    /// [`forward`](Self::forward); the tape is not used: a reversible encoder of a
+    /// sequence-to-sequence model trains with ordinary autodiff (its activations stored).
+    pub fn forward_taped(
+        &self,
+        batch: Seq2SeqBatch,
+        _tape: Option<models::ReversibleTape>,
+    ) -> ClassificationOutput {
         let logits = self.model.forward(
             batch.source,
             Some(batch.source_pad),

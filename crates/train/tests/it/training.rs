@@ -218,6 +218,13 @@ fn a_resumed_run_continues_the_per_step_state() {
         "kind = \"reformer\"\nchunk = 4\nn_hashes = 2",
     );
     resumed_equals_uninterrupted("resume-reformer", &reformer);
+    // Reversible layers with dropout: masks drawn from (step, layer, branch), trained through
+    // the tape (no stored activations).
+    let reversible = reformer.replace(
+        "n_layers = 1",
+        "n_layers = 2\nplacement = \"pre\"\nreversible = true",
+    );
+    resumed_equals_uninterrupted("resume-reversible", &reversible);
 }
 
 /// Trains `config` (3 epochs) uninterrupted, and again from a copy of its epoch-1 checkpoints

@@ -1,0 +1,239 @@
+//! Reversible stacks: each block inverts, the taped training path (no stored activations)
+//! gives the gradients of ordinary autodiff through the same blocks, decoding works, and the
+//! configurations that cannot be reversible are errors.
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Distribution, Int, Tensor};
+use efficient_attn::{
+    AttentionConfig, Extras, LinformerAttentionConfig, LinformerSharing, ReformerAttentionConfig,
+    RoutingAttentionConfig, WithExtras,
+};
+use models::{
+    ClassifierConfig, EncoderConfig, EncoderInput, LanguageModelConfig, NormPlacement,
+    PositionKind, ReversibleTape, Seq2SeqConfig, StackConfig,
+};
+
+use super::{embedding, max_diff, tokens};
+
+fn reversible(attention: impl Into<AttentionConfig>, layers: usize, dropout: f64) -> StackConfig {
+    StackConfig {
+        n_layers: layers,
+        d_model: 16,
+        n_heads: 2,
+        d_ff: 32,
+        dropout,
+        reversible: true,
+        ..Default::default()
+    }
+    .with_attention(attention)
+}
+
+/// Every block, and the whole stack, inverts to its input within float rounding, dropout
+/// included (the masks are replayed).
+#[test]
+fn reversible_blocks_invert_with_dropout() {
+    let device = Device::flex().autodiff();
+    let encoder = EncoderConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: reversible(AttentionConfig::default(), 3, 0.2),
+    }
+    .init(&device)
+    .unwrap();
+    let stack = &encoder.stack;
+    let extras = stack.extras_with_shared(Extras::default());
+    let x1 = Tensor::<3>::random([2, 7, 16], Distribution::Normal(0.0, 1.0), &device);
+    let x2 = Tensor::<3>::random([2, 7, 16], Distribution::Normal(0.0, 1.0), &device);
+    let mut pair = (x1.clone(), x2.clone());
+    for l in 0..3 {
+        let next = stack.reversible_layer(l, pair.clone(), &extras);
+        let back = stack.reversible_inverse(l, next.clone(), &extras);
+        assert!(max_diff(back.0, pair.0.clone()) < 1e-5, "layer {l}: x1");
+        assert!(max_diff(back.1, pair.1.clone()) < 1e-5, "layer {l}: x2");
+        assert!(
+            max_diff(next.0.clone(), pair.0.clone()) > 1e-2,
+            "layer {l} changes its input"
+        );
+        pair = next;
+    }
+    for l in (0..3).rev() {
+        pair = stack.reversible_inverse(l, pair, &extras);
+    }
+    assert!(max_diff(pair.0, x1) < 1e-5);
+    assert!(max_diff(pair.1, x2) < 1e-5);
+}
+
+/// Every parameter gradient of a model, by parameter id, flattened.
+fn flatten<M: Module>(grads: &GradientsParams, model: &M) -> Vec<(ParamId, Vec<f32>)> {
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<(ParamId, Vec<f32>)>,
+    }
+    impl ModuleVisitor for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.out
+                    .push((param.id, g.into_data().try_to_vec::<f32>().unwrap()));
+            }
+        }
+    }
+    let mut c = Collect {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut c);
+    c.out
+}
+
+/// The taped path (forward without a graph, backward by reconstruction and recomputation)
+/// gives the gradients of ordinary autodiff through the same reversible blocks, for every
+/// parameter (embeddings, every layer, a projection shared by all layers, the head), with
+/// dropout on, within 1e-4 (relative to the largest gradient of the parameter).
+#[test]
+fn taped_gradients_equal_ordinary_autodiff_through_the_same_blocks() {
+    let device = Device::flex().autodiff();
+    let cases: Vec<AttentionConfig> = vec![
+        AttentionConfig::default(),
+        LinformerAttentionConfig {
+            k: 4,
+            max_len: 32,
+            sharing: LinformerSharing::Layerwise,
+        }
+        .into(),
+        ReformerAttentionConfig {
+            chunk: 4,
+            n_hashes: 2,
+            ..Default::default()
+        }
+        .into(),
+        RoutingAttentionConfig {
+            clusters: 2,
+            ..Default::default()
+        }
+        .into(),
+    ];
+    for attention in cases {
+        let kind = attention.info().kind;
+        let model = ClassifierConfig {
+            encoder: EncoderConfig {
+                embedding: embedding(PositionKind::Learned),
+                stack: reversible(attention, 3, 0.1),
+            },
+            n_classes: 3,
+            // Dropout outside the stack would draw from the device's shared generator.
+            dropout: 0.0,
+            ..Default::default()
+        }
+        .init_sequence(&device)
+        .unwrap()
+        .at_step(5);
+        let input = tokens(
+            &[vec![1, 5, 2, 7, 3, 3, 8, 1], vec![2, 2, 6, 1, 9, 4, 4, 11]],
+            &device,
+        );
+        let labels = Tensor::<1, Int>::from_ints([0, 2], &device);
+        let loss = |taped: Option<&ReversibleTape>| {
+            let mut x = EncoderInput::new(input.clone());
+            if let Some(tape) = taped {
+                x = x.with_side(tape.clone());
+            }
+            let logits = model.forward(x);
+            let loss = CrossEntropyLossConfig::new()
+                .init(&device)
+                .forward(logits, labels.clone());
+            match model.aux_loss(&device) {
+                Some(aux) => loss.add(aux),
+                None => loss,
+            }
+        };
+        let plain = GradientsParams::from_grads(loss(None).backward(), &model);
+        let tape = ReversibleTape::default();
+        let taped_loss = loss(Some(&tape));
+        assert!(!tape.is_empty(), "{kind}: the forward records on the tape");
+        let taped = tape.gradients(taped_loss.backward(), &model);
+        assert!(
+            tape.is_empty(),
+            "{kind}: gradients take the recorded passes"
+        );
+        let (plain, taped) = (flatten(&plain, &model), flatten(&taped, &model));
+        assert_eq!(
+            plain.iter().map(|p| p.0).collect::<Vec<_>>(),
+            taped.iter().map(|p| p.0).collect::<Vec<_>>(),
+            "{kind}: the same parameters get gradients"
+        );
+        for ((id, a), (_, b)) in plain.iter().zip(&taped) {
+            let scale = a.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+            let d = a
+                .iter()
+                .zip(b)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                d < 1e-4 * scale,
+                "{kind}: parameter {id}: {d:e} (scale {scale:e})"
+            );
+        }
+    }
+}
+
+/// A reversible decoder decodes incrementally: one token at a time equals one forward.
+#[test]
+fn a_reversible_decoder_decodes_incrementally() {
+    let device = Device::flex();
+    let lm = LanguageModelConfig {
+        embedding: embedding(PositionKind::Rotary),
+        stack: reversible(AttentionConfig::default(), 2, 0.0),
+        tie_embeddings: false,
+    }
+    .init(&device)
+    .unwrap();
+    let seq = tokens(
+        &[vec![1, 5, 2, 7, 3, 3, 8], vec![2, 2, 6, 1, 9, 4, 4]],
+        &device,
+    );
+    let whole = lm.forward(seq.clone(), None);
+    let mut state = lm.init_state(2, 7, &device).unwrap();
+    let mut parts = vec![lm.step(seq.clone().narrow(1, 0, 3), &mut state)];
+    for t in 3..7 {
+        parts.push(lm.step(seq.clone().narrow(1, t, 1), &mut state));
+    }
+    assert!(max_diff(Tensor::cat(parts, 1), whole) < 1e-4);
+}
+
+/// Post-norm blocks and decoder layers with cross-attention cannot be reversible: config
+/// errors naming the key.
+#[test]
+fn post_norm_and_cross_attention_cannot_be_reversible() {
+    let device = Device::flex();
+    let mut post = reversible(AttentionConfig::default(), 2, 0.0);
+    post.placement = NormPlacement::Post;
+    let err = EncoderConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: post,
+    }
+    .init(&device)
+    .expect_err("post-norm reversible is an error")
+    .to_string();
+    assert!(
+        err.contains("encoder.reversible") && err.contains("pre"),
+        "{err}"
+    );
+    let plain = StackConfig {
+        reversible: false,
+        ..reversible(AttentionConfig::default(), 2, 0.0)
+    };
+    let err = Seq2SeqConfig {
+        embedding: embedding(PositionKind::Learned),
+        encoder: plain.clone(),
+        decoder: reversible(AttentionConfig::default(), 2, 0.0),
+        cross_attention: AttentionConfig::default(),
+        tie_embeddings: false,
+    }
+    .init(&device)
+    .expect_err("a reversible decoder with cross-attention is an error")
+    .to_string();
+    assert!(
+        err.contains("decoder.reversible") && err.contains("cross"),
+        "{err}"
+    );
+}
