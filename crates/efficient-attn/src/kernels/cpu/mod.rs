@@ -6,7 +6,8 @@
 //!   micro-kernels Burn's Flex backend uses), whose entry point takes raw pointers;
 //! - [`simd`]: the row operations of the online softmax (scale, bias, max, exp, sums) compiled
 //!   for AVX-512 and AVX2+FMA and chosen at run time, with a portable fallback; calling a
-//!   `#[target_feature]` function needs `unsafe` after the feature check.
+//!   `#[target_feature]` function needs `unsafe` after the feature check; and a zeroed buffer
+//!   written in parallel (`set_len` after every element is written).
 //!
 //! Everything above them ([`flash`], [`block_sparse`], [`linear`], [`favor`], [`ffn`],
 //! [`layer_norm`]) is safe code over slices.
@@ -24,11 +25,10 @@ pub mod simd;
 
 /// `n` zeros, written by all threads when `n` is large: an output buffer of a kernel (a
 /// single-threaded `vec![0.0; n]` of a recycled allocation is a `memset` on the calling
-/// thread while the others wait).
+/// thread while the others wait). See [`simd::parallel_zeros`].
 pub fn zeros(n: usize) -> Vec<f32> {
-    use rayon::prelude::*;
     if n < 1 << 16 {
         return vec![0.0; n];
     }
-    (0..n).into_par_iter().map(|_| 0.0f32).collect()
+    simd::parallel_zeros(n)
 }
