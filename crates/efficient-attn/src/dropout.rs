@@ -13,14 +13,16 @@ use burn::tensor::{Tensor, TensorData};
 use crate::rng::SeededRng;
 
 /// A side input ([`crate::SideInputs`]) that makes [`MultiHeadAttention`](crate::MultiHeadAttention)'s
-/// output dropout draw its mask from this seed ([`seeded_dropout`]).
+/// output dropout draw its mask from this seed ([`seeded_dropout`]). The layer it is passed to
+/// uses it as given: a stack that passes the same extras to every layer would give every layer
+/// the same mask (reversible stacks derive one seed per layer and branch from it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DropoutSeed(pub u64);
 
 /// `dropout` applied to `x`, its mask drawn from `seed` when one is given (the same mask on
 /// every call with the same seed and shape), from the device's generator otherwise. Like
-/// Burn's, it is active only on autodiff devices and for a positive probability; kept values
-/// are scaled by `1/(1 - p)`.
+/// Burn's, it is active only on autodiff devices, for a positive probability and while the
+/// module is not frozen; kept values are scaled by `1/(1 - p)`.
 ///
 /// # Shapes
 /// - x: any → the same
@@ -32,7 +34,7 @@ pub fn seeded_dropout<const D: usize>(
     let Some(seed) = seed else {
         return dropout.forward(x);
     };
-    if dropout.prob <= 0.0 || !x.device().is_autodiff() {
+    if dropout.prob <= 0.0 || !dropout.training.is_enabled() || !x.device().is_autodiff() {
         return x;
     }
     let keep = 1.0 - dropout.prob;
@@ -76,9 +78,12 @@ mod tests {
         assert!((dropped / 4096.0 - 0.25).abs() < 0.03, "{dropped}");
         let kept = a.max().into_scalar::<f32>();
         assert!((kept - 1.0 / 0.75).abs() < 1e-6);
-        // Inactive without autodiff.
+        // Inactive without autodiff, and when frozen.
         let plain = Tensor::<2>::ones([4, 4], &Device::flex());
         let out = seeded_dropout(&dropout, plain, Some(7));
+        assert_eq!(out.min().into_scalar::<f32>(), 1.0);
+        let frozen = burn::module::Module::freeze(dropout);
+        let out = seeded_dropout(&frozen, x, Some(7));
         assert_eq!(out.min().into_scalar::<f32>(), 1.0);
     }
 }

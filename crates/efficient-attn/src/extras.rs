@@ -145,6 +145,11 @@ impl SideInputs {
         self.values.iter().find_map(|v| v.as_any().downcast_ref())
     }
 
+    /// Removes the value of type `T`, if present.
+    pub fn remove<T: SideValue>(&mut self) {
+        self.values.retain(|v| !v.as_any().is::<T>());
+    }
+
     /// Whether there are no side inputs.
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()

@@ -134,8 +134,9 @@ pub struct StackConfig<A = AttentionConfig> {
     /// Reversible residual blocks (Reformer §3, RevNet): the input is duplicated into two
     /// halves, each layer computes `y₁ = x₁ + Attention(x₂)`, `y₂ = x₂ + FeedForward(y₁)`, and
     /// the output is their mean. Training through `efformer train` then stores no activations
-    /// per layer: the backward pass reconstructs each layer's input from its output
-    /// ([`crate::reversible`]). Needs `placement = "pre"` and no cross-attention.
+    /// per layer (except a sequence-to-sequence model's encoder): the backward pass
+    /// reconstructs each layer's input from its output ([`crate::reversible`]). Needs
+    /// `placement = "pre"` and no cross-attention.
     pub reversible: bool,
 }
 

@@ -288,7 +288,10 @@ const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 /// 1,251–1,258 / 913 at 10 s; N = 4,096 `full` 12,232 / 2,273 at 1 s, 9,726 / 2,829 at 10 s,
 /// 9,360 / 3,186 at 30 s, 10,251 / 3,050 never; linear attention 5,178 / 2,436 at 1 s and
 /// 4,088 / 3,386 at 10 s. Ten seconds outlasts a step at these sizes and keeps the peak below
-/// PyTorch's for the same model. `MIMALLOC_PURGE_DELAY` set in the environment wins.
+/// PyTorch's for the same model (mimalloc's arenas wait `arena_purge_mult` times the delay,
+/// 10 by default, before purging large blocks, so those may stay mapped longer; longer steps,
+/// at 16,384 tokens or deep reversible stacks, outlast the delay and fault some pages back).
+/// `MIMALLOC_PURGE_DELAY` set in the environment wins.
 #[allow(unsafe_code)]
 fn keep_freed_pages_mapped() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {

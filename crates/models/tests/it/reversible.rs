@@ -7,8 +7,8 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use efficient_attn::{
-    AttentionConfig, Extras, LinformerAttentionConfig, LinformerSharing, ReformerAttentionConfig,
-    RoutingAttentionConfig, WithExtras,
+    AttentionConfig, DropoutSeed, Extras, LinformerAttentionConfig, LinformerSharing,
+    ReformerAttentionConfig, RoutingAttentionConfig, WithExtras,
 };
 use models::{
     ClassifierConfig, EncoderConfig, EncoderInput, LanguageModelConfig, NormPlacement,
@@ -134,7 +134,8 @@ fn taped_gradients_equal_ordinary_autodiff_through_the_same_blocks() {
         );
         let labels = Tensor::<1, Int>::from_ints([0, 2], &device);
         let loss = |taped: Option<&ReversibleTape>| {
-            let mut x = EncoderInput::new(input.clone());
+            // The same pass nonce on both paths: the same dropout masks.
+            let mut x = EncoderInput::new(input.clone()).with_side(DropoutSeed(9));
             if let Some(tape) = taped {
                 x = x.with_side(tape.clone());
             }
@@ -236,4 +237,120 @@ fn post_norm_and_cross_attention_cannot_be_reversible() {
         err.contains("decoder.reversible") && err.contains("cross"),
         "{err}"
     );
+}
+
+/// Every parameter gradient of `model` from `a` and `b` agrees within 1e-4 of the parameter's
+/// largest gradient (at least 1e-2: absolute 1e-6 for near-zero gradients), and the same
+/// parameters have one.
+fn assert_same_grads<M: Module>(what: &str, a: &GradientsParams, b: &GradientsParams, model: &M) {
+    let (a, b) = (flatten(a, model), flatten(b, model));
+    assert_eq!(
+        a.iter().map(|p| p.0).collect::<Vec<_>>(),
+        b.iter().map(|p| p.0).collect::<Vec<_>>(),
+        "{what}: the same parameters get gradients"
+    );
+    for ((id, x), (_, y)) in a.iter().zip(&b) {
+        let scale = x.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
+        let d = x
+            .iter()
+            .zip(y)
+            .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(
+            d < 1e-4 * scale,
+            "{what}: parameter {id}: {d:e} (scale {scale:e})"
+        );
+    }
+}
+
+/// One tape over two passes of the same stack, the second reading the first's output: the
+/// gradient reaching the first pass through the second pass's input is not lost.
+#[test]
+fn a_tape_over_chained_passes_gives_the_gradients_of_autodiff() {
+    let device = Device::flex().autodiff();
+    let encoder = EncoderConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: reversible(AttentionConfig::default(), 2, 0.1),
+    }
+    .init(&device)
+    .unwrap()
+    .at_step(3);
+    let input = tokens(&[vec![1, 5, 2, 7, 3, 3], vec![2, 2, 6, 1, 9, 4]], &device);
+    let w = Tensor::<3>::random([2, 6, 16], Distribution::Normal(0.0, 1.0), &device);
+    let loss = |tape: Option<&ReversibleTape>| {
+        let x = encoder.embedding.forward(input.clone(), None, 0);
+        let extras = |nonce: u64| {
+            let mut e = Extras::default();
+            e.side.insert(DropoutSeed(nonce));
+            if let Some(t) = tape {
+                e.side.insert(t.clone());
+            }
+            e
+        };
+        let h = encoder.stack.forward(x, extras(5), &[]);
+        let h = encoder.stack.forward(h, extras(6), &[]);
+        h.mul(w.clone()).sum()
+    };
+    let plain = GradientsParams::from_grads(loss(None).backward(), &encoder);
+    let tape = ReversibleTape::default();
+    let taped_loss = loss(Some(&tape));
+    let taped = tape.gradients(taped_loss.backward(), &encoder);
+    assert_same_grads("chained", &plain, &taped, &encoder);
+}
+
+/// A tape given to a model without reversible stacks records nothing, and its gradients are
+/// those of `GradientsParams::from_grads`.
+#[test]
+fn a_tape_leaves_sequential_stacks_alone() {
+    let device = Device::flex().autodiff();
+    let model = ClassifierConfig {
+        encoder: EncoderConfig {
+            embedding: embedding(PositionKind::Learned),
+            stack: StackConfig {
+                reversible: false,
+                ..reversible(AttentionConfig::default(), 2, 0.0)
+            },
+        },
+        n_classes: 3,
+        dropout: 0.0,
+        ..Default::default()
+    }
+    .init_sequence(&device)
+    .unwrap();
+    let input = tokens(&[vec![1, 5, 2, 7]], &device);
+    let loss = |tape: Option<&ReversibleTape>| {
+        let mut x = EncoderInput::new(input.clone());
+        if let Some(t) = tape {
+            x = x.with_side(t.clone());
+        }
+        model.forward(x).sum()
+    };
+    let plain = GradientsParams::from_grads(loss(None).backward(), &model);
+    let tape = ReversibleTape::default();
+    let taped_loss = loss(Some(&tape));
+    assert!(tape.is_empty());
+    let taped = tape.gradients(taped_loss.backward(), &model);
+    assert_same_grads("sequential", &plain, &taped, &model);
+}
+
+/// Dropout masks are functions of (pass nonce, step, layer, branch): the same nonce and step
+/// replay them, another step or nonce draws others.
+#[test]
+fn reversible_dropout_follows_the_nonce_and_the_step() {
+    let device = Device::flex().autodiff();
+    let encoder = EncoderConfig {
+        embedding: embedding(PositionKind::Learned),
+        stack: reversible(AttentionConfig::default(), 2, 0.3),
+    }
+    .init(&device)
+    .unwrap();
+    let input = tokens(&[vec![1, 5, 2, 7, 3, 3]], &device);
+    let run = |step: usize, nonce: u64| {
+        encoder
+            .clone()
+            .at_step(step)
+            .forward(EncoderInput::new(input.clone()).with_side(DropoutSeed(nonce)))
+    };
+    assert_eq!(max_diff(run(1, 4), run(1, 4)), 0.0, "replayed");
+    assert!(max_diff(run(1, 4), run(2, 4)) > 1e-3, "another step");
+    assert!(max_diff(run(1, 4), run(1, 5)) > 1e-3, "another pass");
 }

@@ -137,6 +137,13 @@ impl ClassificationTask {
                 config.task
             ));
         }
+        if config.model.stack.reversible {
+            return Err(
+                "model.stack.reversible: a pretrained BERT-family encoder is post-norm, and \
+                 reversible blocks need pre-norm; train without reversible = true"
+                    .into(),
+            );
+        }
         // Unset shape fields hold the section's default (no `[model.stack]` table) or the
         // stack's own default (a table with only attention/dropout).
         let stack = &config.model.stack;
@@ -146,7 +153,6 @@ impl ClassificationTask {
             attention_pattern: stack.attention_pattern.clone(),
             dropout: stack.dropout,
             ff_chunks: stack.ff_chunks,
-            reversible: stack.reversible,
             ..defaults
         };
         if *stack != unset(crate::config::ModelSection::default().stack)
@@ -188,6 +194,7 @@ impl ClassificationTask {
         enc.stack.attention_layers = c.model.stack.attention_layers.clone();
         enc.stack.attention_pattern = c.model.stack.attention_pattern.clone();
         enc.stack.dropout = c.model.stack.dropout;
+        enc.stack.ff_chunks = c.model.stack.ff_chunks;
         enc.embedding.dropout = c.model.embedding.dropout;
         enc.embedding.max_len = c.model.embedding.max_len.unwrap_or(needed);
         if enc.embedding.max_len < needed {

@@ -807,5 +807,22 @@ mod tests {
             a.0.iter().step_by(5).all(|p| *p == 0.0),
             "masked keys are 0"
         );
+        // The one-pass step (exp against a shift, watching the maximum) agrees too, and with
+        // the two passes above.
+        let one_pass: Vec<(Vec<f32>, f32, f32)> = ops
+            .iter()
+            .map(|o| {
+                let mut r = row.clone();
+                let (sum, max) = o.exp_affine_sum_max(&mut r, 0.5, Some(&bias), a.1);
+                (r, max, sum)
+            })
+            .collect();
+        for (x, y) in [(&one_pass[0], &one_pass[1]), (&one_pass[0], a)] {
+            assert_eq!(x.1, y.1);
+            assert!((x.2 - y.2).abs() < 1e-5 * y.2);
+            for (p, q) in x.0.iter().zip(&y.0) {
+                assert!((p - q).abs() <= 1e-6 * q.abs().max(1e-30), "{p} vs {q}");
+            }
+        }
     }
 }
