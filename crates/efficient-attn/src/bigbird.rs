@@ -68,6 +68,14 @@ impl BigBirdAttentionConfig {
 }
 
 impl CoreConfig for BigBirdAttentionConfig {
+    /// Each layer draws its own random state: the seed mixed with the layer.
+    fn for_layer(&self, layer: usize) -> Self {
+        Self {
+            seed: crate::interface::layer_seed(self.seed, layer),
+            ..self.clone()
+        }
+    }
+
     type Core = BigBirdAttention;
 
     fn info(&self) -> &'static VariantInfo {

@@ -126,6 +126,12 @@ macro_rules! __attention_enums {
                 }
             }
 
+            fn for_layer(&self, layer: usize) -> Self {
+                match self {
+                    $($(Self::$variant(c) => Self::$variant(c.for_layer(layer)),)+)*
+                }
+            }
+
             fn memory_estimate(
                 &self,
                 n: usize,

@@ -460,6 +460,16 @@ pub trait CoreConfig: Clone + fmt::Debug {
         false
     }
 
+    /// This configuration for layer `layer` of a stack (0 for the first). Variants that draw
+    /// random state from a seed (hash rotations, random features, random blocks, Gumbel
+    /// noise, initial centroids) mix the layer into it, so every layer draws its own, as the
+    /// papers' and reference code's layers do; layer 0 keeps the configured seed. Unchanged
+    /// by default.
+    fn for_layer(&self, layer: usize) -> Self {
+        let _ = layer;
+        self.clone()
+    }
+
     /// Whether the core reads the query as the key (Reformer's shared QK):
     /// [`MultiHeadAttention`](crate::MultiHeadAttention) then has no key projection and passes
     /// the projected queries as keys.
@@ -488,4 +498,16 @@ pub trait CoreConfig: Clone + fmt::Debug {
         let _ = (n, batch, heads, backward, device);
         None
     }
+}
+
+/// `seed` for layer `layer` of a stack ([`CoreConfig::for_layer`]): `seed` itself for layer 0,
+/// a SplitMix64 mix of both for the others.
+pub fn layer_seed(seed: u64, layer: usize) -> u64 {
+    if layer == 0 {
+        return seed;
+    }
+    let mut z = seed ^ (layer as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }

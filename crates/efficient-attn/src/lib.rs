@@ -120,7 +120,8 @@ pub use crate::extras::{
     SideValue, WithExtras,
 };
 pub use crate::interface::{
-    AttentionCore, AttentionMode, AttnInput, CoreConfig, Exactness, HeadDims, VariantInfo, kv_cache,
+    AttentionCore, AttentionMode, AttnInput, CoreConfig, Exactness, HeadDims, VariantInfo,
+    kv_cache, layer_seed,
 };
 pub use crate::kernels::fused::{
     FeedForwardActivation, fused_feed_forward, fused_layer_norm, runs_fused,

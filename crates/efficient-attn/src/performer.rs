@@ -114,6 +114,14 @@ impl PerformerAttentionConfig {
 }
 
 impl CoreConfig for PerformerAttentionConfig {
+    /// Each layer draws its own random state: the seed mixed with the layer.
+    fn for_layer(&self, layer: usize) -> Self {
+        Self {
+            seed: crate::interface::layer_seed(self.seed, layer),
+            ..self.clone()
+        }
+    }
+
     type Core = PerformerAttention;
 
     fn info(&self) -> &'static VariantInfo {

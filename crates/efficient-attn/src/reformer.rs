@@ -98,6 +98,14 @@ impl ReformerAttentionConfig {
 }
 
 impl CoreConfig for ReformerAttentionConfig {
+    /// Each layer draws its own random state: the seed mixed with the layer.
+    fn for_layer(&self, layer: usize) -> Self {
+        Self {
+            seed: crate::interface::layer_seed(self.seed, layer),
+            ..self.clone()
+        }
+    }
+
     type Core = ReformerAttention;
 
     fn info(&self) -> &'static VariantInfo {

@@ -103,6 +103,14 @@ impl RoutingAttentionConfig {
 }
 
 impl CoreConfig for RoutingAttentionConfig {
+    /// Each layer draws its own random state: the seed mixed with the layer.
+    fn for_layer(&self, layer: usize) -> Self {
+        Self {
+            seed: crate::interface::layer_seed(self.seed, layer),
+            ..self.clone()
+        }
+    }
+
     type Core = RoutingAttention;
 
     fn info(&self) -> &'static VariantInfo {

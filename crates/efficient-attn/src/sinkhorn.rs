@@ -111,6 +111,14 @@ impl SinkhornAttentionConfig {
 }
 
 impl CoreConfig for SinkhornAttentionConfig {
+    /// Each layer draws its own random state: the seed mixed with the layer.
+    fn for_layer(&self, layer: usize) -> Self {
+        Self {
+            seed: crate::interface::layer_seed(self.seed, layer),
+            ..self.clone()
+        }
+    }
+
     type Core = SinkhornAttention;
 
     fn info(&self) -> &'static VariantInfo {

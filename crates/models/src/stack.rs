@@ -128,7 +128,8 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
                 TransformerLayer::new(
                     LayerSpec {
                         stack: spec.config,
-                        attention,
+                        // Each layer draws its own random state (rotations, features, noise).
+                        attention: &attention.for_layer(i),
                         mode: spec.mode,
                         rotary: spec.rotary.clone(),
                         cross: spec.cross,

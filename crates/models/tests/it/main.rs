@@ -471,7 +471,7 @@ fn layerwise_linformer_shares_one_projection_across_layers() {
 
 /// The per-step hook reaches every layer's core through the model: a Performer with
 /// `redraw_interval = 2` keeps its features at step 1, draws new ones at steps 2 and 4 (each a
-/// function of the step, the same in every layer and on every clone), and changes the output.
+/// function of the step and the layer, the same on every clone), and changes the output.
 #[test]
 fn at_step_redraws_performer_features_on_their_schedule_through_the_model() {
     let device = Device::flex();
@@ -505,6 +505,7 @@ fn at_step_redraws_performer_features_on_their_schedule_through_the_model() {
     let x = tokens(&[vec![1, 2, 3, 4, 5]], &device);
     let out = |m: &models::SequenceClassifier| m.forward(EncoderInput::new(x.clone()));
     let start = omegas(&model);
+    assert_ne!(start[0], start[1], "each layer draws its own features");
     assert_eq!(
         omegas(&model.clone().at_step(1)),
         start,
