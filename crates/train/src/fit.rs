@@ -144,9 +144,15 @@ pub struct Fitted<M> {
     pub seconds: f64,
 }
 
-/// Optimiser steps per epoch for `items` training items.
-pub fn steps_per_epoch(items: usize, config: &ExperimentConfig) -> usize {
-    items
+/// Optimiser steps per epoch for `items` training items on `devices` devices. burn-train
+/// splits an epoch's items into one contiguous slice per device (`split_dataloader`: `items /
+/// devices` each, the last taking the rest), takes one batch from every device per step and
+/// one optimiser step per `grad_accumulation` steps, so an epoch has as many steps as the
+/// largest slice has batches (divided by the accumulation).
+pub fn steps_per_epoch(items: usize, config: &ExperimentConfig, devices: usize) -> usize {
+    let devices = devices.max(1);
+    let largest = items - (devices - 1) * (items / devices);
+    largest
         .div_ceil(config.train.batch_size.max(1))
         .div_ceil(config.train.grad_accumulation.max(1))
 }

@@ -207,6 +207,8 @@ pub struct RunReport {
     pub evaluated_epoch: usize,
     /// Optimiser steps per epoch.
     pub steps_per_epoch: usize,
+    /// Optimiser steps taken, resumed epochs included.
+    pub optimizer_steps: usize,
     /// Wall time of this process's training, in seconds.
     pub wall_seconds: f64,
     /// Tokens per second of this process's training passes (real and padded).
@@ -257,9 +259,10 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
     eprintln!("{}", task.describe(parameters));
     let batcher = task.batcher(&model_config);
     let splits = task.splits();
-    let steps = steps_per_epoch(splits.train.len(), c);
+    let steps = steps_per_epoch(splits.train.len(), c, ctx.devices.len());
     // Per-step state (Performer's feature redraws) continues from the epochs already done.
-    let model = model.with_clock(StepClock::starting_at(ctx.resume_from.unwrap_or(0) * steps));
+    let clock = StepClock::starting_at(ctx.resume_from.unwrap_or(0) * steps);
+    let model = model.with_clock(clock.clone());
     let loaders = loaders(
         ctx,
         splits.train.to_vec(),
@@ -304,6 +307,7 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
         epochs: kept,
         evaluated_epoch,
         steps_per_epoch: steps,
+        optimizer_steps: clock.count(),
         wall_seconds: fitted.seconds,
         train_throughput: Throughput::of(
             &loaders.train_meter,

@@ -328,7 +328,31 @@ fn two_flex_devices_train_data_parallel() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(result(&dir.join("run"))["device"], "flex,flex");
+    let r = result(&dir.join("run"));
+    assert_eq!(r["device"], "flex,flex");
+    // 256 items split 128 + 128, batches of 16: 8 optimiser steps an epoch (one batch from
+    // each device a step), as the schedule and the step clock count them and as the run took.
+    assert_eq!(r["steps_per_epoch"], 8, "{r}");
+    assert_eq!(r["optimizer_steps"], 8, "{r}");
+    // One device: 16 batches, 16 steps.
+    let one = efformer(
+        &dir,
+        &[
+            "train",
+            "tiny.toml",
+            "--out",
+            "one",
+            "--set",
+            "train.epochs=1",
+        ],
+    );
+    assert!(one.status.success(), "{}", text(&one));
+    let r = result(&dir.join("one"));
+    assert_eq!(
+        (r["steps_per_epoch"].clone(), r["optimizer_steps"].clone()),
+        (16.into(), 16.into()),
+        "{r}"
+    );
 }
 
 #[test]
