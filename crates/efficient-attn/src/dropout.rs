@@ -9,6 +9,7 @@
 
 use burn::nn::Dropout;
 use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::rng::SeededRng;
 
@@ -41,18 +42,23 @@ pub fn seeded_dropout<const D: usize>(
     let scale = (1.0 / keep) as f32;
     let shape = x.dims();
     let n: usize = shape.iter().product();
-    let mut rng = SeededRng::new(seed);
-    // Two 32-bit uniforms per draw.
+    // Chunks of the mask drawn in parallel, chunk `c` from its own generator of (seed, c):
+    // the mask is a function of the seed and the shape alone.
+    const CHUNK: usize = 1 << 16;
     let threshold = (keep * (1u64 << 32) as f64) as u64;
-    let mut mask = Vec::with_capacity(n);
-    while mask.len() < n {
-        let bits = rng.next_u64();
-        for half in [bits & 0xffff_ffff, bits >> 32] {
-            if mask.len() < n {
-                mask.push(if half < threshold { scale } else { 0.0 });
+    let mut mask = vec![0.0f32; n];
+    mask.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, part)| {
+            let mut rng = SeededRng::new(seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            // Two 32-bit uniforms per draw.
+            for pair in part.chunks_mut(2) {
+                let bits = rng.next_u64();
+                for (m, half) in pair.iter_mut().zip([bits & 0xffff_ffff, bits >> 32]) {
+                    *m = if half < threshold { scale } else { 0.0 };
+                }
             }
-        }
-    }
+        });
     let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &x.device());
     x.mul(mask)
 }
