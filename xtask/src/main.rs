@@ -98,6 +98,10 @@ fn test_legs(log: &std::path::Path) -> Result<(), String> {
         "benchmarks compile (not run)",
         cargo().args(["build", "--release", "--workspace", "--benches"]),
     )?;
+    run(
+        "documentation (a broken intra-doc link is an error)",
+        cargo().args(["doc", "--release", "--workspace", "--no-deps"]),
+    )?;
     let wgpu = env::var("EFFORMER_WGPU_TESTS").unwrap_or_else(|_| "auto".into());
     if wgpu == "off" {
         eprintln!("xtask: EFFORMER_WGPU_TESTS=off: skipping the wgpu leg");

@@ -207,7 +207,8 @@ pub struct GlobalHeads {
     pub value: Tensor<4>,
 }
 
-/// What a sequence carries besides its values. See the [module docs](self).
+/// What a sequence carries besides its values: padding, global tokens and a 2-D layout, which
+/// every variant may read, and [`SideInputs`] that particular variants look up by type.
 ///
 /// # Shapes
 /// - `mask_pad`: `[batch, seq]`, `true` = padded

@@ -2,7 +2,7 @@
 //!
 //! - Paper: Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762.
 //! - Cost: O(N²·d) time. On Flex it runs the fused CPU kernel (FlashAttention-2 forward and
-//!   backward, [`crate::kernels::fused`]): O(N·d) memory when training too. On other devices
+//!   backward, `kernels::fused`): O(N·d) memory when training too. On other devices
 //!   Burn's fused [`attention`] op runs it; its forward is tiled, but under autodiff Burn
 //!   decomposes it into matmul/softmax/matmul and stores the N × N weights: O(N²) memory when
 //!   training.

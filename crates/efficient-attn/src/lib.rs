@@ -34,7 +34,7 @@
 //!   (with [`runs_fused`] to know when they run).
 //!
 //! Not API: the kernels, the dense oracle, the seeded generator and the pattern masks the
-//! contract suite uses. With the `testing` feature they are reachable from [`testing`] for
+//! contract suite uses. With the `testing` feature they are reachable from `testing` for
 //! tests and benchmarks, without semver promises.
 
 /// The registry: every attention variant, one line per paper file, listing the variants that
@@ -78,13 +78,14 @@ macro_rules! __registered_variants {
     };
 }
 
-/// Declares one private module per registered paper file and re-exports its `pub` items.
+/// Declares one public module per registered paper file (its documentation is the paper's
+/// header: cost, exactness, modes, sources) and re-exports its `pub` items at the root.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __declare_variant_modules {
     ($(;)? $($module:ident { $($rest:tt)* }),* $(,)?) => {
         $(
-            mod $module;
+            pub mod $module;
             pub use self::$module::*;
         )*
     };

@@ -3,7 +3,7 @@
 //! - Paper: Katharopoulos, Vyas, Pappas and Fleuret 2020, "Transformers are RNNs: Fast
 //!   Autoregressive Transformers with Linear Attention", arXiv:2006.16236.
 //! - Computation: `out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j)` over the keys query `i`
-//!   may see, through the shared engine in [`kernels::prefix_sum`](crate::kernels::prefix_sum):
+//!   may see, through the shared engine in `kernels::prefix_sum`:
 //!   one state for bidirectional/cross, chunked prefix sums for causal, and a recurrent
 //!   [`decode_step`](crate::AttentionCore::decode_step) for decoding with constant memory per token.
 //! - Cost: O(N·d·d_v) time; memory O(d·d_v) bidirectional, O(N/C · d · d_v + N·C) causal

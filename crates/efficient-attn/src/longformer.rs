@@ -5,7 +5,7 @@
 //! - **Window convention: `window` is one-sided** (w, as allenai's `attention_window`): query i
 //!   sees keys `i + d·t` for `t ∈ [−w, w]` (causal: `t ∈ [−w, 0]`), d the head's dilation.
 //!   Hugging Face's `attention_window` is the *total* window (2w); convert with w = total / 2.
-//! - **Global tokens** (given per call as [`GlobalTokens`]: a prefix, positions, or a mask):
+//! - **Global tokens** (given per call as [`GlobalTokens`](crate::GlobalTokens): a prefix, positions, or a mask):
 //!   every token attends to them, and they attend to every token. Local rows take one softmax
 //!   over the window plus the global keys (global positions are removed from the window so no
 //!   key counts twice). Global rows are recomputed over all keys with the separate global

@@ -8,7 +8,7 @@
 //!   `m' = max(m, rowmax(s))`, `l' = l·e^(m−m') + Σ e^(s−m')`, `acc' = acc·e^(m−m') + e^(s−m')·V`,
 //!   and finally `out = acc / l`.
 //! - Cost: O(N²·d) time; forward memory O(query_block · key_block) per (batch, head) for scores,
-//!   never the N × N matrix. On Flex this is the fused CPU kernel ([`crate::kernels::fused`],
+//!   never the N × N matrix. On Flex this is the fused CPU kernel (`kernels::fused`,
 //!   blocks capped at its default tiles) with its own backward: O(N·d) memory when training.
 //!   Elsewhere it is composed of tensor operations, and autodiff keeps each block's
 //!   probabilities for the backward pass (O(N²) in total).

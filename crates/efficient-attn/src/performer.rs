@@ -4,7 +4,7 @@
 //! - Computation: `x̂ = x · d^(-1/4)`; positive features
 //!   `φ(x̂) = exp(ω x̂ − ‖x̂‖²/2 − c) / √m` with `m` random directions ω (block-orthogonal by
 //!   default), so that `E[φ(q̂)·φ(k̂)] = exp(q·k/√d)`; the attention is then kernelised
-//!   attention through [`kernels::prefix_sum`](crate::kernels::prefix_sum) (one state,
+//!   attention through `kernels::prefix_sum` (one state,
 //!   chunked causal prefix sums, recurrent decoding). The ReLU kernel variant uses
 //!   `φ(x̂) = ReLU(ω x̂) + 10⁻³` (the reference's "generalized" attention).
 //! - Cost: O(N·m·d) time; memory O(N·m + m·d_v) bidirectional, O(N/C · m · d_v) causal,

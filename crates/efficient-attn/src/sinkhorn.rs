@@ -27,7 +27,7 @@
 //!   of earlier ones, i.e. leak the future. Own-block keys are masked causally; block 0 has no
 //!   sorted block. Nothing after a query reaches it (queries, keys and values; tested).
 //! - Cost: O(N·2b·d + N_B²·d) time, O(N·2b + N_B²) memory per head; never an N × N matrix.
-//! - Exact: with one block (b ≥ N) S = [1], the sorted block is the own block, and the output is
+//! - Exact: with one block (b ≥ N) S = (1), the sorted block is the own block, and the output is
 //!   full (causal: causal full) attention (tested); with S = I, local block attention (tested).
 //!   Otherwise it attends to mixtures of keys: not an approximation of full attention.
 //! - Cross (lucidrains' context attention): the query blocks and the context's blocks are

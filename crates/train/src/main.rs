@@ -37,7 +37,7 @@ enum Command {
         /// Continue the run in the output directory from its last complete checkpoint.
         #[arg(long)]
         resume: bool,
-        /// Run directory (default: runs/<config file name>).
+        /// Run directory (default: a folder named after the config file, under runs/).
         #[arg(long)]
         out: Option<PathBuf>,
     },

@@ -134,7 +134,7 @@ impl RunDir {
         Self::check(path, resolved, resume)?.create()
     }
 
-    /// [`open`](Self::open)'s checks without writing anything: what [`create`](Self::create)
+    /// [`open`](Self::open)'s checks without writing anything: what [`create`](PendingRunDir::create)
     /// then makes, once everything else about the run has been validated too.
     ///
     /// # Errors

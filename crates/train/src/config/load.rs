@@ -7,7 +7,7 @@
 //!    its own settings.
 //! 2. `--set a.b.c=value` overrides are applied (`value` is parsed as TOML, or taken as a
 //!    string if it does not parse).
-//! 3. The result is deserialised into [`ExperimentConfig`](super::ExperimentConfig), tracking
+//! 3. The result is deserialised into [`ExperimentConfig`], tracking
 //!    the key path: an unknown key, a wrong type or a bad value is reported as
 //!    `model.stack.attention.features: invalid type ...`.
 

@@ -338,8 +338,10 @@ impl<B: FusedFeedForward, C: burn::backend::autodiff::checkpoint::strategy::Chec
     }
 }
 
-/// The feed-forward block `act(x w1 + b1) · mask · w2 + b2` as one fused operation (see the
-/// [module docs](self)); `mask` is a dropout mask on the activation (0 or `1/(1-p)`).
+/// The feed-forward block `act(x w1 + b1) · mask · w2 + b2` as one fused operation (on Flex a
+/// CPU kernel: multi-threaded GEMMs, the bias and activation fused and vectorised; under
+/// autodiff a node with its own backward); `mask` is a dropout mask on the activation (0 or
+/// `1/(1-p)`).
 ///
 /// # Shapes
 /// - x: `[batch, seq, d_model]`, w1: `[d_model, d_ff]`, b1: `[d_ff]`, w2: `[d_ff, d_model]`,

@@ -186,8 +186,9 @@ impl<B: FusedLayerNorm, C: burn::backend::autodiff::checkpoint::strategy::Checkp
     }
 }
 
-/// Layer normalisation over the last axis as one fused operation (see the
-/// [module docs](self)): `(x - mean)/√(var + eps)·γ + β`, the variance biased, as Burn's
+/// Layer normalisation over the last axis as one fused operation (on Flex a CPU kernel over
+/// all threads; under autodiff a node with its own backward that keeps each row's mean and
+/// inverse deviation): `(x - mean)/√(var + eps)·γ + β`, the variance biased, as Burn's
 /// [`layer_norm`](burn::tensor::module::layer_norm).
 ///
 /// # Shapes
