@@ -29,13 +29,15 @@ use crate::device::DeviceChoice;
 /// Sequences per step.
 pub const BATCH: usize = 8;
 
-/// The encoder's depth and wiring.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The encoder's depth, wiring and dropout.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Depth {
     /// Layers.
     pub layers: usize,
     /// Reversible blocks.
     pub reversible: bool,
+    /// Dropout in the stack (0 as `train_step_bench.py`).
+    pub dropout: f64,
 }
 
 impl Default for Depth {
@@ -43,6 +45,7 @@ impl Default for Depth {
         Self {
             layers: 4,
             reversible: false,
+            dropout: 0.0,
         }
     }
 }
@@ -62,6 +65,9 @@ pub struct TrainStepRecord {
     /// Reversible blocks.
     #[serde(default)]
     pub reversible: bool,
+    /// Dropout in the stack.
+    #[serde(default)]
+    pub dropout: f64,
     /// Median step time in milliseconds.
     pub median_ms: f64,
     /// Tokens (batch · n) per second at the median.
@@ -96,7 +102,7 @@ fn model_config(kind: &str, n: usize, depth: Depth) -> Result<ClassifierConfig, 
                 d_model: 256,
                 n_heads: 4,
                 d_ff: 1024,
-                dropout: 0.0,
+                dropout: depth.dropout,
                 norm: NormKind::LayerNorm,
                 placement: NormPlacement::Pre,
                 norm_eps: 1e-5,
@@ -166,6 +172,7 @@ pub fn run_case(
         batch: BATCH,
         layers: depth.layers,
         reversible: depth.reversible,
+        dropout: depth.dropout,
         median_ms: median,
         tokens_per_s: (BATCH * n) as f64 / (median / 1e3),
         peak_bytes: memory_status().map(|(_, hwm)| hwm),

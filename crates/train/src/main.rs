@@ -174,6 +174,9 @@ enum Command {
         /// Reversible layers (`reversible = true`), trained without stored activations.
         #[arg(long)]
         reversible: bool,
+        /// Dropout in the stack (default 0, as PyTorch's `train_step_bench.py`).
+        #[arg(long, default_value_t = 0.0)]
+        dropout: f64,
         /// Device.
         #[arg(long, default_value = "flex")]
         device: DeviceChoice,
@@ -194,6 +197,8 @@ enum Command {
         layers: usize,
         #[arg(long)]
         reversible: bool,
+        #[arg(long, default_value_t = 0.0)]
+        dropout: f64,
         #[arg(long)]
         device: DeviceChoice,
     },
@@ -563,6 +568,7 @@ fn run(cli: Cli) -> Result<(), String> {
             steps,
             layers,
             reversible,
+            dropout,
             device,
             json,
         } => {
@@ -572,9 +578,18 @@ fn run(cli: Cli) -> Result<(), String> {
             if steps == 0 || lengths.contains(&0) || layers.contains(&0) {
                 return Err("--steps, --lengths and --layers: expected positive numbers".into());
             }
+            if !(0.0..1.0).contains(&dropout) {
+                return Err(format!(
+                    "--dropout: expected a probability in [0, 1), got {dropout}"
+                ));
+            }
             let shapes: Vec<_> = layers
                 .iter()
-                .map(|&layers| train::bench_train::Depth { layers, reversible })
+                .map(|&layers| train::bench_train::Depth {
+                    layers,
+                    reversible,
+                    dropout,
+                })
                 .collect();
             let records =
                 train::bench_train::run_all(&attentions, &lengths, &shapes, steps, device)?;
@@ -606,10 +621,15 @@ fn run(cli: Cli) -> Result<(), String> {
             steps,
             layers,
             reversible,
+            dropout,
             device,
         } => {
             let dev = device.device()?;
-            let depth = train::bench_train::Depth { layers, reversible };
+            let depth = train::bench_train::Depth {
+                layers,
+                reversible,
+                dropout,
+            };
             let mut record = train::bench_train::run_case(&attention, n, depth, steps, &dev)?;
             record.device = device.to_string();
             println!(
