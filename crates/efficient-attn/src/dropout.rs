@@ -11,7 +11,7 @@ use burn::nn::Dropout;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::rng::SeededRng;
+use crate::rng::{SeededRng, mix_seed};
 
 /// A side input ([`crate::SideInputs`]) that makes [`MultiHeadAttention`](crate::MultiHeadAttention)'s
 /// output dropout draw its mask from this seed ([`seeded_dropout`]). The layer it is passed to
@@ -50,7 +50,7 @@ pub fn seeded_dropout<const D: usize>(
     mask.par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(c, part)| {
-            let mut rng = SeededRng::new(seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut rng = SeededRng::new(mix_seed(seed, c as u64));
             // Two 32-bit uniforms per draw.
             for pair in part.chunks_mut(2) {
                 let bits = rng.next_u64();

@@ -501,13 +501,11 @@ pub trait CoreConfig: Clone + fmt::Debug {
 }
 
 /// `seed` for layer `layer` of a stack ([`CoreConfig::for_layer`]): `seed` itself for layer 0,
-/// a SplitMix64 mix of both for the others.
+/// [`mix_seed`](crate::mix_seed) of both for the others.
 pub fn layer_seed(seed: u64, layer: usize) -> u64 {
     if layer == 0 {
-        return seed;
+        seed
+    } else {
+        crate::rng::mix_seed(seed, layer as u64)
     }
-    let mut z = seed ^ (layer as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }

@@ -132,6 +132,7 @@ pub use crate::mha::{
     GlobalProjections, MhaCache, MhaInput, MultiHeadAttention, MultiHeadAttentionConfig,
     ProjectedContext, RotaryConfig,
 };
+pub use crate::rng::mix_seed;
 
 /// The README's example, compiled and run as a doc test.
 #[cfg(doctest)]

@@ -7,6 +7,16 @@
 #[cfg(feature = "testing")]
 use burn::tensor::{Device, Tensor, TensorData};
 
+/// A seed for part `part` of what `seed` seeds (one SplitMix64 step of their mix): the one
+/// way the workspace derives seeds (per layer, per branch, per chunk) from a seed.
+pub fn mix_seed(seed: u64, part: u64) -> u64 {
+    let mut z =
+        (seed ^ part.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// SplitMix64 (Steele, Lea and Flood 2014): tiny, fast, and good enough for sampling.
 #[derive(Clone, Debug)]
 pub struct SeededRng {

@@ -9,18 +9,10 @@ use burn::tensor::{Device, Tensor};
 use efficient_attn::{
     Attention, AttentionCore, AttentionMode, CoreConfig, Extras, FeedForwardActivation, MhaCache,
     MhaInput, MultiHeadAttention, ProjectedContext, RotaryConfig, WithExtras, fused_feed_forward,
-    fused_layer_norm, runs_fused, seeded_dropout,
+    fused_layer_norm, mix_seed, runs_fused, seeded_dropout,
 };
 
 use crate::config::{FeedForwardKind, ModelConfigError, NormKind, NormPlacement, StackConfig};
-
-/// A seed for part `part` of what `seed` seeds (SplitMix64 of their mix).
-pub(crate) fn derive_seed(seed: u64, part: u64) -> u64 {
-    let mut z = seed ^ part.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// Layer normalisation over the last axis, `(x - mean)/√(var + eps)·γ + β`, with the fields and
 /// record layout of Burn's `LayerNorm` (`gamma`, `beta`): on Flex one fused operation with its
@@ -153,7 +145,7 @@ impl FeedForward {
             let pieces: Vec<Tensor<3>> = (0..n)
                 .step_by(size)
                 .map(|start| {
-                    let chunk_seed = seed.map(|s| derive_seed(s, start as u64));
+                    let chunk_seed = seed.map(|s| mix_seed(s, start as u64));
                     self.forward_whole(x.clone().narrow(1, start, size.min(n - start)), chunk_seed)
                 })
                 .collect();
@@ -369,7 +361,7 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
     pub(crate) fn feed_forward_residual(&self, x: Tensor<3>, seed: Option<u64>) -> Tensor<3> {
         let h = self.norm_feed_forward.forward(x);
         let h = self.feed_forward.forward_seeded(h, seed);
-        seeded_dropout(&self.dropout, h, seed.map(|s| derive_seed(s, u64::MAX)))
+        seeded_dropout(&self.dropout, h, seed.map(|s| mix_seed(s, u64::MAX)))
     }
 
     /// Incremental decoding: `t` new positions given the layer's cache.

@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use burn::module::{Module, ModuleDisplay, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Distribution, Gradients, Tensor};
-use efficient_attn::{AttentionCore, DropoutSeed, Extras};
+use efficient_attn::{AttentionCore, DropoutSeed, Extras, mix_seed};
 
 use crate::stack::Stack;
 
@@ -168,14 +168,7 @@ pub(crate) fn accumulate<M: Module>(
 /// The seed of branch `branch` (0: `F`, 1: `G`) of layer `layer` at optimiser step `step` in
 /// the pass whose nonce is `pass`.
 fn seed(pass: u64, step: usize, layer: usize, branch: u64) -> u64 {
-    let mix = |z: u64| {
-        let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let z = mix(pass.wrapping_add(0x9e37_79b9_7f4a_7c15));
-    let z = mix(z ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    mix(z ^ ((layer as u64) << 1 | branch).wrapping_add(0xd1b5_4a32_d192_ed03))
+    mix_seed(mix_seed(pass, step as u64), (layer as u64) << 1 | branch)
 }
 
 /// A nonce for one pass through a stack: the extras' [`DropoutSeed`] if given (tests, replay),

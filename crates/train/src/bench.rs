@@ -335,8 +335,9 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
                     continue;
                 }
                 eprint!("[{done}/{total}] {variant} n={n} {} ... ", pass.name());
-                let output = Command::new(&exe)
-                    .args([
+                let outcome = run_in_process::<BenchRecord, _, _>(
+                    &exe,
+                    [
                         "bench-case",
                         "--variant",
                         variant,
@@ -356,16 +357,10 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
                         &settings.device.to_string(),
                         "--reps",
                         &settings.reps.to_string(),
-                    ])
-                    .output()
-                    .map_err(|e| format!("cannot run a bench case: {e}"))?;
-                let stdout = String::from_utf8_lossy(&output.stdout);
-                match stdout
-                    .lines()
-                    .rev()
-                    .find_map(|l| serde_json::from_str::<BenchRecord>(l).ok())
-                {
-                    Some(record) if output.status.success() => {
+                    ],
+                )?;
+                match outcome {
+                    Ok(record) => {
                         eprintln!(
                             "{:.2} ms, peak {:.0} MiB",
                             record.median_ms.unwrap_or(f64::NAN),
@@ -373,11 +368,9 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
                         );
                         records.push(record);
                     }
-                    _ => {
-                        let stderr = String::from_utf8_lossy(&output.stderr);
-                        let last = stderr.lines().last().unwrap_or("no output").to_string();
-                        eprintln!("failed ({}): {last}", output.status);
-                        records.push(skipped(format!("failed ({}): {last}", output.status)));
+                    Err(failure) => {
+                        eprintln!("{failure}");
+                        records.push(skipped(failure));
                     }
                 }
             }
@@ -385,6 +378,39 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
     }
     fill_ratios(&mut records);
     Ok(records)
+}
+
+/// Runs one case in its own `efformer` process (`exe`, with `args`), which prints its record
+/// as the last JSON line of its output. `Ok(Err(why))` when the case failed: the exit status
+/// and the last line of its error output.
+///
+/// # Errors
+/// If the process cannot be started.
+pub fn run_in_process<
+    R: serde::de::DeserializeOwned,
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+>(
+    exe: &std::path::Path,
+    args: I,
+) -> Result<Result<R, String>, String> {
+    let output = Command::new(exe)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run a bench case: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let record = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<R>(l).ok());
+    Ok(match record {
+        Some(r) if output.status.success() => Ok(r),
+        _ => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr.lines().last().unwrap_or("no output");
+            Err(format!("failed ({}): {last}", output.status))
+        }
+    })
 }
 
 /// The kind every other variant is compared with: exact attention, the default variant.

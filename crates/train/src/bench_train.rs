@@ -9,7 +9,6 @@
 //! bench-train-case`, hidden) so that its peak memory is its own; after one warm-up step the
 //! median of `steps` steps is reported, as wall time and tokens per second.
 
-use std::process::Command;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -217,17 +216,8 @@ pub fn run_all(
                     "--device",
                     &device_text,
                 ]);
-                let output = Command::new(&exe)
-                    .args(&args)
-                    .output()
-                    .map_err(|e| format!("cannot run a bench case: {e}"))?;
-                let stdout = String::from_utf8_lossy(&output.stdout);
-                match stdout
-                    .lines()
-                    .rev()
-                    .find_map(|l| serde_json::from_str::<TrainStepRecord>(l).ok())
-                {
-                    Some(r) if output.status.success() => {
+                match crate::bench::run_in_process::<TrainStepRecord, _, _>(&exe, &args)? {
+                    Ok(r) => {
                         eprintln!(
                             "{:.0} ms/step, {:.0} tokens/s, peak {:.0} MiB",
                             r.median_ms,
@@ -236,11 +226,7 @@ pub fn run_all(
                         );
                         records.push(r);
                     }
-                    _ => {
-                        let stderr = String::from_utf8_lossy(&output.stderr);
-                        let last = stderr.lines().last().unwrap_or("no output");
-                        eprintln!("failed ({}): {last}", output.status);
-                    }
+                    Err(failure) => eprintln!("{failure}"),
                 }
             }
         }

@@ -1,6 +1,10 @@
 //! The fused CPU kernels against the composed tensor-operation implementations they replace
 //! on Flex: forward outputs and the gradients of q, k and v, with padding, causality (with a
 //! memory), cross attention and tiles that do not divide the lengths.
+//!
+//! Over 600 lines on purpose: one comparison per fused operation (exact, block-sparse with its
+//! rules and steep scores, kernel, Performer features, feed-forward, layer norm), each with the
+//! cases that exercise it; splitting them would scatter the shared case builders.
 
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use efficient_attn::testing::{SeededRng, composed, fused};
