@@ -11,12 +11,31 @@ mod training;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A fresh temporary directory for one test.
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("efformer-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh temporary directory for one test, removed when the test ends (runs here hold
+/// checkpoints of hundreds of megabytes; leaving them behind filled the disk).
+pub fn temp_dir(name: &str) -> TestDir {
+    TestDir(
+        tempfile::Builder::new()
+            .prefix(&format!("efformer-it-{name}-"))
+            .tempdir()
+            .unwrap(),
+    )
+}
+
+/// A test's directory: a [`Path`] that is removed on drop.
+pub struct TestDir(tempfile::TempDir);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
 }
 
 /// The workspace root (configs, shared data paths are relative to it).

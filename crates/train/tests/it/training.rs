@@ -229,10 +229,7 @@ fn a_resumed_run_continues_the_per_step_state() {
 
 /// Trains `config` (3 epochs) uninterrupted, and again from a copy of its epoch-1 checkpoints
 /// with `--resume`: the two results must be equal. Returns the folder and the first result.
-fn resumed_equals_uninterrupted(
-    name: &str,
-    config: &str,
-) -> (std::path::PathBuf, serde_json::Value) {
+fn resumed_equals_uninterrupted(name: &str, config: &str) -> (crate::TestDir, serde_json::Value) {
     let dir = temp_dir(name);
     let config = config.replace("[train]", "[train]\nkeep_checkpoints = 3");
     std::fs::write(dir.join("tiny.toml"), &config).unwrap();
