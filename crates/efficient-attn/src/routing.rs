@@ -23,8 +23,13 @@
 //!   vectors.
 //! - Commitment loss β·mean(‖x̂ − μ_a(x̂)‖²) over the real q̂ and k̂ of training forwards, offered
 //!   to the training loss through [`AttentionCore::aux_loss`].
+//! - Attention inside the clusters runs on the block-sparse kernel
+//!   (`block_sparse_attention_with_lse`): the selected queries and keys laid out cluster by
+//!   cluster, the plan "query block i sees key block i", `ElementRule::Positions` masking by
+//!   the original positions; a row's log-sum-exp tells whether it saw any key.
 //! - Cost: O(N·C·d) routing + O(C·w²·d) = O(N·w·d) attention with w = N/C: O(N^1.5·d) with
-//!   C = √N (the paper's choice); O(N·C + C·w²) memory. Never an N × N matrix.
+//!   C = √N (the paper's choice); O(N·C + C·w·d) memory on Flex (O(N·C + C·w²) for the
+//!   composed form elsewhere). Never an N × N matrix.
 //! - Exact: C = 1 (w = N) is full attention (causal: causal full), tested; otherwise each query
 //!   sees the keys of its clusters only.
 //! - Modes: bidirectional, causal (positions masked inside clusters). Cross is a configuration
@@ -48,8 +53,10 @@ use crate::error::ConfigError;
 use crate::interface::{
     AttentionCore, AttentionMode, AttnInput, CoreConfig, Exactness, HeadDims, VariantInfo,
 };
-use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, block_sparse_attention};
-use crate::kernels::dense::masked_softmax_matmul;
+use crate::kernels::block_sparse::{
+    BlockPlan, BlockSparse, ElementRule, PositionRule, block_sparse_attention,
+    block_sparse_attention_with_lse,
+};
 use crate::kernels::rows::{global_rows, select_rows, unit_rows};
 use crate::rng::SeededRng;
 
@@ -276,47 +283,41 @@ impl RoutingAttention {
             global_rows(iq.clone().reshape([bs * h, c * w]), n),
             global_rows(ik.clone().reshape([bs * h, c * w]), n),
         );
-        let gather = |x: &Tensor<4>, rows: &Tensor<1, Int>| {
-            let d = x.dims()[3];
-            select_rows(x.clone(), rows.clone()).reshape([bs * h, c, w, d])
+        let gather = |x: Tensor<4>, rows: &Tensor<1, Int>| select_rows(x, rows.clone()); // [batch, heads, C·w, d]
+        // Each cluster's w queries attend to its w keys: the block-sparse kernel over the plan
+        // "query block i sees key block i", the original positions deciding causality and
+        // padding (position −1).
+        let key_pos = ik.clone().reshape([bs, h, c * w]);
+        let key_pos = match pad {
+            Some(p) => {
+                let padded = p
+                    .clone()
+                    .int()
+                    .reshape([bs, 1, n])
+                    .expand([bs, h, n])
+                    .gather(2, key_pos.clone())
+                    .bool();
+                key_pos.mask_fill(padded, -1)
+            }
+            None => key_pos,
         };
-        let (gq, gk, gv) = (gather(&q, &rows_q), gather(&k, &rows_k), gather(&v, &rows_k));
-        let scores = gq
-            .matmul(gk.swap_dims(2, 3))
-            .mul_scalar(1.0 / (dk as f64).sqrt()); // [batch·heads, C, w, w]
-        let mut mask: Option<Tensor<4, Bool>> = None;
-        if let Some(p) = pad {
-            let kp = p
-                .clone()
-                .int()
-                .reshape([bs, 1, n])
-                .expand([bs, h, n])
-                .gather(2, ik.clone().reshape([bs, h, c * w]))
-                .reshape([bs * h, c, 1, w])
-                .expand([bs * h, c, w, w])
-                .bool();
-            mask = Some(kp);
-        }
-        if self.mode.is_causal() {
-            let qp = iq.clone().reshape([bs * h, c, w, 1]).expand([bs * h, c, w, w]);
-            let kp = ik.clone().reshape([bs * h, c, 1, w]).expand([bs * h, c, w, w]);
-            let future = kp.greater(qp);
-            mask = Some(match mask {
-                Some(m) => m.bool_or(future),
-                None => future,
-            });
-        }
+        let plan = BlockPlan::new(w, c, vec![(0..c).map(|i| vec![i]).collect()]);
+        let (o, lse) = block_sparse_attention_with_lse(BlockSparse {
+            query: gather(q, &rows_q).mul_scalar(1.0 / (dk as f64).sqrt()),
+            key: gather(k, &rows_k),
+            value: gather(v, &rows_k),
+            mask_pad_k: None,
+            plan: &plan,
+            rule: ElementRule::Positions(Box::new(PositionRule {
+                query: iq.reshape([bs, h, c * w]),
+                key: key_pos,
+                causal: self.mode.is_causal(),
+                self_score: None,
+            })),
+            extra: None,
+        }); // [batch, heads, C·w, d_v], [batch, heads, C·w]
         // A cluster in which a query sees no key (all later or padded) is left out of its mean.
-        let sees: Tensor<2> = match &mask {
-            Some(m) => m
-                .clone()
-                .bool_not()
-                .any_dim(3)
-                .float()
-                .reshape([bs * h * c * w, 1]),
-            None => Tensor::ones([bs * h * c * w, 1], &device),
-        };
-        let o = masked_softmax_matmul(scores, mask, gv).reshape([bs, h, c, w, dv]);
+        let sees: Tensor<2> = lse.lower_elem(1e30).float().reshape([bs * h * c * w, 1]);
         // Scatter back: the mean over the clusters that picked a query and in which it sees a
         // key, one indexed add over the flattened [batch·heads·n] rows (a position picked by
         // several clusters adds once per cluster).

@@ -3,7 +3,8 @@
 //! The sequence is cut into blocks of `b` positions. A [`BlockPlan`] lists, for every query
 //! block, the key blocks it attends to (per head or shared by the heads); those key blocks are
 //! gathered (`select`) into a `[.., query block, m·b, d]` tensor, an element-level
-//! [`ElementRule`] (causality, a band, nothing) masks positions inside the gathered blocks,
+//! [`ElementRule`] (causality, a band, an explicit mask, the original positions of a permuted
+//! sequence, nothing) masks positions inside the gathered blocks,
 //! optional *global* keys are appended to every query block, and one softmax runs over the
 //! concatenation. Cost O(N·m·b·d) time and O(N·m·b) memory for m key blocks per query block:
 //! the N × N matrix is never formed.
@@ -12,6 +13,10 @@
 //!   Longformer's sliding window, ETC's local part, BigBird's window) is the plan
 //!   `{i − back, …, i + ahead}`.
 //! - The **gather of key blocks** (BigBird's random blocks, global blocks) is any other plan.
+//! - **Permuted sequences** (Reformer's rows sorted by bucket, Routing's rows laid out cluster
+//!   by cluster) are a plan over the permuted rows with [`ElementRule::Positions`]; the
+//!   callers that weigh several attentions of one query take each row's log-sum-exp too
+//!   ([`block_sparse_attention_with_lse`]).
 //!
 //! A key block must not appear twice in one query block's list (it would be counted twice by
 //! the softmax); [`BlockPlan::new`] checks it.
@@ -127,7 +132,7 @@ impl BlockPlan {
 }
 
 /// Which gathered positions are allowed, by their absolute positions `i` (query) and `j` (key).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum ElementRule {
     /// Every gathered position.
     All,
@@ -146,6 +151,27 @@ pub enum ElementRule {
     /// An explicit mask over the gathered slots, `[plan heads, query_blocks, b, per_block · b]`
     /// row-major, `true` = masked (for patterns that are not a band, such as 2-D windows).
     Explicit(std::sync::Arc<Vec<bool>>),
+    /// By the original positions the rows of a permuted sequence hold (Reformer's sorted
+    /// buckets, Routing's cluster windows), per `(batch, head)`: see [`PositionRule`].
+    Positions(Box<PositionRule>),
+}
+
+/// [`ElementRule::Positions`]: the rows of the query and key sequences are permutations (or
+/// selections) of one sequence, and each carries its original position. A key is hidden when
+/// its position is negative (padding) or, causal, after the query's; a key at the query's own
+/// position scores [`self_score`](Self::self_score) instead of `q·k` when that is set.
+#[derive(Clone, Debug)]
+pub struct PositionRule {
+    /// `[batch, heads, seq_q]`: each query row's original position.
+    pub query: Tensor<3, Int>,
+    /// `[batch, heads, seq_k]`: each key row's original position; negative = hidden.
+    pub key: Tensor<3, Int>,
+    /// Hide keys whose position is after the query's.
+    pub causal: bool,
+    /// The score (after scaling) of a query against its own position, replacing `q·k`; its
+    /// gradient is zero. Reformer's self penalty, −1e5: not −∞, so a query that sees no
+    /// other key attends to itself.
+    pub self_score: Option<f32>,
 }
 
 /// Keys every query attends to besides its plan (Longformer's and ETC's global tokens,
@@ -245,6 +271,71 @@ pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
 /// # Shapes
 /// - as [`block_sparse_attention`]
 pub fn block_sparse_attention_composed(input: BlockSparse<'_>) -> Tensor<4> {
+    let (parts, finish) = composed_parts(input);
+    let Parts { scores, mask, v } = parts;
+    finish.output(masked_softmax_matmul(scores, Some(mask), v))
+}
+
+/// [`block_sparse_attention`] and each query row's log-sum-exp over the keys it sees (`+∞`
+/// for a row that sees none, whose output is zeros), both differentiable: what a caller that
+/// combines several attentions of the same query needs (Reformer's hashing rounds, Routing's
+/// clusters).
+///
+/// # Shapes
+/// - see [`BlockSparse`]
+/// - output: `[batch, heads, seq_q, d_v]`, `[batch, heads, seq_q]`
+pub fn block_sparse_attention_with_lse(input: BlockSparse<'_>) -> (Tensor<4>, Tensor<3>) {
+    if fused::runs_fused(&input.query) {
+        return fused::block_sparse::block_sparse_attention_with_lse(input);
+    }
+    block_sparse_attention_composed_with_lse(input)
+}
+
+/// [`block_sparse_attention_with_lse`] as Burn tensor operations (the oracle of the fused
+/// operation's log-sum-exp).
+///
+/// # Shapes
+/// - as [`block_sparse_attention_with_lse`]
+pub fn block_sparse_attention_composed_with_lse(input: BlockSparse<'_>) -> (Tensor<4>, Tensor<3>) {
+    let (parts, finish) = composed_parts(input);
+    let Parts { scores, mask, v } = parts;
+    let scores = scores.mask_fill(mask.clone(), -1e30);
+    let max = scores.clone().max_dim(3).detach();
+    let weights = scores.sub(max.clone()).exp().mask_fill(mask, 0.0);
+    let sum = weights.clone().sum_dim(3); // [batch, heads·nq, b, 1]
+    let none = sum.clone().equal_elem(0.0);
+    let sum = sum.mask_fill(none.clone(), 1.0);
+    let out = weights.matmul(v).div(sum.clone());
+    let lse = finish.output(sum.log().add(max).mask_fill(none, f32::INFINITY)); // [.., 1]
+    let [bs, h, lq, _] = lse.dims();
+    (finish.output(out), lse.reshape([bs, h, lq]))
+}
+
+/// The gathered scores `[batch, heads·nq, b, w]`, their mask and values, before the softmax.
+struct Parts {
+    scores: Tensor<4>,
+    mask: Tensor<4, Bool>,
+    v: Tensor<4>,
+}
+
+/// How a `[batch, heads·nq, b, width]` result becomes `[batch, heads, seq_q, width]`.
+struct Finish {
+    bs: usize,
+    h: usize,
+    nq: usize,
+    b: usize,
+    lq: usize,
+}
+
+impl Finish {
+    fn output(&self, x: Tensor<4>) -> Tensor<4> {
+        let d = x.dims()[3];
+        x.reshape([self.bs, self.h, self.nq * self.b, d])
+            .narrow(2, 0, self.lq)
+    }
+}
+
+fn composed_parts(input: BlockSparse<'_>) -> (Parts, Finish) {
     let BlockSparse {
         query,
         key,
@@ -280,7 +371,7 @@ pub fn block_sparse_attention_composed(input: BlockSparse<'_>) -> Tensor<4> {
     let k = gather_blocks(key, plan, &device); // [batch, heads, query blocks, m·b, d_k]
     let v = gather_blocks(value, plan, &device); // [batch, heads, query blocks, m·b, d_v]
     let w = m * b;
-    let scores = q.matmul(k.swap_dims(3, 4)); // [batch, heads, query blocks, b, m·b]
+    let mut scores = q.matmul(k.swap_dims(3, 4)); // [batch, heads, query blocks, b, m·b]
 
     // Element mask from absolute positions: empty slots, positions past the end, the rule.
     let ph = plan.heads;
@@ -292,6 +383,7 @@ pub fn block_sparse_attention_composed(input: BlockSparse<'_>) -> Tensor<4> {
         .clone()
         .lower_elem(0)
         .bool_or(kpos.clone().greater_equal_elem(lk as i64)); // [heads', nq, 1, w]
+    let mut by_position = None;
     let rule_mask = {
         let full = invalid.expand([ph, nq, b, w]);
         match rule {
@@ -316,11 +408,32 @@ pub fn block_sparse_attention_composed(input: BlockSparse<'_>) -> Tensor<4> {
                 );
                 full.bool_or(t)
             }
+            ElementRule::Positions(rule) => {
+                by_position = Some(rule);
+                full
+            }
         }
     };
     let mut mask = rule_mask
         .reshape([1, ph, nq, b, w])
         .expand([bs, h, nq, b, w]);
+    if let Some(rule) = by_position {
+        // Original positions of the gathered keys (as floats: exact below 2²⁴; slots past the
+        // end are already masked) against the queries'.
+        let kp = gather_blocks(rule.key.float().reshape([bs, h, lk, 1]), plan, &device)
+            .reshape([bs, h, nq, 1, w]);
+        let qp =
+            pad_seq(rule.query.float().reshape([bs, h, lq, 1]), nq * b).reshape([bs, h, nq, b, 1]);
+        let (kp, qp) = (kp.expand([bs, h, nq, b, w]), qp.expand([bs, h, nq, b, w]));
+        if let Some(score) = rule.self_score {
+            let own = kp.clone().equal(qp.clone());
+            scores = scores.mask_fill(own, score);
+        }
+        mask = mask.bool_or(kp.clone().lower_elem(0.0));
+        if rule.causal {
+            mask = mask.bool_or(kp.greater(qp));
+        }
+    }
     if let Some(pad) = mask_pad_k {
         // Key padding, gathered like the keys.
         // Per-head plans gather different blocks per head: give every head its copy.
@@ -372,10 +485,12 @@ pub fn block_sparse_attention_composed(input: BlockSparse<'_>) -> Tensor<4> {
             )
         }
     };
-    let out = masked_softmax_matmul(
-        scores.reshape([bs, h * nq, b, w]),
-        Some(mask.reshape([bs, h * nq, b, w])),
-        v.reshape([bs, h * nq, w, dv]),
-    ); // [batch, heads·nq, b, d_v]
-    out.reshape([bs, h, nq * b, dv]).narrow(2, 0, lq)
+    (
+        Parts {
+            scores: scores.reshape([bs, h * nq, b, w]),
+            mask: mask.reshape([bs, h * nq, b, w]),
+            v: v.reshape([bs, h * nq, w, dv]),
+        },
+        Finish { bs, h, nq, b, lq },
+    )
 }

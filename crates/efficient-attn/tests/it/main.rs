@@ -7,6 +7,7 @@ mod decoding;
 mod fused;
 mod kernels;
 mod mha;
+mod positions;
 
 mod contract {
     efficient_attn::contract_tests!(burn::tensor::Device::flex());

@@ -11,13 +11,17 @@
 //!   extra keys' gradients).
 //! - Masks: the rule (causal, band or explicit) per element, key padding as an additive bias
 //!   per key, the extra keys' own mask as a bias per (query, extra key). A query that sees no
-//!   key gets zeros and `lse = +∞`, as in [`super::flash`].
+//!   key gets zeros, as in [`super::flash`].
+//! - Row statistics: each row's shift (near its maximum) and sum of exponentials, kept apart
+//!   rather than as one log-sum-exp, so that the backward's probabilities stay exact when the
+//!   scores are large (Reformer's self score −1e5: `lse = −1e5 + ln 2` has an f32 rounding
+//!   error of 4e-3, which became a 0.4% error in the probabilities).
 //! - Threads: rayon over `(batch, head, query block)` forward and `(batch, head)` backward;
 //!   every GEMM is single-threaded.
 
 use rayon::prelude::*;
 
-use super::flash::{absorb_tile_row, finish_rows, with_scratch};
+use super::flash::{absorb_tile_row, with_scratch};
 use super::gemm::{Mat, MatMut, gemm};
 use super::simd::RowOps;
 use super::zeros;
@@ -51,6 +55,22 @@ pub struct Pattern<'a> {
     pub rule: &'a ElementRule,
     /// Score scale (1 when the queries come scaled).
     pub scale: f32,
+    /// The original positions of [`ElementRule::Positions`] (required with that rule).
+    pub positions: Option<Positions<'a>>,
+}
+
+/// The host side of [`ElementRule::Positions`]: each query's and key's original position,
+/// `[batch·heads, seq_q]` and `[batch·heads, seq_k]` row-major (negative keys are hidden).
+#[derive(Clone, Copy, Debug)]
+pub struct Positions<'a> {
+    /// Of the queries.
+    pub query: &'a [i64],
+    /// Of the keys.
+    pub key: &'a [i64],
+    /// Hide keys after the query.
+    pub causal: bool,
+    /// The score of a query against its own position, replacing `q·k` (zero gradient).
+    pub self_score: Option<f32>,
 }
 
 /// The extra keys' mask as an additive bias `[batch or 1, heads or 1, seq_q, extra]`
@@ -139,6 +159,21 @@ impl Inputs<'_> {
             plan.heads,
             s.heads
         );
+        if let ElementRule::Positions(_) = pattern.rule {
+            let p = pattern
+                .positions
+                .expect("the positions rule needs the positions on the host");
+            assert_eq!(
+                p.query.len(),
+                bh * s.seq_q,
+                "block-sparse: query positions size"
+            );
+            assert_eq!(
+                p.key.len(),
+                bh * s.seq_k,
+                "block-sparse: key positions size"
+            );
+        }
         if let ElementRule::Explicit(mask) = pattern.rule {
             assert_eq!(
                 mask.len(),
@@ -153,6 +188,7 @@ impl Inputs<'_> {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let q = s.seq_q;
         Head {
+            bh,
             head: h,
             q: &self.q[bh * q * s.d_k..(bh + 1) * q * s.d_k],
             k: &self.k[bh * s.seq_k * s.d_k..(bh + 1) * s.seq_k * s.d_k],
@@ -170,6 +206,8 @@ impl Inputs<'_> {
 
 /// The slices of one `(batch, head)`.
 struct Head<'a> {
+    /// Index in `batch · heads`.
+    bh: usize,
     head: usize,
     q: &'a [f32],
     k: &'a [f32],
@@ -233,13 +271,33 @@ impl Visit {
         }
     }
 
-    /// Sets the positions of query `i`'s score row the rule hides to `-∞`.
-    fn mask_row(&self, pattern: &Pattern<'_>, head: usize, qb: usize, i: usize, row: &mut [f32]) {
+    /// Sets the positions of query `i`'s score row the rule hides to `-∞` (and, by position,
+    /// its own position to the self score).
+    fn mask_row(&self, at: Site<'_>, row: &mut [f32]) {
         let Visit::Keys { slot, k0, .. } = *self else {
             return;
         };
+        let Site {
+            pattern,
+            head,
+            qb,
+            i,
+            ..
+        } = at;
         let cols = row.len();
         match pattern.rule {
+            ElementRule::Positions(_) => {
+                let (qp, keys, p) = positions(at, k0, cols);
+                for (x, &kp) in row.iter_mut().zip(keys) {
+                    if kp < 0 || (p.causal && kp > qp) {
+                        *x = f32::NEG_INFINITY;
+                    } else if kp == qp
+                        && let Some(score) = p.self_score
+                    {
+                        *x = score / pattern.scale;
+                    }
+                }
+            }
             ElementRule::All => {}
             ElementRule::Causal { offset } => {
                 let limit = (i + offset + 1).saturating_sub(k0).min(cols);
@@ -254,7 +312,7 @@ impl Visit {
             ElementRule::Explicit(mask) => {
                 let plan = pattern.plan;
                 let (b, m) = (plan.block, plan.per_block);
-                let ph = if plan.heads == 1 { 0 } else { head };
+                let ph = if plan.heads == 1 { 0 } else { head.head };
                 let r = i - qb * b;
                 let start = (((ph * plan.query_blocks + qb) * b + r) * m + slot) * b;
                 for (x, &hidden) in row.iter_mut().zip(&mask[start..start + cols]) {
@@ -267,12 +325,54 @@ impl Visit {
     }
 }
 
+/// Where a score row lies: the problem, the head, the query block and the query.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    shape: &'a Shape,
+    pattern: &'a Pattern<'a>,
+    head: &'a Head<'a>,
+    qb: usize,
+    i: usize,
+}
+
+/// Query `i`'s position, the positions of keys `[k0, k0 + cols)` and the rule's settings.
+fn positions<'a>(at: Site<'a>, k0: usize, cols: usize) -> (i64, &'a [i64], Positions<'a>) {
+    let p = at
+        .pattern
+        .positions
+        .expect("the positions rule needs the positions on the host");
+    let (bh, s) = (at.head.bh, at.shape);
+    let keys = &p.key[bh * s.seq_k + k0..bh * s.seq_k + k0 + cols];
+    (p.query[bh * s.seq_q + at.i], keys, p)
+}
+
+impl Visit {
+    /// Zeroes the score gradients of the positions whose score is a constant (the self score).
+    fn zero_fixed(&self, at: Site<'_>, grad: &mut [f32]) {
+        let Visit::Keys { k0, .. } = *self else {
+            return;
+        };
+        if !matches!(at.pattern.rule, ElementRule::Positions(_)) {
+            return;
+        }
+        let (qp, keys, p) = positions(at, k0, grad.len());
+        if p.self_score.is_some() {
+            for (g, &kp) in grad.iter_mut().zip(keys) {
+                if kp == qp {
+                    *g = 0.0;
+                }
+            }
+        }
+    }
+}
+
 /// The widest visit: the scratch row width.
 fn widest(shape: &Shape, plan: &BlockPlan) -> usize {
     plan.block.max(shape.extra).max(1)
 }
 
-/// Forward: writes `out [B, H, Nq, Dv]` and `lse [B, H, Nq]`.
+/// Forward: writes `out [B, H, Nq, Dv]` and the row statistics `stats [B, H, Nq, 2]`
+/// (shift, sum of `exp(score − shift)`; `(+∞, 0)` for a row that sees no key).
 ///
 /// # Panics
 /// If a slice's size does not match `shape` or the plan does not cover it.
@@ -281,29 +381,35 @@ pub fn forward(
     shape: Shape,
     pattern: Pattern<'_>,
     out: &mut [f32],
-    lse: &mut [f32],
+    stats: &mut [f32],
 ) {
     inputs.check(&shape, &pattern);
     let Shape { seq_q, d_v, .. } = shape;
     let bh_total = shape.batch * shape.heads;
     assert_eq!(out.len(), bh_total * seq_q * d_v, "block-sparse: out size");
-    assert_eq!(lse.len(), bh_total * seq_q, "block-sparse: lse size");
+    assert_eq!(
+        stats.len(),
+        2 * bh_total * seq_q,
+        "block-sparse: stats size"
+    );
     if seq_q == 0 || d_v == 0 {
-        lse.fill(f32::INFINITY);
+        for s in stats.chunks_mut(2) {
+            s.copy_from_slice(&[f32::INFINITY, 0.0]);
+        }
         return;
     }
     let ops = RowOps::detect();
     let b = pattern.plan.block.max(1);
     out.par_chunks_mut(seq_q * d_v)
-        .zip(lse.par_chunks_mut(seq_q))
+        .zip(stats.par_chunks_mut(2 * seq_q))
         .enumerate()
-        .for_each(|(bh, (out, lse))| {
+        .for_each(|(bh, (out, stats))| {
             let head = inputs.head(&shape, bh);
             out.par_chunks_mut(b * d_v)
-                .zip(lse.par_chunks_mut(b))
+                .zip(stats.par_chunks_mut(2 * b))
                 .enumerate()
                 .for_each(|(qb, (o, l))| {
-                    with_scratch(l.len() * widest(&shape, pattern.plan), |scores| {
+                    with_scratch(l.len() / 2 * widest(&shape, pattern.plan), |scores| {
                         forward_block(&ops, &shape, &pattern, &head, qb, o, l, scores)
                     })
                 });
@@ -319,11 +425,11 @@ fn forward_block(
     head: &Head<'_>,
     qb: usize,
     out: &mut [f32],
-    lse: &mut [f32],
+    stats: &mut [f32],
     scores: &mut [f32],
 ) {
     let (d_k, d_v) = (shape.d_k, shape.d_v);
-    let rows = lse.len();
+    let rows = stats.len() / 2;
     let q0 = qb * pattern.plan.block;
     let q = &head.q[q0 * d_k..(q0 + rows) * d_k];
     let width = widest(shape, pattern.plan);
@@ -344,7 +450,14 @@ fn forward_block(
         for r in 0..rows {
             let i = q0 + r;
             let row = &mut scores[r * width..r * width + cols];
-            visit.mask_row(pattern, head.head, qb, i, row);
+            let at = Site {
+                shape,
+                pattern,
+                head,
+                qb,
+                i,
+            };
+            visit.mask_row(at, row);
             if r > 0 && sum[r] == 0.0 {
                 shift[r] = shift[r - 1];
             }
@@ -360,7 +473,7 @@ fn forward_block(
                     for (j, s) in row.iter_mut().enumerate() {
                         *s = ops.dot(q_row, &k[j * d_k..(j + 1) * d_k]);
                     }
-                    visit.mask_row(pattern, head.head, qb, i, row);
+                    visit.mask_row(at, row);
                 },
             );
         }
@@ -372,7 +485,16 @@ fn forward_block(
             1.0,
         );
     }
-    finish_rows(ops, out, d_v, &shift, &sum, lse);
+    for r in 0..rows {
+        let row = &mut out[r * d_v..(r + 1) * d_v];
+        if sum[r] > 0.0 {
+            ops.scale(row, 1.0 / sum[r]);
+            stats[2 * r..2 * r + 2].copy_from_slice(&[shift[r], sum[r]]);
+        } else {
+            row.fill(0.0);
+            stats[2 * r..2 * r + 2].copy_from_slice(&[f32::INFINITY, 0.0]);
+        }
+    }
 }
 
 /// The gradients of one call: `dq`, `dk`, `dv` like the inputs, and the extra keys' and
@@ -391,8 +513,23 @@ pub struct Grads {
     pub d_extra_v: Vec<f32>,
 }
 
-/// The gradients of the forward whose output and log-sum-exp were `out` and `lse`, for the
-/// output gradient `d_out`.
+/// Each row's log-sum-exp from the forward's `stats` (`+∞` where a row sees no key).
+pub fn log_sum_exp(stats: &[f32]) -> Vec<f32> {
+    stats
+        .chunks(2)
+        .map(|s| {
+            if s[1] > 0.0 {
+                s[0] + s[1].ln()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .collect()
+}
+
+/// The gradients of the forward whose output and row statistics were `out` and `stats`, for the
+/// output gradient `d_out` and, when the log-sum-exp is an output too, its gradient `d_lse`
+/// (`[B, H, Nq]`; it enters as `Dᵢ = Σⱼ dOᵢⱼ Oᵢⱼ − dlseᵢ`, since `∂lseᵢ/∂Sᵢⱼ = Pᵢⱼ`).
 ///
 /// # Panics
 /// If a slice's size does not match `shape` or the plan does not cover it.
@@ -401,8 +538,9 @@ pub fn backward(
     shape: Shape,
     pattern: Pattern<'_>,
     out: &[f32],
-    lse: &[f32],
+    stats: &[f32],
     d_out: &[f32],
+    d_lse: Option<&[f32]>,
 ) -> Grads {
     inputs.check(&shape, &pattern);
     let Shape {
@@ -421,10 +559,17 @@ pub fn backward(
     );
     assert_eq!(d_out.len(), out.len(), "block-sparse backward: d_out size");
     assert_eq!(
-        lse.len(),
-        bh_total * seq_q,
-        "block-sparse backward: lse size"
+        stats.len(),
+        2 * bh_total * seq_q,
+        "block-sparse backward: stats size"
     );
+    if let Some(d) = d_lse {
+        assert_eq!(
+            d.len(),
+            bh_total * seq_q,
+            "block-sparse backward: d_lse size"
+        );
+    }
     let ops = RowOps::detect();
     let per_head: Vec<Grads> = (0..bh_total)
         .into_par_iter()
@@ -432,8 +577,9 @@ pub fn backward(
             let head = inputs.head(&shape, bh);
             let g = HeadGrads {
                 out: &out[bh * seq_q * d_v..(bh + 1) * seq_q * d_v],
-                lse: &lse[bh * seq_q..(bh + 1) * seq_q],
+                stats: &stats[2 * bh * seq_q..2 * (bh + 1) * seq_q],
                 d_out: &d_out[bh * seq_q * d_v..(bh + 1) * seq_q * d_v],
+                d_lse: d_lse.map(|d| &d[bh * seq_q..(bh + 1) * seq_q]),
             };
             backward_head(&ops, &shape, &pattern, &head, &g)
         })
@@ -458,8 +604,9 @@ pub fn backward(
 /// The forward results and output gradient of one head.
 struct HeadGrads<'a> {
     out: &'a [f32],
-    lse: &'a [f32],
+    stats: &'a [f32],
     d_out: &'a [f32],
+    d_lse: Option<&'a [f32]>,
 }
 
 fn backward_head(
@@ -487,13 +634,14 @@ fn backward_head(
     if seq_q == 0 {
         return grads;
     }
-    // D_i = Σ_j dO_ij O_ij.
+    // D_i = Σ_j dO_ij O_ij − dlse_i.
     let d: Vec<f32> = (0..seq_q)
         .map(|i| {
-            ops.dot(
+            let d = ops.dot(
                 &g.d_out[i * d_v..(i + 1) * d_v],
                 &g.out[i * d_v..(i + 1) * d_v],
-            )
+            );
+            d - g.d_lse.map_or(0.0, |x| x[i])
         })
         .collect();
     let b = pattern.plan.block.max(1);
@@ -508,7 +656,7 @@ fn backward_head(
             for visit in visits(shape, pattern.plan, head.head, qb) {
                 let cols = visit.cols(shape);
                 let (k, v) = visit.keys(shape, head);
-                // P = exp(S·scale + bias - lse), zero where masked.
+                // P = exp(S·scale + bias - shift) / sum, zero where masked.
                 gemm(
                     MatMut::rows(probs, rows, cols, width),
                     Mat::rows(q, rows, d_k, d_k),
@@ -519,8 +667,19 @@ fn backward_head(
                 for r in 0..rows {
                     let i = q0 + r;
                     let row = &mut probs[r * width..r * width + cols];
-                    visit.mask_row(pattern, head.head, qb, i, row);
-                    ops.exp_affine(row, pattern.scale, visit.bias(shape, head, i), g.lse[i]);
+                    let at = Site {
+                        shape,
+                        pattern,
+                        head,
+                        qb,
+                        i,
+                    };
+                    visit.mask_row(at, row);
+                    let (shift, sum) = (g.stats[2 * i], g.stats[2 * i + 1]);
+                    ops.exp_affine(row, pattern.scale, visit.bias(shape, head, i), shift);
+                    if sum > 0.0 {
+                        ops.scale(row, 1.0 / sum);
+                    }
                 }
                 // dP = dO Vᵀ, then dS = P ⊙ (dP - D).
                 gemm(
@@ -531,11 +690,16 @@ fn backward_head(
                     1.0,
                 );
                 for r in 0..rows {
-                    ops.softmax_grad(
-                        &mut grad[r * width..r * width + cols],
-                        &probs[r * width..r * width + cols],
-                        d[q0 + r],
-                    );
+                    let row = &mut grad[r * width..r * width + cols];
+                    ops.softmax_grad(row, &probs[r * width..r * width + cols], d[q0 + r]);
+                    let at = Site {
+                        shape,
+                        pattern,
+                        head,
+                        qb,
+                        i: q0 + r,
+                    };
+                    visit.zero_fixed(at, row);
                 }
                 let (dk, dv) = match visit {
                     Visit::Keys { k0, k1, .. } => (

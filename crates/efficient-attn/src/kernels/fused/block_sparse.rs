@@ -14,7 +14,7 @@ use burn::tensor::Tensor;
 
 use super::{flex, host, runs_fused, slice};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, ExtraKeys};
-use crate::kernels::cpu::block_sparse::{self, ExtraBias, Inputs, Pattern, Shape};
+use crate::kernels::cpu::block_sparse::{self, ExtraBias, Inputs, Pattern, Positions, Shape};
 use crate::kernels::cpu::zeros;
 
 /// The host-side settings of one call: the plan, the rule inside planned blocks, the scale.
@@ -30,14 +30,22 @@ pub struct SparsePattern {
     pub key_masked: bool,
     /// Whether `extra_bias` is used (otherwise it is a placeholder).
     pub extra_masked: bool,
+    /// The original positions of [`ElementRule::Positions`] on the host:
+    /// `[batch·heads, seq_q]` and `[batch·heads, seq_k]`.
+    pub positions: Option<(Vec<i64>, Vec<i64>)>,
+    /// Whether the output carries each row's log-sum-exp as a last column
+    /// (`[batch, heads, seq_q, d_v + 1]`), differentiable like the rest (the backward's
+    /// output gradient then has that column too).
+    pub with_lse: bool,
 }
 
 /// Block-sparse attention as one fused operation.
 ///
 /// `q`, `k`, `v` are `[batch, heads, seq, width]`; `extra_k`, `extra_v` the extra keys every
 /// query sees, `[batch, heads, g, width]` (`g = 0` for none); `key_bias` `[batch, seq_k]` and
-/// `extra_bias` `[batch or 1, heads or 1, seq_q, g]` are additive masks (0 or `-∞`); `lse` is
-/// `[batch, heads, seq_q]`.
+/// `extra_bias` `[batch or 1, heads or 1, seq_q, g]` are additive masks (0 or `-∞`); the row
+/// statistics `lse` are `[batch, heads, seq_q, 2]` (shift and sum of exponentials, see
+/// [`block_sparse::forward`]).
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedBlockSparse: Backend {
     /// The attention.
@@ -187,7 +195,38 @@ fn pattern_of(p: &SparsePattern) -> Pattern<'_> {
         plan: &p.plan,
         rule: &p.rule,
         scale: p.scale,
+        positions: match (&p.rule, &p.positions) {
+            (ElementRule::Positions(rule), Some((query, key))) => Some(Positions {
+                query,
+                key,
+                causal: rule.causal,
+                self_score: rule.self_score,
+            }),
+            _ => None,
+        },
     }
+}
+
+/// `[rows, d]` and `[rows]` side by side: `[rows, d + 1]`.
+fn pack(out: &[f32], lse: &[f32], d: usize) -> Vec<f32> {
+    let mut packed = Vec::with_capacity(out.len() + lse.len());
+    for (i, l) in lse.iter().enumerate() {
+        packed.extend_from_slice(&out[i * d..(i + 1) * d]);
+        packed.push(*l);
+    }
+    packed
+}
+
+/// The inverse of [`pack`].
+fn unpack(packed: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = packed.len() / (d + 1);
+    let mut out = Vec::with_capacity(rows * d);
+    let mut lse = Vec::with_capacity(rows);
+    for row in packed.chunks(d + 1) {
+        out.extend_from_slice(&row[..d]);
+        lse.push(row[d]);
+    }
+    (out, lse)
 }
 
 impl FusedBlockSparse for Flex {
@@ -220,12 +259,18 @@ impl FusedBlockSparse for Flex {
         let h = Host::new(q, k, v, extra_k, extra_v, key_bias, extra_bias, &pattern);
         let s = h.shape();
         let mut out = zeros(s.batch * s.heads * s.seq_q * s.d_v);
-        let mut lse = zeros(s.batch * s.heads * s.seq_q);
-        block_sparse::forward(h.inputs(), s, pattern_of(&pattern), &mut out, &mut lse);
-        (
-            flex(out, &[s.batch, s.heads, s.seq_q, s.d_v]),
-            flex(lse, &[s.batch, s.heads, s.seq_q]),
-        )
+        let mut stats = zeros(2 * s.batch * s.heads * s.seq_q);
+        block_sparse::forward(h.inputs(), s, pattern_of(&pattern), &mut out, &mut stats);
+        let out = if pattern.with_lse {
+            let lse = block_sparse::log_sum_exp(&stats);
+            flex(
+                pack(&out, &lse, s.d_v),
+                &[s.batch, s.heads, s.seq_q, s.d_v + 1],
+            )
+        } else {
+            flex(out, &[s.batch, s.heads, s.seq_q, s.d_v])
+        };
+        (out, flex(stats, &[s.batch, s.heads, s.seq_q, 2]))
     }
 
     fn block_sparse_attention_backward(
@@ -250,14 +295,30 @@ impl FusedBlockSparse for Flex {
         let h = Host::new(q, k, v, extra_k, extra_v, key_bias, extra_bias, &pattern);
         let s = h.shape();
         let ((out, _), (lse, _), (d_out, _)) = (host(&out), host(&lse), host(&d_out));
-        let g = block_sparse::backward(
-            h.inputs(),
-            s,
-            pattern_of(&pattern),
-            slice(&out),
-            slice(&lse),
-            slice(&d_out),
-        );
+        let g = if pattern.with_lse {
+            // The output and its gradient carry the log-sum-exp column.
+            let (out, _) = unpack(slice(&out), s.d_v);
+            let (d_out, d_lse) = unpack(slice(&d_out), s.d_v);
+            block_sparse::backward(
+                h.inputs(),
+                s,
+                pattern_of(&pattern),
+                &out,
+                slice(&lse),
+                &d_out,
+                Some(&d_lse),
+            )
+        } else {
+            block_sparse::backward(
+                h.inputs(),
+                s,
+                pattern_of(&pattern),
+                slice(&out),
+                slice(&lse),
+                slice(&d_out),
+                None,
+            )
+        };
         let [qd, kd, vd, ekd, evd] = &h.dims;
         (
             flex(g.dq, qd),
@@ -417,6 +478,40 @@ impl<B: FusedBlockSparse, C: CheckpointStrategy> FusedBlockSparse for Autodiff<B
 /// # Panics
 /// Unless [`runs_fused`] holds for the queries, or if the plan does not cover the input.
 pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
+    call(input, false)
+}
+
+/// [`crate::kernels::block_sparse::block_sparse_attention_with_lse`] through
+/// [`FusedBlockSparse`]: the output and each row's log-sum-exp (`+∞` where a row sees no key),
+/// both differentiable.
+///
+/// # Shapes
+/// - see [`BlockSparse`]
+/// - output: `[batch, heads, seq_q, d_v]`, `[batch, heads, seq_q]`
+///
+/// # Panics
+/// As [`block_sparse_attention`].
+pub fn block_sparse_attention_with_lse(input: BlockSparse<'_>) -> (Tensor<4>, Tensor<3>) {
+    let dv = input.value.dims()[3];
+    let packed = call(input, true); // [batch, heads, seq_q, d_v + 1]
+    let [b, h, n, _] = packed.dims();
+    (
+        packed.clone().narrow(3, 0, dv),
+        packed.narrow(3, dv, 1).reshape([b, h, n]),
+    )
+}
+
+/// The positions of a [`PositionRule`](crate::kernels::block_sparse::PositionRule) on the host,
+/// flattened to `[batch·heads, seq]`.
+fn host_positions(t: &Tensor<3, burn::tensor::Int>) -> Vec<i64> {
+    t.clone()
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .expect("integer positions")
+}
+
+fn call(input: BlockSparse<'_>, with_lse: bool) -> Tensor<4> {
     let BlockSparse {
         query,
         key,
@@ -452,12 +547,18 @@ pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
             None,
         ),
     };
+    let positions = match &rule {
+        ElementRule::Positions(p) => Some((host_positions(&p.query), host_positions(&p.key))),
+        _ => None,
+    };
     let pattern = Arc::new(SparsePattern {
         plan: plan.clone(),
         rule,
         scale: 1.0,
         key_masked: mask_pad_k.is_some(),
         extra_masked: extra_bias.is_some(),
+        positions,
+        with_lse,
     });
     let extra_bias = extra_bias.unwrap_or_else(|| Tensor::<4>::zeros([1, 1, 1, 1], &device));
     let out = <Dispatch as FusedBlockSparse>::block_sparse_attention(
