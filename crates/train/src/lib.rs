@@ -10,6 +10,7 @@ pub mod data;
 pub mod device;
 pub mod experiment;
 pub mod fit;
+pub mod generate;
 pub mod metrics_log;
 pub mod optim;
 pub mod plot;

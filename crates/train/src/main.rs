@@ -91,6 +91,36 @@ enum Command {
         #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
         sets: Vec<String>,
     },
+    /// Continue a prompt with a trained language model (a run of task = "language-model"),
+    /// printing the text as it is sampled and the tokens per second at the end.
+    Generate {
+        /// The run directory (`efformer train … --out DIR`).
+        run: PathBuf,
+        /// A model checkpoint; default: the run's last complete one.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// The prompt; none = standard input.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Tokens to add.
+        #[arg(long = "max-new", default_value_t = 200)]
+        max_new: usize,
+        /// Sampling temperature (> 0).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Sample among the k most likely tokens only.
+        #[arg(long = "top-k")]
+        top_k: Option<usize>,
+        /// Seed of the sampler: the same seed gives the same text.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Take the most likely token every time (no sampling).
+        #[arg(long)]
+        greedy: bool,
+        /// Device.
+        #[arg(long, default_value = "flex")]
+        device: DeviceChoice,
+    },
     /// Inspect the attention variants.
     Attention {
         #[command(subcommand)]
@@ -426,6 +456,69 @@ fn run(cli: Cli) -> Result<(), String> {
                     ""
                 },
                 out.display()
+            );
+            Ok(())
+        }
+        Command::Generate {
+            run,
+            checkpoint,
+            prompt,
+            max_new,
+            temperature,
+            top_k,
+            seed,
+            greedy,
+            device,
+        } => {
+            if !(temperature > 0.0 && temperature.is_finite()) {
+                return Err(format!(
+                    "--temperature: expected a positive number, got {temperature}"
+                ));
+            }
+            if top_k == Some(0) {
+                return Err("--top-k: expected at least 1, got 0".into());
+            }
+            if max_new == 0 {
+                return Err("--max-new: expected at least 1, got 0".into());
+            }
+            let generator =
+                train::generate::Generator::from_run(&run, checkpoint.as_deref(), device)?;
+            let prompt = match prompt {
+                Some(p) => p,
+                None => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                        .map_err(|e| format!("cannot read the prompt from standard input: {e}"))?;
+                    text
+                }
+            };
+            let mut sampler = if greedy {
+                models::Sampler::Greedy
+            } else {
+                models::Sampler::sample_with(temperature, top_k, seed)
+            };
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            let mut emit = |piece: &str| -> Result<(), String> {
+                stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| stdout.flush())
+                    .map_err(|e| format!("cannot write to standard output: {e}"))
+            };
+            let g = generator.generate(&prompt, max_new, &mut sampler, &mut emit)?;
+            emit("\n")?;
+            eprintln!(
+                "{} tokens in {:.2} s ({:.1} tokens/s) from {}; {}",
+                g.tokens,
+                g.seconds,
+                g.tokens as f64 / g.seconds.max(1e-9),
+                generator.checkpoint().display(),
+                match &g.recomputed {
+                    None => "decoded with the layers' incremental caches".to_string(),
+                    Some(why) => format!(
+                        "no incremental decoding ({why}): the model ran over the whole sequence for every token"
+                    ),
+                }
             );
             Ok(())
         }

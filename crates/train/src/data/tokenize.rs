@@ -191,6 +191,14 @@ impl TextTokenizer {
             .get_ids()
             .to_vec())
     }
+
+    /// The text of `ids`, special tokens left out (generation).
+    ///
+    /// # Errors
+    /// If decoding fails.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.inner.decode(ids, true).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -9,10 +9,13 @@ use efficient_attn::{AttentionMode, Extras};
 use models::{LanguageModel, LanguageModelConfig, ReversibleTape};
 
 use super::{NanGuard, Splits, StepClock, Task, embedding, token_output};
-use crate::config::ExperimentConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ExperimentConfig, TextEncoding};
 use crate::data::loader::{LmBatch, LmBatcher, LmItem, MakeBatch};
 use crate::data::prepare::LmData;
 use crate::fit::RunContext;
+use crate::run_dir::write_atomic;
 
 /// A language model with its loss (per token, ignoring padding).
 #[derive(Module, Debug)]
@@ -65,6 +68,20 @@ impl LanguageModelWithLoss {
 }
 
 burn_train_steps!(LanguageModelWithLoss, LmBatch);
+
+/// What `efformer generate` needs besides a checkpoint: the model's configuration and how text
+/// becomes ids (`<run>/model.json`; a tokenizer, if any, is `<run>/tokenizer.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedLanguageModel {
+    /// The model.
+    pub model: LanguageModelConfig,
+    /// Padding id.
+    pub pad: u32,
+    /// Bytes or the run's tokenizer.
+    pub encoding: TextEncoding,
+    /// The training window (tokens).
+    pub seq_len: usize,
+}
 
 /// Language modelling over prepared [`LmData`].
 pub struct LanguageModelTask {
@@ -134,6 +151,21 @@ impl Task for LanguageModelTask {
 
     fn pad_token(&self) -> Option<usize> {
         Some(self.data.pad as usize)
+    }
+
+    fn save_artifacts(&self, config: &LanguageModelConfig, ctx: &RunContext) -> Result<(), String> {
+        let saved = SavedLanguageModel {
+            model: config.clone(),
+            pad: self.data.pad,
+            encoding: ctx.config.lm.encoding,
+            seq_len: self.data.seq_len,
+        };
+        write_atomic(
+            &ctx.run_dir.join("model.json"),
+            serde_json::to_string_pretty(&saved)
+                .map_err(|e| e.to_string())?
+                .as_bytes(),
+        )
     }
 
     fn describe(&self, parameters: usize) -> String {

@@ -96,7 +96,7 @@ use models::{EmbeddingSettings, StackConfig};
 use serde::Serialize;
 
 pub use self::classification::{ClassificationTask, ClassifierWithLoss, SavedClassifier};
-pub use self::language_model::{LanguageModelTask, LanguageModelWithLoss};
+pub use self::language_model::{LanguageModelTask, LanguageModelWithLoss, SavedLanguageModel};
 pub use self::seq2seq::{Seq2SeqTask, Seq2SeqWithLoss};
 use crate::config::{ExperimentConfig, ModelSection, TaskKind};
 use crate::data::batching::ItemLength;

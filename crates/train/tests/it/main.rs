@@ -4,6 +4,7 @@
 
 mod cli;
 mod configs;
+mod generate;
 mod longdoc;
 mod robustness;
 mod training;
