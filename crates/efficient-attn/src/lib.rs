@@ -74,6 +74,7 @@ macro_rules! __registered_variants {
             sinkhorn { Sinkhorn("sinkhorn", SinkhornAttentionConfig => SinkhornAttention) },
             reformer { Reformer("reformer", ReformerAttentionConfig => ReformerAttention) },
             routing { Routing("routing", RoutingAttentionConfig => RoutingAttention) },
+            transformer_xl { TransformerXl("transformer-xl", TransformerXlConfig => TransformerXlAttention) },
         }
     };
 }

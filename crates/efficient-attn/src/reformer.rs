@@ -97,7 +97,7 @@ impl ReformerAttentionConfig {
         "Kitaev et al. 2020, Reformer: The Efficient Transformer, arXiv:2001.04451",
         &[AttentionMode::Bidirectional, AttentionMode::Causal],
         "O(n_hashes·N·(log N + 2c·d))",
-        "O(n_hashes·N·2c)",
+        "O(n_hashes·N·d) on Flex (block-sparse kernel); O(n_hashes·N·2c) composed elsewhere",
         Exactness::ExactWhen(
             "with chunk >= N (full shared-QK attention with the self penalty); otherwise LSH-approximate",
         ),

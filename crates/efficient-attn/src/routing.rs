@@ -103,7 +103,7 @@ impl RoutingAttentionConfig {
         "Roy et al. 2021, Efficient Content-Based Sparse Attention with Routing Transformers, arXiv:2003.05997",
         &[AttentionMode::Bidirectional, AttentionMode::Causal],
         "O(N·C·d + N·w·d), w = N/C: O(N^1.5·d) with C = √N",
-        "O(N·C + C·w²)",
+        "O(N·C + N·d) on Flex (block-sparse kernel); O(N·C + C·w²) composed elsewhere",
         Exactness::ExactWhen("with one cluster (full attention); otherwise the keys of each query's clusters"),
     )
     .without_decoding(WHY_NOT_DECODING);
