@@ -6,7 +6,7 @@ use burn::nn::{
     Dropout, DropoutConfig, Linear, LinearConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::serde::{Deserialize, Serialize};
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::config::{Attention, AttentionConfig};
 use crate::decoding::DecodeCache;
@@ -298,6 +298,7 @@ pub struct MhaInput {
     x: Tensor<3>,
     context: Option<Tensor<3>>,
     mask_pad_context: Option<Tensor<2, Bool>>,
+    memory: Option<Tensor<3>>,
     extras: Extras,
 }
 
@@ -314,6 +315,7 @@ impl MhaInput {
             x,
             context: None,
             mask_pad_context: None,
+            memory: None,
             extras: Extras::new(),
         }
     }
@@ -329,6 +331,18 @@ impl MhaInput {
     /// Padding of the context.
     pub fn mask_pad_context(mut self, mask: Tensor<2, Bool>) -> Self {
         self.mask_pad_context = Some(mask);
+        self
+    }
+
+    /// Earlier positions every query may also attend to (causal layers; Transformer-XL's
+    /// segment memory): the keys and values come from `[memory; x]`, the queries from `x`
+    /// alone, aligned bottom-right. The memory is read, never trained through: it is detached
+    /// here.
+    ///
+    /// # Shapes
+    /// - memory: `[batch, m, d_model]`
+    pub fn with_memory(mut self, memory: Tensor<3>) -> Self {
+        self.memory = Some(memory.detach());
         self
     }
 }
@@ -361,8 +375,29 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
             }
             _ => {}
         }
-        let source = input.context.clone().unwrap_or_else(|| input.x.clone());
         let mut extras = input.extras;
+        let memory_len = input.memory.as_ref().map_or(0, |m| m.dims()[1]);
+        let source = match (&input.context, input.memory) {
+            (Some(context), _) => context.clone(),
+            (None, Some(memory)) => {
+                assert!(
+                    mode == AttentionMode::Causal,
+                    "a memory is for causal self-attention, not {mode}"
+                );
+                assert!(
+                    self.key.is_some(),
+                    "a memory needs a key projection (a shared-QK variant reads the queries as keys)"
+                );
+                // Memory positions are real: the padding mask grows by m unpadded keys.
+                if let Some(pad) = extras.mask_pad.take() {
+                    let b = pad.dims()[0];
+                    let real = Tensor::<2, Int>::zeros([b, memory_len], &pad.device()).bool();
+                    extras.mask_pad = Some(Tensor::cat(vec![real, pad], 1));
+                }
+                Tensor::cat(vec![memory, input.x.clone()], 1)
+            }
+            (None, None) => input.x.clone(),
+        };
         if let (Some(g), Some(_)) = (&self.global, &extras.global) {
             let gq = self.split_heads(g.query.forward(input.x.clone()));
             let gk = self.split_heads(g.key.forward(input.x.clone()));
@@ -376,7 +411,10 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         let q = self.split_heads(self.query.forward(input.x)); // [batch, heads, seq_q, d_k]
         let k = self.project_key(&source, &q); // [batch, heads, seq_k, d_k]
         let v = self.split_heads(self.value.forward(source)); // [batch, heads, seq_k, d_k]
-        let (q, k) = self.rotate(q, k, 0);
+        let (q, k) = match &self.rotary {
+            Some(rope) if memory_len > 0 => (rope.apply(q, memory_len), rope.apply(k, 0)),
+            _ => self.rotate(q, k, 0),
+        };
 
         let mask_pad_k = match mode {
             AttentionMode::Cross => input.mask_pad_context,

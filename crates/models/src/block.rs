@@ -330,6 +330,33 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
         self.feed_forward_branch(x)
     }
 
+    /// [`forward`](Self::forward) with this layer's memory of earlier positions (its inputs
+    /// over the previous segments; Transformer-XL): the self-attention's keys and values come
+    /// from `[memory; x]` (normalised like `x` in a pre-norm layer), its queries from `x`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]`, memory: `[batch, m, d_model]` → `[batch, seq, d_model]`
+    pub fn forward_with_memory(
+        &self,
+        x: Tensor<3>,
+        extras: &Extras,
+        memory: Tensor<3>,
+    ) -> Tensor<3> {
+        let memory = match self.placement {
+            NormPlacement::Pre => self.norm_attention.forward(memory),
+            NormPlacement::Post => memory,
+        };
+        let x = self.branch(x, &self.norm_attention, |h| {
+            self.self_attention.forward(
+                MhaInput::self_attn(h)
+                    .with_extras(extras.clone())
+                    .with_memory(memory),
+            )
+        });
+        let x = self.cross_branch(x, None);
+        self.feed_forward_branch(x)
+    }
+
     /// The self-attention branch of a pre-norm layer without its residual:
     /// `attention(norm(x))`, the attention's output dropout included (`F` of a reversible
     /// block, [`crate::reversible`]).

@@ -33,8 +33,8 @@ pub use crate::hf_names::{
 };
 pub use crate::model::{
     ClassifierConfig, DecodeState, Encoder, EncoderConfig, EncoderInput, LanguageModel,
-    LanguageModelConfig, LmHead, Pooling, Seq2Seq, Seq2SeqConfig, SequenceClassifier,
-    TokenClassifier, mean_pool,
+    LanguageModelConfig, LmHead, Pooling, SegmentMemory, Seq2Seq, Seq2SeqConfig,
+    SequenceClassifier, TokenClassifier, mean_pool,
 };
 pub use crate::pretrained::{
     BERT_KEY_MAP, BertCheckpoint, ConversionReport, HfBertConfig, ImportError, convert,

@@ -396,6 +396,29 @@ pub struct LanguageModel<C = Attention> {
     pub head: LmHead,
 }
 
+/// What each layer remembers of the positions before the current segment (Transformer-XL's
+/// segment recurrence): its inputs over the last `m` positions, detached, `[batch, m, d_model]`
+/// per layer; no tensors before the first segment. Passed explicitly from segment to segment
+/// ([`LanguageModel::forward_segment`]); clear it at a document boundary with
+/// [`SegmentMemory::default`].
+#[derive(Clone, Debug, Default)]
+pub struct SegmentMemory {
+    /// One per layer, or none.
+    pub layers: Vec<Tensor<3>>,
+}
+
+impl SegmentMemory {
+    /// Positions remembered.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |m| m.dims()[1])
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The decoding state of a model: one cache per layer.
 #[derive(Clone, Debug)]
 pub struct DecodeState {
@@ -441,6 +464,46 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> LanguageModel<C> {
         let x = self.embedding.forward(tokens, None, 0);
         self.head
             .forward(self.stack.forward(x, extras, &[]), &self.embedding)
+    }
+
+    /// Next-token logits of a segment that follows the positions `memory` holds, and the
+    /// memory the next segment reads: each layer's inputs over `[memory; segment]`, the last
+    /// `mem_len` positions, detached (no gradient reaches an earlier segment). Position
+    /// embeddings, if the model has absolute ones, restart at 0 in every segment
+    /// (Transformer-XL's layers bring relative positions and take `positions = "none"`).
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`, mask_pad: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward_segment(
+        &self,
+        tokens: Tensor<2, Int>,
+        mask_pad: Option<Tensor<2, Bool>>,
+        memory: &SegmentMemory,
+        mem_len: usize,
+    ) -> (Tensor<3>, SegmentMemory) {
+        let extras = Extras {
+            mask_pad,
+            ..Default::default()
+        };
+        let x = self.embedding.forward(tokens, None, 0);
+        let (h, inputs) = self.stack.forward_with_memory(x, extras, &memory.layers);
+        let layers = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(l, input)| {
+                let all = match memory.layers.get(l) {
+                    Some(m) if m.dims()[1] > 0 => Tensor::cat(vec![m.clone(), input.detach()], 1),
+                    _ => input.detach(),
+                };
+                let n = all.dims()[1];
+                all.narrow(1, n - n.min(mem_len), n.min(mem_len))
+            })
+            .collect();
+        (
+            self.head.forward(h, &self.embedding),
+            SegmentMemory { layers },
+        )
     }
 
     /// An empty decoding state for `batch` sequences of up to `max_len` positions, or an error

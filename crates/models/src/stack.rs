@@ -219,6 +219,46 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
         self.finish(x)
     }
 
+    /// A causal stack over a segment after the positions each layer remembers (Transformer-XL's
+    /// segment recurrence): layer `l` attends over `[memories[l]; its input]`. Returns the output
+    /// and every layer's input, from which the caller makes the next segment's memories.
+    /// `memories` is empty (no memory) or one tensor per layer.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]`, memories: `[batch, m, d_model]` each
+    /// - output: `[batch, seq, d_model]`, and `n_layers` inputs `[batch, seq, d_model]`
+    ///
+    /// # Panics
+    /// On a reversible stack (a block's two halves have no single input to remember), or with
+    /// a memory per layer that is neither none nor one each.
+    pub fn forward_with_memory(
+        &self,
+        mut x: Tensor<3>,
+        extras: Extras,
+        memories: &[Tensor<3>],
+    ) -> (Tensor<3>, Vec<Tensor<3>>) {
+        assert!(
+            matches!(self.wiring, Wiring::Sequential),
+            "segment memories need a sequential stack: a reversible block's halves have no single input to remember"
+        );
+        assert!(
+            memories.is_empty() || memories.len() == self.layers.len(),
+            "{} memories for {} layers",
+            memories.len(),
+            self.layers.len()
+        );
+        let extras = self.extras_with_shared(extras);
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            inputs.push(x.clone());
+            x = match memories.get(i) {
+                Some(m) if m.dims()[1] > 0 => layer.forward_with_memory(x, &extras, m.clone()),
+                _ => layer.forward(x, &extras, None),
+            };
+        }
+        (self.finish(x), inputs)
+    }
+
     /// Incremental decoding of `t` new positions (causal stacks).
     ///
     /// # Shapes

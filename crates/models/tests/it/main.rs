@@ -2,6 +2,7 @@
 //! cross-attention masking, incremental decoding, per-layer attention, config errors, presets.
 
 mod fused;
+mod memory;
 mod pretrained;
 mod reversible;
 
