@@ -30,8 +30,10 @@
 //!   XLNet needs a two-sided variant).
 //! - Decoding: a key/value cache; one position at a time equals the full pass (the distances
 //!   depend only on the query's and keys' positions).
-//! - Deviations: `same_length` (evaluation: every query sees the same number of keys) is not
-//!   built yet (issue 17).
+//! - `same_length` (the reference's evaluation setting): with a memory of m, every query sees
+//!   exactly the m keys up to itself, so early and late queries of a segment see as much
+//!   context; a core with it does not decode incrementally (the window depends on how the
+//!   positions are cut into segments).
 
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
@@ -55,6 +57,10 @@ pub struct TransformerXlConfig {
     pub clamp_len: Option<usize>,
     /// Score scale; `None` = 1/√d_k (paper).
     pub scale: Option<f64>,
+    /// Every query sees the same number of keys: with a memory of m positions, query i sees
+    /// keys `(i, m + i]` (the m positions up to itself) instead of `[0, m + i]` (the
+    /// reference's `same_length`, its evaluation setting; off in training).
+    pub same_length: bool,
 }
 
 impl TransformerXlConfig {
@@ -110,6 +116,7 @@ impl CoreConfig for TransformerXlConfig {
             d_k: dims.d_k,
             clamp_len: self.clamp_len,
             scale: self.scale,
+            same_length: self.same_length,
             w_r: Initializer::Uniform {
                 min: -bound,
                 max: bound,
@@ -142,6 +149,8 @@ pub struct TransformerXlAttention {
     clamp_len: Option<usize>,
     #[module(skip)]
     scale: Option<f64>,
+    #[module(skip)]
+    same_length: bool,
     /// `W_r`: the distance sinusoid to every head's `r`, `[heads·d_k, heads·d_k]`.
     pub w_r: Param<Tensor<2>>,
     /// The content bias `u` (`r_w_bias`), `[heads, d_k]`.
@@ -217,10 +226,11 @@ impl AttentionCore for TransformerXlAttention {
         // Key j is visible to query i when j <= m + i (and not padding).
         let qi = Tensor::<1, Int>::arange(0..n as i64, &device).reshape([n, 1]);
         let kj = Tensor::<1, Int>::arange(0..k_len as i64, &device).reshape([1, k_len]);
-        let mut mask: Tensor<4, Bool> = kj
-            .greater(qi.add_scalar(m as i64))
-            .reshape([1, 1, n, k_len])
-            .expand([b, h, n, k_len]);
+        let mut hidden = kj.clone().greater(qi.clone().add_scalar(m as i64));
+        if self.same_length && m > 0 {
+            hidden = hidden.bool_or(kj.lower_equal(qi));
+        }
+        let mut mask: Tensor<4, Bool> = hidden.reshape([1, 1, n, k_len]).expand([b, h, n, k_len]);
         if let Some(pad) = input.mask_pad_k {
             mask = mask.bool_or(pad.reshape([b, 1, 1, k_len]).expand([b, h, n, k_len]));
         }
@@ -232,6 +242,9 @@ impl AttentionCore for TransformerXlAttention {
     }
 
     /// A key/value cache: a new position's query meets the cached keys at their distances.
+    /// None with `same_length`, whose window depends on how the positions are cut into
+    /// segments (a cache would show each new query one key fewer than a pass over the whole
+    /// sequence).
     fn decode_cache(
         &self,
         batch: usize,
@@ -239,6 +252,9 @@ impl AttentionCore for TransformerXlAttention {
         max_len: usize,
         device: &Device,
     ) -> Option<DecodeCache> {
+        if self.same_length {
+            return None;
+        }
         kv_cache(self.mode, batch, dims, max_len, device)
     }
 }
@@ -309,6 +325,38 @@ mod tests {
         let tail = core.attend(AttnInput::new(q.narrow(2, s1, s2), k, v));
         let d = whole.sub(tail).abs().max().into_scalar::<f32>();
         assert!(d < 1e-5, "{d:e}");
+    }
+
+    /// With `same_length` each query sees exactly the m keys up to itself: changing an older
+    /// key's value moves no output, changing one of its m moves it.
+    #[test]
+    fn same_length_shows_every_query_the_last_m_keys() {
+        let device = Device::flex();
+        let core = TransformerXlConfig {
+            same_length: true,
+            ..Default::default()
+        }
+        .init(AttentionMode::Causal, HeadDims::new(1, 4), &device)
+        .unwrap();
+        let mut rng = crate::rng::SeededRng::new(5);
+        let (m, n) = (4, 3);
+        let q = rng.normal_tensor([1, 1, n, 4], 1.0, &device);
+        let k = rng.normal_tensor([1, 1, m + n, 4], 1.0, &device);
+        let v = rng.normal_tensor([1, 1, m + n, 4], 1.0, &device);
+        let out = |v: Tensor<4>| core.attend(AttnInput::new(q.clone(), k.clone(), v));
+        let base = out(v.clone());
+        for j in 0..m + n {
+            let bumped = v.clone().slice_assign(
+                [0..1, 0..1, j..j + 1, 0..4],
+                Tensor::ones([1, 1, 1, 4], &device).mul_scalar(5.0),
+            );
+            let moved = out(bumped).sub(base.clone()).abs().sum_dim(3);
+            let moved: Vec<f32> = moved.into_data().try_to_vec().unwrap();
+            for (i, d) in moved.iter().enumerate() {
+                let sees = j > i && j <= m + i;
+                assert_eq!(*d > 1e-6, sees, "query {i}, key {j}: moved {d}");
+            }
+        }
     }
 
     #[test]
