@@ -49,8 +49,11 @@ pub struct BenchRecord {
     pub variant: String,
     /// Mode.
     pub mode: String,
-    /// Sequence length.
+    /// Sequence length (queries).
     pub n: usize,
+    /// Memory positions before the queries (causal; keys are `memory + n`).
+    #[serde(default)]
+    pub memory: usize,
     /// Batch size.
     pub batch: usize,
     /// Heads.
@@ -102,6 +105,8 @@ pub struct BenchSettings {
     pub reps: usize,
     /// Memory budget in bytes for one case.
     pub budget_bytes: u64,
+    /// Memory positions before the queries (causal mode; 0 for none).
+    pub memory: usize,
 }
 
 /// A variant spec: a kind (`sparse-transformer`, its default config) or a kind with some of
@@ -191,6 +196,7 @@ pub fn run_case(
     pass: Pass,
     device: &Device,
     reps: usize,
+    memory: usize,
 ) -> Result<BenchRecord, String> {
     check_sizes(&[
         ("n", n),
@@ -198,6 +204,7 @@ pub fn run_case(
         ("heads", heads),
         ("d-head", d_head),
     ])?;
+    check_memory(memory, mode)?;
     let device = match pass {
         Pass::Forward => device.clone(),
         Pass::ForwardBackward => device.clone().autodiff(),
@@ -208,9 +215,10 @@ pub fn run_case(
         .map_err(|e| e.to_string())?;
     device.seed(0);
     let shape = [batch, heads, n, d_head];
+    let keys = [batch, heads, memory + n, d_head];
     let q = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
-    let k = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
-    let v = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let k = Tensor::random(keys, Distribution::Normal(0.0, 1.0), &device);
+    let v = Tensor::random(keys, Distribution::Normal(0.0, 1.0), &device);
     let extras = config.info().demo_extras(n, mode);
     let extras = |input: AttnInput| input.with_extras(extras.clone());
     device.sync().map_err(|e| format!("{e:?}"))?;
@@ -253,6 +261,7 @@ pub fn run_case(
         variant: kind.to_string(),
         mode: mode.name().to_string(),
         n,
+        memory,
         batch,
         heads,
         d_head,
@@ -280,6 +289,7 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
         ("d-head", settings.d_head),
         ("reps", settings.reps),
     ])?;
+    check_memory(settings.memory, settings.mode)?;
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the efformer binary: {e}"))?;
     let device = settings.device.device()?;
@@ -294,6 +304,7 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
                     variant: variant.clone(),
                     mode: settings.mode.name().to_string(),
                     n,
+                    memory: settings.memory,
                     batch: settings.batch,
                     heads: settings.heads,
                     d_head: settings.d_head,
@@ -357,6 +368,8 @@ pub fn run_all(settings: &BenchSettings) -> Result<Vec<BenchRecord>, String> {
                         &settings.device.to_string(),
                         "--reps",
                         &settings.reps.to_string(),
+                        "--memory",
+                        &settings.memory.to_string(),
                     ],
                 )?;
                 match outcome {
@@ -418,18 +431,29 @@ pub fn baseline_kind() -> &'static str {
     AttentionConfig::default().info().kind
 }
 
-/// Sets `ratio_to_full` from the `full` record with the same length, mode and pass.
+/// Sets `ratio_to_full` from the `full` record with the same length, memory, mode and pass.
 pub fn fill_ratios(records: &mut [BenchRecord]) {
-    let full: Vec<(usize, String, Pass, f64)> = records
+    let full: Vec<(usize, usize, String, Pass, f64)> = records
         .iter()
         .filter(|r| r.variant == baseline_kind())
-        .filter_map(|r| Some((r.n, r.mode.clone(), r.pass, r.median_ms?)))
+        .filter_map(|r| Some((r.n, r.memory, r.mode.clone(), r.pass, r.median_ms?)))
         .collect();
     for r in records.iter_mut() {
         r.ratio_to_full = full
             .iter()
-            .find(|(n, mode, pass, _)| *n == r.n && *mode == r.mode && *pass == r.pass)
-            .and_then(|(_, _, _, base)| Some(r.median_ms? / base));
+            .find(|(n, memory, mode, pass, _)| {
+                *n == r.n && *memory == r.memory && *mode == r.mode && *pass == r.pass
+            })
+            .and_then(|(_, _, _, _, base)| Some(r.median_ms? / base));
+    }
+}
+
+/// `n`, or `n+m` with a memory of m positions.
+fn length(r: &BenchRecord) -> String {
+    if r.memory > 0 {
+        format!("{}+{}", r.n, r.memory)
+    } else {
+        r.n.to_string()
     }
 }
 
@@ -444,7 +468,7 @@ pub fn table(records: &[BenchRecord]) -> String {
             Some(median) => out.push_str(&format!(
                 "{:<20} {:>6} {:<17} {:>11.2} {:>17} {:>10.0} {:>12.0} {:>9}\n",
                 r.variant,
-                r.n,
+                length(r),
                 r.pass.name(),
                 median,
                 format!(
@@ -460,7 +484,7 @@ pub fn table(records: &[BenchRecord]) -> String {
             None => out.push_str(&format!(
                 "{:<20} {:>6} {:<17} {}\n",
                 r.variant,
-                r.n,
+                length(r),
                 r.pass.name(),
                 r.note.as_deref().unwrap_or("skipped")
             )),
@@ -555,6 +579,19 @@ pub fn gemm_report(n: usize, device: &Device, name: &str, reps: usize) -> GemmRe
         attention_gflops: 2.0 * flop_qk / att / 1e9,
         linear_gflops,
     }
+}
+
+/// A memory is the keys before a causal layer's queries.
+///
+/// # Errors
+/// A memory outside causal mode, named.
+fn check_memory(memory: usize, mode: AttentionMode) -> Result<(), String> {
+    if memory > 0 && mode != AttentionMode::Causal {
+        return Err(format!(
+            "--memory {memory}: a memory is the keys before a causal layer's queries; add --mode causal"
+        ));
+    }
+    Ok(())
 }
 
 /// Every size of a benchmark is positive.

@@ -352,6 +352,7 @@ mod tests {
             variant: variant.into(),
             mode: "bidirectional".into(),
             n,
+            memory: 0,
             batch: 1,
             heads: 8,
             d_head: 64,

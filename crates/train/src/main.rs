@@ -159,6 +159,10 @@ enum Command {
         /// Memory budget of one case in GiB; larger cases are skipped with a note.
         #[arg(long = "budget-gib", default_value_t = 16.0)]
         budget_gib: f64,
+        /// Keys before the queries (a causal layer's memory, as Transformer-XL's): every case
+        /// attends `n` queries over `memory + n` keys.
+        #[arg(long, default_value_t = 0)]
+        memory: usize,
         /// Write one JSON record per case to this file.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -253,6 +257,8 @@ enum Command {
         device: DeviceChoice,
         #[arg(long)]
         reps: usize,
+        #[arg(long, default_value_t = 0)]
+        memory: usize,
     },
 }
 
@@ -595,6 +601,7 @@ fn run(cli: Cli) -> Result<(), String> {
             device,
             reps,
             budget_gib,
+            memory,
             json,
         } => {
             let variants = match variants {
@@ -625,6 +632,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 device,
                 reps,
                 budget_bytes: (budget_gib * (1u64 << 30) as f64) as u64,
+                memory,
             };
             let records = run_all(&settings)?;
             println!("{}", table(&records));
@@ -741,9 +749,12 @@ fn run(cli: Cli) -> Result<(), String> {
             pass,
             device,
             reps,
+            memory,
         } => {
             let dev = device.device()?;
-            let mut record = run_case(&variant, mode, n, batch, heads, d_head, pass, &dev, reps)?;
+            let mut record = run_case(
+                &variant, mode, n, batch, heads, d_head, pass, &dev, reps, memory,
+            )?;
             record.device = device.to_string();
             println!(
                 "{}",

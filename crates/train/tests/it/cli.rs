@@ -179,6 +179,10 @@ fn zero_benchmark_sizes_are_named_errors() {
         (&["bench", "--variants", "nope"][..], "nope"),
         (&["bench-train", "--attentions", "nope"][..], "nope"),
         (&["bench-train", "--steps", "0"][..], "--steps"),
+        (
+            &["bench", "--variants", "full", "--memory", "4"][..],
+            "--mode causal",
+        ),
     ] {
         let out = efformer(&dir, args);
         assert!(!out.status.success(), "{}", text(&out));
