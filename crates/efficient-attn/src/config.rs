@@ -114,9 +114,9 @@ macro_rules! __attention_enums {
                 }
             }
 
-            fn layer_shared(&self) -> Option<SharedParameterSpec> {
+            fn layer_shared(&self, dims: HeadDims) -> Option<SharedParameterSpec> {
                 match self {
-                    $($(Self::$variant(c) => c.layer_shared(),)+)*
+                    $($(Self::$variant(c) => c.layer_shared(dims),)+)*
                 }
             }
 

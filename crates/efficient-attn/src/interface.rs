@@ -379,7 +379,13 @@ pub trait AttentionCore {
         match cache {
             DecodeCache::KeyValue(kv) => {
                 kv.append(input.key, input.value);
-                self.attend(AttnInput::new(input.query, kv.keys(), kv.values()))
+                self.attend(AttnInput {
+                    query: input.query,
+                    key: kv.keys(),
+                    value: kv.values(),
+                    mask_pad_k: None,
+                    extras: input.extras,
+                })
             }
             DecodeCache::Recurrent(_)
             | DecodeCache::Window(_)
@@ -477,11 +483,27 @@ pub trait CoreConfig: Clone + fmt::Debug {
         false
     }
 
-    /// A parameter shared by every layer of a stack that uses this configuration (Linformer's
-    /// layerwise sharing); the stack owns it and passes it as a
-    /// [`SharedParameter`](crate::SharedParameter) side input.
-    fn layer_shared(&self) -> Option<SharedParameterSpec> {
+    /// A parameter shared by every layer of a stack that uses this configuration with heads
+    /// `dims` (Linformer's layerwise projection, Transformer-XL's biases); the stack owns it and
+    /// passes it as a [`SharedParameter`](crate::SharedParameter) side input, to every forward
+    /// and every decoding step.
+    fn layer_shared(&self, dims: HeadDims) -> Option<SharedParameterSpec> {
+        let _ = dims;
         None
+    }
+
+    /// `extras` with what a stack would add for a core of this configuration used alone
+    /// (benchmarks, demos): the [`layer_shared`](Self::layer_shared) parameter, freshly drawn.
+    fn standalone_extras(&self, dims: HeadDims, device: &Device, mut extras: Extras) -> Extras {
+        if let Some(spec) = self.layer_shared(dims) {
+            let p: burn::module::Param<Tensor<2>> = burn::nn::Initializer::Uniform {
+                min: -spec.bound,
+                max: spec.bound,
+            }
+            .init(spec.shape, device);
+            extras.side.insert(crate::SharedParameter(p.val()));
+        }
+        extras
     }
 
     /// An upper bound of the extra bytes one call needs at length `n` with `batch × heads`

@@ -140,7 +140,7 @@ impl CoreConfig for LinformerAttentionConfig {
 
     /// Layerwise sharing: one `[k, max_len]` projection for every layer, initialised as the
     /// per-layer ones.
-    fn layer_shared(&self) -> Option<SharedParameterSpec> {
+    fn layer_shared(&self, _: HeadDims) -> Option<SharedParameterSpec> {
         (self.sharing == LinformerSharing::Layerwise).then(|| SharedParameterSpec {
             shape: [self.k, self.max_len],
             bound: projection_bound(self.k),

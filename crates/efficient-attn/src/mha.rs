@@ -12,7 +12,7 @@ use crate::config::{Attention, AttentionConfig};
 use crate::decoding::DecodeCache;
 use crate::dropout::{DropoutSeed, seeded_dropout};
 use crate::error::ConfigError;
-use crate::extras::{Extras, GlobalHeads, Grid, WithExtras};
+use crate::extras::{Extras, GlobalHeads, Grid, SideInputs, SideValue, WithExtras};
 use crate::interface::{AttentionCore, AttentionMode, AttnInput, CoreConfig, HeadDims};
 
 /// Configuration of [`MultiHeadAttention`]. `A` is the attention's configuration: the
@@ -263,12 +263,21 @@ pub struct MhaCache {
     /// The grid of the whole sequence being decoded, for variants that lay it out in 2-D
     /// (Axial, Image Transformer 2-D); set with [`with_grid`](Self::with_grid).
     pub grid: Option<Grid>,
+    /// Side inputs every step passes to the core (a stack's [`SharedParameter`](crate::SharedParameter));
+    /// set with [`with_side`](Self::with_side).
+    pub side: SideInputs,
 }
 
 impl MhaCache {
     /// This cache for a sequence laid out as `grid` (its final length is `grid.len()`).
     pub fn with_grid(mut self, grid: Grid) -> Self {
         self.grid = Some(grid);
+        self
+    }
+
+    /// This cache with `value` passed to the core at every step.
+    pub fn with_side<T: SideValue>(mut self, value: T) -> Self {
+        self.side.insert(value);
         self
     }
 }
@@ -447,6 +456,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
                 attention,
                 position: 0,
                 grid: None,
+                side: SideInputs::default(),
             })
     }
 
@@ -463,6 +473,7 @@ impl<C: AttentionCore + Module> MultiHeadAttention<C> {
         let (q, k) = self.rotate(q, k, cache.position);
         let mut input = AttnInput::new(q, k, v);
         input.extras.grid = cache.grid;
+        input.extras.side = cache.side.clone();
         let out = self.core.decode_step(&mut cache.attention, input);
         cache.position += t;
         self.merge_heads(out, None)

@@ -12,10 +12,12 @@
 //!   distances `K−1, …, 0` (descending, K = m + n keys) and aligned by [`rel_shift`] (pad a zero
 //!   column, reshape, drop a row); its entries above the causal band are garbage and always
 //!   masked.
-//! - Parameters per layer: `W_r` (`[heads·d_k, heads·d_k]`, no bias, as the reference's
-//!   `r_net`) and the biases `u`, `v` (`[heads, d_k]`, the reference's `r_w_bias`, `r_r_bias`).
-//!   The reference shares `u`, `v` across layers by default (`untie_r = False`); here each
-//!   layer has its own (`untie_r = True`) until the stack passes shared ones (issue 17).
+//! - Parameters: `W_r` per layer (`[heads·d_k, heads·d_k]`, no bias, as the reference's
+//!   `r_net`) and the biases `u`, `v` (`[heads, d_k]` each, the reference's `r_w_bias`,
+//!   `r_r_bias`), by default one pair for the whole stack as in the reference
+//!   (`untie_r = False`; `biases = "shared"`: the stack owns them as a `[2, heads·d_k]`
+//!   [`SharedParameter`] and passes it to every forward and decoding step), or one pair per
+//!   layer (`biases = "per-layer"`, `untie_r = True`).
 //! - Memory: the keys and values may be longer than the queries (`seq_k = m + seq_q`): the
 //!   first m are earlier positions (the previous segment's hidden states, projected by this
 //!   layer), aligned bottom-right as in causal attention with a memory. Carrying the memory
@@ -42,11 +44,23 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::decoding::DecodeCache;
 use crate::error::ConfigError;
+use crate::extras::{Extras, SharedParameter, SharedParameterSpec};
 use crate::interface::{
     AttentionCore, AttentionMode, AttnInput, CoreConfig, Exactness, HeadDims, VariantInfo,
     kv_cache,
 };
 use crate::kernels::dense::masked_softmax_matmul;
+
+/// Where Transformer-XL's biases u, v live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", rename_all = "kebab-case")]
+pub enum Biases {
+    /// One pair for every layer of the stack (the reference's default, `untie_r = False`).
+    #[default]
+    Shared,
+    /// A pair per layer (`untie_r = True`).
+    PerLayer,
+}
 
 /// Configuration of [`TransformerXlAttention`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -57,6 +71,8 @@ pub struct TransformerXlConfig {
     pub clamp_len: Option<usize>,
     /// Score scale; `None` = 1/√d_k (paper).
     pub scale: Option<f64>,
+    /// Where the biases u, v live.
+    pub biases: Biases,
     /// Every query sees the same number of keys: with a memory of m positions, query i sees
     /// keys `(i, m + i]` (the m positions up to itself) instead of `[0, m + i]` (the
     /// reference's `same_length`, its evaluation setting; off in training).
@@ -83,6 +99,15 @@ impl CoreConfig for TransformerXlConfig {
 
     fn info(&self) -> &'static VariantInfo {
         &Self::INFO
+    }
+
+    /// The shared `[u; v]`, `[2, heads·d_k]`, with `biases = "shared"` (drawn uniformly with the
+    /// reference's standard deviation 0.02).
+    fn layer_shared(&self, dims: HeadDims) -> Option<SharedParameterSpec> {
+        (self.biases == Biases::Shared).then(|| SharedParameterSpec {
+            shape: [2, dims.heads * dims.d_k],
+            bound: 0.02 * 3f64.sqrt(),
+        })
     }
 
     fn init(
@@ -122,16 +147,13 @@ impl CoreConfig for TransformerXlConfig {
                 max: bound,
             }
             .init([width, width], device),
-            u: Initializer::Normal {
-                mean: 0.0,
-                std: 0.02,
-            }
-            .init([dims.heads, dims.d_k], device),
-            v: Initializer::Normal {
-                mean: 0.0,
-                std: 0.02,
-            }
-            .init([dims.heads, dims.d_k], device),
+            biases: (self.biases == Biases::PerLayer).then(|| {
+                Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                }
+                .init([2, width], device)
+            }),
         })
     }
 }
@@ -153,10 +175,9 @@ pub struct TransformerXlAttention {
     same_length: bool,
     /// `W_r`: the distance sinusoid to every head's `r`, `[heads·d_k, heads·d_k]`.
     pub w_r: Param<Tensor<2>>,
-    /// The content bias `u` (`r_w_bias`), `[heads, d_k]`.
-    pub u: Param<Tensor<2>>,
-    /// The position bias `v` (`r_r_bias`), `[heads, d_k]`.
-    pub v: Param<Tensor<2>>,
+    /// The layer's own `[u; v]` (`r_w_bias`, `r_r_bias`), `[2, heads·d_k]`, with
+    /// `biases = "per-layer"`; otherwise the stack's [`SharedParameter`].
+    pub biases: Option<Param<Tensor<2>>>,
 }
 
 /// The sinusoid of the distances `len−1, …, 0` (each capped at `clamp`), `[sin | cos]` halves
@@ -199,6 +220,26 @@ pub fn rel_shift(x: Tensor<4>) -> Tensor<4> {
         .reshape([b, h, n, k])
 }
 
+impl TransformerXlAttention {
+    /// `[u; v]`, `[2, heads·d_k]`: the layer's own, or the stack's shared parameter.
+    ///
+    /// # Panics
+    /// With shared biases and no [`SharedParameter`] side input.
+    pub fn biases_of(&self, extras: &Extras) -> Tensor<2> {
+        match &self.biases {
+            Some(b) => b.val(),
+            None => extras
+                .side
+                .get::<SharedParameter>()
+                .expect(
+                    "transformer-xl (shared biases): the stack must pass u, v as a SharedParameter side input",
+                )
+                .0
+                .clone(),
+        }
+    }
+}
+
 impl AttentionCore for TransformerXlAttention {
     /// # Shapes
     /// - input: see [`AttnInput`]; `seq_k = memory + seq_q`
@@ -211,8 +252,9 @@ impl AttentionCore for TransformerXlAttention {
         );
         let device = input.query.device();
         let m = k_len - n;
-        let u = self.u.val().reshape([1, h, 1, dk]);
-        let v = self.v.val().reshape([1, h, 1, dk]);
+        let biases = self.biases_of(&input.extras);
+        let u = biases.clone().narrow(0, 0, 1).reshape([1, h, 1, dk]);
+        let v = biases.narrow(0, 1, 1).reshape([1, h, 1, dk]);
         let r = relative_sinusoid(k_len, h * dk, self.clamp_len, &device)
             .matmul(self.w_r.val()) // [K, heads·d_k]
             .reshape([k_len, h, dk])
@@ -310,6 +352,7 @@ mod tests {
         let device = Device::flex();
         let core = TransformerXlConfig {
             clamp_len: Some(9),
+            biases: Biases::PerLayer,
             ..Default::default()
         }
         .init(AttentionMode::Causal, HeadDims::new(2, 4), &device)
@@ -334,6 +377,7 @@ mod tests {
         let device = Device::flex();
         let core = TransformerXlConfig {
             same_length: true,
+            biases: Biases::PerLayer,
             ..Default::default()
         }
         .init(AttentionMode::Causal, HeadDims::new(1, 4), &device)
@@ -416,16 +460,17 @@ mod contract {
         let r_ij = r_by_distance
             .select(1, index)
             .reshape([1, h, n, k_len, dk]); // r of distance (m + i − j)
+        let biases = core.biases_of(&input.extras);
         let qv = input
             .query
             .clone()
-            .add(core.v.val().reshape([1, h, 1, dk]))
+            .add(biases.clone().narrow(0, 1, 1).reshape([1, h, 1, dk]))
             .reshape([b, h, n, 1, dk]);
         let position = qv.mul(r_ij).sum_dim(4).reshape([b, h, n, k_len]);
         let content = input
             .query
             .clone()
-            .add(core.u.val().reshape([1, h, 1, dk]))
+            .add(biases.narrow(0, 0, 1).reshape([1, h, 1, dk]))
             .matmul(input.key.clone().swap_dims(2, 3));
         let scale = core.scale.unwrap_or(1.0 / (dk as f64).sqrt());
         let mut scores = content.add(position).mul_scalar(scale);
@@ -438,14 +483,23 @@ mod contract {
     /// Relative attention equals its dense reference with and without a memory and clamping.
     impl Contract for TransformerXlConfig {
         fn contract() -> Vec<Spec<Attention>> {
+            // Per-layer biases: a core alone has no stack to share them (the shared ones are
+            // tested through the models' stacks).
             vec![exact_config(
-                from_config(|_: &Case| TransformerXlConfig::default().into()),
+                from_config(|_: &Case| {
+                    TransformerXlConfig {
+                        biases: Biases::PerLayer,
+                        ..Default::default()
+                    }
+                    .into()
+                }),
                 "always (its own function)",
                 Oracle::Reference("dense relative attention, distances indexed", reference),
                 1e-5,
                 |_| {
                     TransformerXlConfig {
                         clamp_len: Some(3),
+                        biases: Biases::PerLayer,
                         ..Default::default()
                     }
                     .into()

@@ -5,8 +5,8 @@ use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Bool, Device, Tensor};
 use efficient_attn::{
-    Attention, AttentionCore, AttentionMode, CoreConfig, Extras, MhaCache, ProjectedContext,
-    RotaryConfig, SharedParameter, SharedParameterSpec,
+    Attention, AttentionCore, AttentionMode, CoreConfig, Extras, HeadDims, MhaCache,
+    ProjectedContext, RotaryConfig, SharedParameter, SharedParameterSpec,
 };
 
 use crate::block::{LayerSpec, Norm, TransformerLayer};
@@ -152,7 +152,8 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
         // One shared parameter for the layers that ask for one (they must agree on it).
         let mut shared: Option<(usize, SharedParameterSpec)> = None;
         for (i, attention) in per_layer.iter().enumerate() {
-            match (attention.layer_shared(), &shared) {
+            let dims = HeadDims::new(c.n_heads, c.d_model / c.n_heads.max(1));
+            match (attention.layer_shared(dims), &shared) {
                 (Some(want), None) => shared = Some((i, want)),
                 (Some(want), Some((first, have))) if want != *have => {
                     return Err(ModelConfigError::new(
@@ -303,7 +304,13 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
     ) -> Option<Vec<MhaCache>> {
         self.layers
             .iter()
-            .map(|l| l.self_attention.init_cache(batch, max_len, device))
+            .map(|l| {
+                let cache = l.self_attention.init_cache(batch, max_len, device)?;
+                Some(match &self.shared_projection {
+                    Some(p) => cache.with_side(SharedParameter(p.val())),
+                    None => cache,
+                })
+            })
             .collect()
     }
 

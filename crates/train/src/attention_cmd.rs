@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use efficient_attn::{
-    AttentionConfig, AttentionCore, AttentionMode, AttnInput, HeadDims, VariantInfo, WithExtras,
+    AttentionConfig, AttentionCore, AttentionMode, AttnInput, CoreConfig, HeadDims, VariantInfo,
+    WithExtras,
 };
 use serde::Serialize;
 
@@ -157,7 +158,8 @@ pub fn demo(
         let core = config
             .init(mode, dims, device)
             .map_err(|e| format!("{}: {e}", info.kind))?;
-        let input = input.clone().with_extras(info.demo_extras(seq, mode));
+        let extras = config.standalone_extras(dims, device, info.demo_extras(seq, mode));
+        let input = input.clone().with_extras(extras);
         let _ = core.attend(input.clone()); // warm-up
         device.sync().map_err(|e| format!("{e:?}"))?;
         let start = Instant::now();

@@ -219,7 +219,11 @@ pub fn run_case(
     let q = Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device);
     let k = Tensor::random(keys, Distribution::Normal(0.0, 1.0), &device);
     let v = Tensor::random(keys, Distribution::Normal(0.0, 1.0), &device);
-    let extras = config.info().demo_extras(n, mode);
+    let extras = config.standalone_extras(
+        HeadDims::new(heads, d_head),
+        &device,
+        config.info().demo_extras(n, mode),
+    );
     let extras = |input: AttnInput| input.with_extras(extras.clone());
     device.sync().map_err(|e| format!("{e:?}"))?;
     let baseline = memory_status().map(|(rss, _)| rss);

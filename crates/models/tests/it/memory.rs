@@ -99,3 +99,28 @@ fn no_gradient_flows_into_the_previous_segment() {
         "segment 2's embeddings"
     );
 }
+
+/// Transformer-XL's biases u, v are one parameter of the stack by default (the reference's
+/// `untie_r = False`), read by every layer in a forward and at every decoding step.
+#[test]
+fn shared_biases_are_one_stack_parameter_read_when_decoding_too() {
+    let device = Device::flex();
+    let model = lm(
+        TransformerXlConfig::default().into(),
+        NormPlacement::Pre,
+        true,
+        &device,
+    );
+    let shared = model
+        .stack
+        .shared_projection
+        .as_ref()
+        .expect("the stack owns u, v");
+    assert_eq!(shared.val().dims(), [2, 16]);
+    let seq = tokens(
+        &[vec![1, 2, 3, 4, 5, 6, 7, 8], vec![8, 7, 6, 5, 4, 3, 2, 1]],
+        &device,
+    );
+    let d = super::decoding_error(&model, seq, 3);
+    assert!(d < 1e-4, "decoding differs by {d:e}");
+}
