@@ -58,7 +58,7 @@ fn run_task(
 ) -> Result<RunReport, String> {
     match data {
         TaskData::Class(d) => checked_run(ctx, &ClassificationTask::new(d), open),
-        TaskData::Lm(d) => checked_run(ctx, &LanguageModelTask::new(d), open),
+        TaskData::Lm(d) => checked_run(ctx, &LanguageModelTask::new(d, &ctx.config), open),
         TaskData::Seq2Seq(d) => checked_run(ctx, &Seq2SeqTask::new(d), open),
     }
 }
@@ -87,7 +87,9 @@ fn evaluate_task(
         TaskData::Class(d) => {
             tasks::evaluate_checkpoint(ctx, &ClassificationTask::new(d), checkpoint)
         }
-        TaskData::Lm(d) => tasks::evaluate_checkpoint(ctx, &LanguageModelTask::new(d), checkpoint),
+        TaskData::Lm(d) => {
+            tasks::evaluate_checkpoint(ctx, &LanguageModelTask::new(d, &ctx.config), checkpoint)
+        }
         TaskData::Seq2Seq(d) => tasks::evaluate_checkpoint(ctx, &Seq2SeqTask::new(d), checkpoint),
     }
 }

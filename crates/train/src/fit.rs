@@ -197,7 +197,7 @@ where
     );
     let other = match t.batching {
         Batching::Shuffled => Batching::default(),
-        Batching::LengthBuckets { .. } => Batching::Shuffled,
+        Batching::LengthBuckets { .. } | Batching::InOrder => Batching::Shuffled,
     };
     let (mine, theirs) = train.padding_fraction(first_epoch, other);
     eprintln!(

@@ -227,6 +227,28 @@ pub struct LmTask {
     pub seq_len: usize,
     /// Read at most this many bytes of training text.
     pub max_bytes: Option<usize>,
+    /// How the text becomes examples: independent windows, or streams read segment after
+    /// segment with each layer's memory of the previous segments (Transformer-XL).
+    pub mode: LmMode,
+    /// Stream mode: positions each layer remembers in training.
+    pub mem_len: Option<usize>,
+    /// Stream mode: positions each layer remembers in evaluation (the reference evaluates with
+    /// a longer memory than it trains with); `None` = `mem_len`.
+    pub eval_mem_len: Option<usize>,
+}
+
+/// How language-modelling text becomes examples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LmMode {
+    /// Independent windows of `seq_len + 1` tokens, shuffled.
+    #[default]
+    Windows,
+    /// The text cut into `batch_size` parallel streams (contiguous parts), each read as
+    /// consecutive segments of `seq_len`: batch t holds segment t of every stream, and each
+    /// layer carries its memory of the stream's previous segments from one batch to the next
+    /// (reset every epoch). Needs `[train.batching] kind = "in-order"` and one device.
+    Stream,
 }
 
 impl Default for LmTask {
@@ -238,6 +260,9 @@ impl Default for LmTask {
             tokenizer: TokenizerSection::default(),
             seq_len: 256,
             max_bytes: Some(2_000_000),
+            mode: LmMode::Windows,
+            mem_len: None,
+            eval_mem_len: None,
         }
     }
 }

@@ -22,6 +22,9 @@ pub enum Batching {
         #[serde(default = "default_batches_per_bucket")]
         batches_per_bucket: usize,
     },
+    /// Training and evaluation: the data's order, never shuffled (streams whose segments must
+    /// follow one another, `[lm] mode = "stream"`).
+    InOrder,
 }
 
 fn default_batches_per_bucket() -> usize {
@@ -40,6 +43,7 @@ impl std::fmt::Display for Batching {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Shuffled => f.write_str("shuffled"),
+            Self::InOrder => f.write_str("in order"),
             Self::LengthBuckets { batches_per_bucket } => {
                 write!(f, "length buckets of {batches_per_bucket} batches")
             }
@@ -96,6 +100,11 @@ impl Batching {
         let longest_first = |a: &usize, b: &usize| lengths[*b].cmp(&lengths[*a]);
         match (self, rng.as_mut()) {
             (Self::Shuffled, _) => idx.chunks(batch_size).map(<[usize]>::to_vec).collect(),
+            (Self::InOrder, _) => (start..end)
+                .collect::<Vec<_>>()
+                .chunks(batch_size)
+                .map(<[usize]>::to_vec)
+                .collect(),
             (Self::LengthBuckets { .. }, None) => {
                 idx.sort_by(longest_first);
                 idx.chunks(batch_size).map(<[usize]>::to_vec).collect()

@@ -9,8 +9,8 @@ use super::loader::{ClassItem, LmItem, Seq2SeqItem};
 use super::text::{LabeledTexts, read_labeled};
 use super::tokenize::{self, TextTokenizer};
 use crate::config::{
-    ExperimentConfig, LmTask, Seq2SeqProblem, Seq2SeqTask, TaskKind, TextEncoding, TextTask,
-    TokenizerSection,
+    ExperimentConfig, LmMode, LmTask, Seq2SeqProblem, Seq2SeqTask, TaskKind, TextEncoding,
+    TextTask, TokenizerSection,
 };
 
 /// Prepared classification data.
@@ -107,7 +107,13 @@ pub fn prepare(
             run_dir,
         )
         .map(TaskData::Class),
-        TaskKind::LanguageModel => lm_data(&config.lm, config_dir, run_dir).map(TaskData::Lm),
+        TaskKind::LanguageModel => lm_data(
+            &config.lm,
+            (config.train.batch_size, config.train.eval_batch_size),
+            config_dir,
+            run_dir,
+        )
+        .map(TaskData::Lm),
         TaskKind::Seq2seq => Ok(TaskData::Seq2Seq(seq2seq_data(&config.seq2seq)?)),
     }
 }
@@ -329,7 +335,32 @@ fn windows(ids: &[u32], seq_len: usize) -> Vec<LmItem> {
         .collect()
 }
 
-fn lm_data(task: &LmTask, config_dir: &Path, run_dir: &Path) -> Result<LmData, String> {
+/// `ids` cut into `streams` contiguous parts, each read as consecutive segments of `seq_len`
+/// inputs (plus the next token as the last target), laid out segment by segment: item
+/// `t · streams + s` is segment t of stream s. The tail that does not fill a segment of every
+/// stream is left out.
+pub fn stream_segments(ids: &[u32], seq_len: usize, streams: usize) -> Vec<LmItem> {
+    let streams = streams.max(1);
+    let part = ids.len().saturating_sub(1) / streams;
+    let segments = part / seq_len.max(1);
+    (0..segments)
+        .flat_map(|t| {
+            (0..streams).map(move |s| {
+                let start = s * part + t * seq_len;
+                LmItem {
+                    tokens: ids[start..start + seq_len + 1].to_vec(),
+                }
+            })
+        })
+        .collect()
+}
+
+fn lm_data(
+    task: &LmTask,
+    batches: (usize, usize),
+    config_dir: &Path,
+    run_dir: &Path,
+) -> Result<LmData, String> {
     if task.seq_len < 2 {
         return Err("lm.seq_len: at least 2 tokens".into());
     }
@@ -368,9 +399,31 @@ fn lm_data(task: &LmTask, config_dir: &Path, run_dir: &Path) -> Result<LmData, S
             )
         }
     };
+    let (train, valid) = match task.mode {
+        LmMode::Windows => (
+            windows(&train_ids, task.seq_len),
+            windows(&valid_ids, task.seq_len),
+        ),
+        LmMode::Stream => {
+            let (train, valid) = (
+                stream_segments(&train_ids, task.seq_len, batches.0),
+                stream_segments(&valid_ids, task.seq_len, batches.1),
+            );
+            if valid.is_empty() {
+                return Err(format!(
+                    "lm.mode = \"stream\": the validation text ({} tokens) does not fill one \
+                     segment of lm.seq_len = {} in each of train.eval_batch_size = {} streams",
+                    valid_ids.len(),
+                    task.seq_len,
+                    batches.1
+                ));
+            }
+            (train, valid)
+        }
+    };
     Ok(LmData {
-        train: windows(&train_ids, task.seq_len),
-        valid: windows(&valid_ids, task.seq_len),
+        train,
+        valid,
         vocab_size,
         pad,
         seq_len: task.seq_len,
