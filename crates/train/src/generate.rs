@@ -4,8 +4,10 @@
 //! A run of the `language-model` task leaves what this needs beside its checkpoints:
 //! `<run>/model.json` ([`SavedLanguageModel`]: the model's configuration, the padding id and
 //! the encoding) and, for a tokenizer encoding, `<run>/tokenizer.json`. Decoding uses the
-//! layers' incremental caches when every layer's variant has one (one position per step);
-//! otherwise it runs the model over the whole sequence for every new token and says why.
+//! layers' incremental caches when every layer's variant has one (one position per step); past
+//! the model's positions, a model without absolute positions (Transformer-XL) carries each
+//! layer's memory from token to token; otherwise it runs the model over the sequence for every
+//! new token and says why.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,7 +15,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::store::ModuleRecord;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use models::{LanguageModel, Sampler};
+use models::{LanguageModel, PositionKind, Sampler, SegmentMemory};
 
 use crate::config::TextEncoding;
 use crate::data::tokenize::{self, TextTokenizer};
@@ -39,9 +41,37 @@ pub struct Generated {
     pub tokens: usize,
     /// Seconds from the first model call to the last token.
     pub seconds: f64,
-    /// `None` when the layers' decoding caches were used; otherwise why not (the model then
-    /// ran over the whole sequence for every token).
-    pub recomputed: Option<String>,
+    /// How the model ran for each new token.
+    pub decoding: Decoding,
+}
+
+/// How [`Generator::generate`] ran the model for each new token.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decoding {
+    /// The layers' incremental caches, one position per step.
+    Cache,
+    /// Past the model's positions, a memory of this many positions per layer carried from
+    /// token to token (Transformer-XL's recurrence; models without absolute positions).
+    Memory(usize),
+    /// The model over the sequence (at most its last `max_len` tokens) for every token, and
+    /// why.
+    Recompute(String),
+}
+
+impl std::fmt::Display for Decoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cache => f.write_str("decoded with the layers' incremental caches"),
+            Self::Memory(m) => write!(
+                f,
+                "decoded with each layer's memory of the last {m} positions (segment recurrence)"
+            ),
+            Self::Recompute(why) => write!(
+                f,
+                "no incremental decoding ({why}): the model ran over the sequence for every token"
+            ),
+        }
+    }
 }
 
 impl Generator {
@@ -148,7 +178,9 @@ impl Generator {
 
     /// Continues `prompt` by `max_new` tokens drawn by `sampler`, handing `emit` the prompt and
     /// then each new piece of text as soon as it decodes to whole characters. Past the model's
-    /// positions (`model.embedding.max_len`) each token is sampled from the last that many.
+    /// positions (`model.embedding.max_len`) a model without absolute positions carries each
+    /// layer's memory of the last that many positions from token to token; one with absolute
+    /// positions samples each token from the last that many tokens.
     ///
     /// # Errors
     /// An empty prompt, or what `emit` returns.
@@ -197,15 +229,22 @@ impl Generator {
             }
             Ok(())
         };
+        // Past the model's positions, a model without absolute positions reads a memory of the
+        // last `window` positions (its layers attend over [memory; token]); one with absolute
+        // positions is run over the last `window` tokens.
+        let relative = self.saved.model.embedding.positions == PositionKind::None
+            && !self.saved.model.stack.reversible;
         let state = if total <= window {
             self.model.init_state(1, total, &self.device)
+        } else if relative {
+            Err(String::new())
         } else {
             Err(format!(
                 "the prompt and continuation make {total} tokens, more than the model's {window} \
                  positions (model.embedding.max_len): each token sees the last {window}"
             ))
         };
-        let recomputed = match state {
+        let decoding = match state {
             Ok(mut state) => {
                 let mut logits = self.model.step(tensor(&ids), &mut state);
                 for _ in 0..max_new {
@@ -214,7 +253,28 @@ impl Generator {
                     show(&ids, &mut shown)?;
                     logits = self.model.step(tensor(&[id]), &mut state);
                 }
-                None
+                Decoding::Cache
+            }
+            Err(_) if relative => {
+                let mut memory = SegmentMemory::default();
+                let mut logits = None;
+                for chunk in ids.chunks(window) {
+                    let (l, m) = self
+                        .model
+                        .forward_segment(tensor(chunk), None, &memory, window);
+                    (logits, memory) = (Some(l), m);
+                }
+                let mut logits = logits.expect("a non-empty prompt");
+                for _ in 0..max_new {
+                    let id = next_of(logits);
+                    ids.push(id);
+                    show(&ids, &mut shown)?;
+                    let (l, m) = self
+                        .model
+                        .forward_segment(tensor(&[id]), None, &memory, window);
+                    (logits, memory) = (l, m);
+                }
+                Decoding::Memory(window)
             }
             Err(why) => {
                 for _ in 0..max_new {
@@ -223,7 +283,7 @@ impl Generator {
                     ids.push(id);
                     show(&ids, &mut shown)?;
                 }
-                Some(why)
+                Decoding::Recompute(why)
             }
         };
         let seconds = start.elapsed().as_secs_f64();
@@ -235,7 +295,7 @@ impl Generator {
             text,
             tokens: max_new,
             seconds,
-            recomputed,
+            decoding,
         })
     }
 }

@@ -519,12 +519,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 g.seconds,
                 g.tokens as f64 / g.seconds.max(1e-9),
                 generator.checkpoint().display(),
-                match &g.recomputed {
-                    None => "decoded with the layers' incremental caches".to_string(),
-                    Some(why) => format!(
-                        "no incremental decoding ({why}): the model ran over the whole sequence for every token"
-                    ),
-                }
+                g.decoding
             );
             Ok(())
         }

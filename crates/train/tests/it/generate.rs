@@ -109,6 +109,42 @@ fn a_trained_language_model_continues_its_pattern_and_a_seed_fixes_the_text() {
         text(&long)
     );
 
+    // Transformer-XL (no absolute positions) past its 32 positions: each layer's memory of the
+    // last 32 positions rides from token to token.
+    let xl = CONFIG
+        .replace("kind = \"full\"", "kind = \"transformer-xl\"")
+        .replace(
+            "[model.stack]",
+            "[model.embedding]\npositions = \"none\"\n[model.stack]",
+        );
+    std::fs::write(dir.join("xl.toml"), xl).unwrap();
+    let out = efformer(&dir, &["train", "xl.toml", "--out", "xl"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = efformer(
+        &dir,
+        &[
+            "generate",
+            "xl",
+            "--prompt",
+            "abcde",
+            "--max-new",
+            "43",
+            "--greedy",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("memory of the last 32"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        stdout(&out),
+        format!("{}\n", "abcdefgh".repeat(6)),
+        "{}",
+        text(&out)
+    );
+
     // A variant without a decoding cache recomputes, and says why.
     let reformer = CONFIG
         .replace("kind = \"full\"", "kind = \"reformer\"")
