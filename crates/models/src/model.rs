@@ -488,6 +488,12 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> LanguageModel<C> {
         };
         let x = self.embedding.forward(tokens, None, 0);
         let (h, inputs) = self.stack.forward_with_memory(x, extras, &memory.layers);
+        if mem_len == 0 {
+            return (
+                self.head.forward(h, &self.embedding),
+                SegmentMemory::default(),
+            );
+        }
         let layers = inputs
             .into_iter()
             .enumerate()

@@ -56,9 +56,16 @@ fn a_segment_after_its_memory_equals_the_tail_of_one_causal_pass() {
             );
             let (second, next) =
                 model.forward_segment(tokens(&[s2.clone(), s2.clone()], &device), None, &memory, 9);
-            let d = max_diff(whole, second);
+            let d = max_diff(whole, second.clone());
             assert!(d < 1e-5, "{kind} {placement:?}: segment 2 differs by {d:e}");
             assert_eq!(next.len(), 9, "the memory keeps the last mem_len positions");
+            let (none, empty) =
+                model.forward_segment(tokens(&[s2.clone(), s2.clone()], &device), None, &memory, 0);
+            assert!(empty.is_empty(), "mem_len 0 remembers nothing");
+            assert!(
+                max_diff(none, second.clone()) < 1e-6,
+                "{kind}: mem_len bounds what is kept, not what is read"
+            );
         }
     }
 }
