@@ -18,6 +18,10 @@
 //!   error of 4e-3, which became a 0.4% error in the probabilities).
 //! - Threads: rayon over `(batch, head, query block)` forward and `(batch, head)` backward;
 //!   every GEMM is single-threaded.
+//!
+//! Over 600 lines on purpose: the backward must visit the same blocks, apply the same rules
+//! (causal, band, explicit, by position with the self score) and recompute the same
+//! probabilities as the forward; one file keeps the visit machinery they share next to both.
 
 use rayon::prelude::*;
 
