@@ -370,6 +370,42 @@ mod tests {
         assert!(d < 1e-5, "{d:e}");
     }
 
+    /// Translation invariance: moving the segment and its keys further along (p more key
+    /// positions in front, all padding) changes no output, since only distances enter.
+    #[test]
+    fn outputs_depend_on_distances_not_on_the_offset() {
+        use burn::tensor::TensorData;
+        let device = Device::flex();
+        let core = TransformerXlConfig {
+            biases: Biases::PerLayer,
+            ..Default::default()
+        }
+        .init(AttentionMode::Causal, HeadDims::new(2, 4), &device)
+        .unwrap();
+        let mut rng = crate::rng::SeededRng::new(23);
+        let (m, n, p) = (3, 5, 6);
+        let q = rng.normal_tensor([1, 2, n, 4], 1.0, &device);
+        let k = rng.normal_tensor([1, 2, m + n, 4], 1.0, &device);
+        let v = rng.normal_tensor([1, 2, m + n, 4], 1.0, &device);
+        let base = core.attend(AttnInput::new(q.clone(), k.clone(), v.clone()));
+        let front = rng.normal_tensor([1, 2, p, 4], 1.0, &device);
+        let mut moved = AttnInput::new(
+            q,
+            Tensor::cat(vec![front.clone(), k], 2),
+            Tensor::cat(vec![front, v], 2),
+        );
+        let pad: Vec<bool> = (0..p + m + n).map(|j| j < p).collect();
+        moved.mask_pad_k = Some(
+            Tensor::<2, Bool>::from_data(TensorData::new(pad, [1, p + m + n]), &device),
+        );
+        let d = base
+            .sub(core.attend(moved))
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert!(d < 1e-5, "{d:e}");
+    }
+
     /// With `same_length` each query sees exactly the m keys up to itself: changing an older
     /// key's value moves no output, changing one of its m moves it.
     #[test]
