@@ -50,6 +50,7 @@ use crate::interface::{
     kv_cache,
 };
 use crate::kernels::dense::masked_softmax_matmul;
+use crate::mask::causal_mask;
 
 /// Where Transformer-XL's biases u, v live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,11 +266,12 @@ impl AttentionCore for TransformerXlAttention {
         let position = rel_shift(q.add(v).matmul(r.swap_dims(2, 3))); // [b, h, n, K]
         let scale = self.scale.unwrap_or(1.0 / (dk as f64).sqrt());
         let scores = content.add(position).mul_scalar(scale);
-        // Key j is visible to query i when j <= m + i (and not padding).
-        let qi = Tensor::<1, Int>::arange(0..n as i64, &device).reshape([n, 1]);
-        let kj = Tensor::<1, Int>::arange(0..k_len as i64, &device).reshape([1, k_len]);
-        let mut hidden = kj.clone().greater(qi.clone().add_scalar(m as i64));
+        // Key j is visible to query i when j <= m + i (bottom-right causal) and not padding.
+        let mut hidden = causal_mask(n, k_len, &device); // [n, K]: j > m + i
         if self.same_length && m > 0 {
+            // Also the keys more than m behind the query: j <= i.
+            let qi = Tensor::<1, Int>::arange(0..n as i64, &device).reshape([n, 1]);
+            let kj = Tensor::<1, Int>::arange(0..k_len as i64, &device).reshape([1, k_len]);
             hidden = hidden.bool_or(kj.lower_equal(qi));
         }
         let mut mask: Tensor<4, Bool> = hidden.reshape([1, 1, n, k_len]).expand([b, h, n, k_len]);

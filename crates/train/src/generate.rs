@@ -164,14 +164,7 @@ impl Generator {
     /// If the tokenizer fails.
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
         match &self.tokenizer {
-            None => {
-                let bytes: Vec<u8> = ids
-                    .iter()
-                    .filter(|&&id| (2..258).contains(&id))
-                    .map(|&id| (id - 2) as u8)
-                    .collect();
-                Ok(String::from_utf8_lossy(&bytes).into_owned())
-            }
+            None => Ok(tokenize::decode_bytes_plain(ids)),
             Some(t) => t.decode(ids),
         }
     }

@@ -35,6 +35,17 @@ pub fn encode_bytes_plain(text: &str) -> Vec<u32> {
     text.bytes().map(|b| b as u32 + 2).collect()
 }
 
+/// The text of byte-encoded ids ([`encode_bytes_plain`]); ids that are no byte (padding, CLS)
+/// are left out, invalid UTF-8 becomes U+FFFD.
+pub fn decode_bytes_plain(ids: &[u32]) -> String {
+    let bytes: Vec<u8> = ids
+        .iter()
+        .filter(|&&id| (2..BYTE_VOCAB as u32).contains(&id))
+        .map(|&id| (id - 2) as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// A `tokenizers` tokenizer with the ids our batches need.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -204,6 +215,15 @@ impl TextTokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_bytes_round_trip_and_skip_special_ids() {
+        let text = "héllo, wörld";
+        let mut ids = encode_bytes_plain(text);
+        ids.insert(0, BYTE_CLS);
+        ids.push(BYTE_PAD);
+        assert_eq!(decode_bytes_plain(&ids), text);
+    }
 
     #[test]
     fn bytes_have_cls_and_truncate() {
