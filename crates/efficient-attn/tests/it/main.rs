@@ -6,6 +6,7 @@ mod config;
 mod decoding;
 mod fused;
 mod kernels;
+mod layouts;
 mod mha;
 mod positions;
 

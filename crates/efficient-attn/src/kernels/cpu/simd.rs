@@ -561,6 +561,42 @@ pub fn parallel_zeros(n: usize) -> Vec<f32> {
     v
 }
 
+/// A fresh `rows × row_len` buffer whose row `r` is a copy of `source(r)` (each `row_len`
+/// long), written by every rayon thread without zero-filling first: the copy behind
+/// [`crate::kernels::fused`]'s head split and merge, where Flex's own strided copy moves
+/// elements one at a time.
+///
+/// # Panics
+/// If a row `source` returns is not `row_len` long.
+pub fn gather_rows<'a, F>(rows: usize, row_len: usize, source: F) -> Vec<f32>
+where
+    F: Fn(usize) -> &'a [f32] + Sync,
+{
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let n = rows * row_len;
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    if row_len > 0 {
+        let per_task = (1usize << 14).div_ceil(row_len).max(1);
+        v.spare_capacity_mut()[..n]
+            .par_chunks_mut(per_task * row_len)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (i, dst) in chunk.chunks_mut(row_len).enumerate() {
+                    let src = source(t * per_task + i);
+                    assert_eq!(src.len(), row_len, "gather_rows: row length");
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = MaybeUninit::new(*s);
+                    }
+                }
+            });
+    }
+    // SAFETY: every one of the first `n` elements was written above (each chunk's rows are
+    // `row_len` long and the assert checked every source row's length).
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Which build of the row operations runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {

@@ -11,7 +11,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, BackendTypes, Dispatch, Flex, backend_extension};
 use burn::tensor::{Bool, Tensor};
 
-use super::{flex, host, runs_fused, slice};
+use super::{flex, host, like, runs_fused, slice};
 use crate::kernels::cpu::flash::{self, Inputs, Params, Shape};
 use crate::kernels::cpu::zeros;
 
@@ -118,13 +118,13 @@ impl FusedAttention for Flex {
         scale: f32,
         tiles: [usize; 2],
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let ((q, qd), (k, kd), (v, vd)) = (host(&q), host(&k), host(&v));
+        let ((hq, qd), (hk, kd), (hv, vd)) = (host(&q), host(&k), host(&v));
         let shape = shape_of(&qd, &kd, &vd);
         let bias = masked.then(|| host(&key_bias).0);
         let inputs = Inputs {
-            q: slice(&q),
-            k: slice(&k),
-            v: slice(&v),
+            q: slice(&hq),
+            k: slice(&hk),
+            v: slice(&hv),
             key_bias: bias.as_ref().map(slice),
         };
         let bh = shape.batch * shape.heads;
@@ -138,7 +138,7 @@ impl FusedAttention for Flex {
             &mut lse,
         );
         (
-            flex(out, &[shape.batch, shape.heads, shape.seq_q, shape.d_v]),
+            like(out, &[shape.batch, shape.heads, shape.seq_q, shape.d_v], &q),
             flex(lse, &[shape.batch, shape.heads, shape.seq_q]),
         )
     }
@@ -156,16 +156,16 @@ impl FusedAttention for Flex {
         scale: f32,
         tiles: [usize; 2],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let ((q, qd), (k, kd), (v, vd)) = (host(&q), host(&k), host(&v));
+        let ((hq, qd), (hk, kd), (hv, vd)) = (host(&q), host(&k), host(&v));
         let shape = shape_of(&qd, &kd, &vd);
         let bias = masked.then(|| host(&key_bias).0);
         let (out, _) = host(&out);
         let (lse, _) = host(&lse);
         let (d_out, _) = host(&d_out);
         let inputs = Inputs {
-            q: slice(&q),
-            k: slice(&k),
-            v: slice(&v),
+            q: slice(&hq),
+            k: slice(&hk),
+            v: slice(&hv),
             key_bias: bias.as_ref().map(slice),
         };
         let mut dq = zeros(qd.iter().product());
@@ -182,7 +182,7 @@ impl FusedAttention for Flex {
             &mut dk,
             &mut dv,
         );
-        (flex(dq, &qd), flex(dk, &kd), flex(dv, &vd))
+        (like(dq, &qd, &q), like(dk, &kd, &k), like(dv, &vd, &v))
     }
 }
 

@@ -11,7 +11,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, BackendTypes, Dispatch, Flex, backend_extension};
 use burn::tensor::{Bool, Tensor};
 
-use super::{flex, host, runs_fused, slice};
+use super::{host, like, runs_fused, slice};
 use crate::kernels::cpu::linear::{self, Feature, Features, Inputs, Shape};
 use crate::kernels::cpu::zeros;
 
@@ -88,13 +88,13 @@ impl FusedKernelAttention for Flex {
         feature: u8,
         chunk: usize,
     ) -> FloatTensor<Self> {
-        let ((q, qd), (k, kd), (v, vd)) = (host(&q), host(&k), host(&v));
+        let ((hq, qd), (hk, kd), (hv, vd)) = (host(&q), host(&k), host(&v));
         let shape = shape_of(&qd, &kd, &vd);
         let keep = masked.then(|| host(&keep).0);
         let inputs = Inputs {
-            phi_q: slice(&q),
-            phi_k: slice(&k),
-            v: slice(&v),
+            phi_q: slice(&hq),
+            phi_k: slice(&hk),
+            v: slice(&hv),
         };
         let features = Features {
             map: feature_of(feature),
@@ -103,7 +103,7 @@ impl FusedKernelAttention for Flex {
         };
         let mut out = zeros(shape.heads * shape.seq_q * shape.d_v);
         linear::forward(inputs, features, shape, chunk_of(chunk), &mut out);
-        flex(out, &[qd[0], qd[1], qd[2], vd[3]])
+        like(out, &[qd[0], qd[1], qd[2], vd[3]], &q)
     }
 
     fn kernel_attention_backward(
@@ -117,15 +117,15 @@ impl FusedKernelAttention for Flex {
         feature: u8,
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let ((q, qd), (k, kd), (v, vd)) = (host(&q), host(&k), host(&v));
+        let ((hq, qd), (hk, kd), (hv, vd)) = (host(&q), host(&k), host(&v));
         let shape = shape_of(&qd, &kd, &vd);
         let keep = masked.then(|| host(&keep).0);
         let (out, _) = host(&out);
         let (d_out, _) = host(&d_out);
         let inputs = Inputs {
-            phi_q: slice(&q),
-            phi_k: slice(&k),
-            v: slice(&v),
+            phi_q: slice(&hq),
+            phi_k: slice(&hk),
+            v: slice(&hv),
         };
         let features = Features {
             map: feature_of(feature),
@@ -140,7 +140,7 @@ impl FusedKernelAttention for Flex {
             slice(&out),
             slice(&d_out),
         );
-        (flex(dq, &qd), flex(dk, &kd), flex(dv, &vd))
+        (like(dq, &qd, &q), like(dk, &kd, &k), like(dv, &vd, &v))
     }
 }
 
