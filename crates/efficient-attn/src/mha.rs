@@ -357,6 +357,16 @@ impl MhaInput {
 }
 
 impl<C: AttentionCore + Module> MultiHeadAttention<C> {
+    /// Number of heads.
+    pub fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// Query and key width per head.
+    pub fn d_k(&self) -> usize {
+        self.d_k
+    }
+
     /// This layer after optimiser step `step` ([`AttentionCore::at_step`] of its core).
     pub fn at_step(mut self, step: usize) -> Self {
         self.core = self.core.at_step(step);

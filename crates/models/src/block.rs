@@ -342,10 +342,7 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
         extras: &Extras,
         memory: Tensor<3>,
     ) -> Tensor<3> {
-        let memory = match self.placement {
-            NormPlacement::Pre => self.norm_attention.forward(memory),
-            NormPlacement::Post => memory,
-        };
+        let memory = self.attention_input(memory);
         let x = self.branch(x, &self.norm_attention, |h| {
             self.self_attention.forward(
                 MhaInput::self_attn(h)
@@ -355,6 +352,18 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
         });
         let x = self.cross_branch(x, None);
         self.feed_forward_branch(x)
+    }
+
+    /// What the self-attention reads of `x`: `norm(x)` in a pre-norm layer, `x` itself in a
+    /// post-norm one (the memory of [`forward_with_memory`](Self::forward_with_memory)).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
+    pub fn attention_input(&self, x: Tensor<3>) -> Tensor<3> {
+        match self.placement {
+            NormPlacement::Pre => self.norm_attention.forward(x),
+            NormPlacement::Post => x,
+        }
     }
 
     /// The self-attention branch of a pre-norm layer without its residual:

@@ -12,10 +12,12 @@
 //! [`CoreConfig`](efficient_attn::CoreConfig) in the configs' `A` parameter.
 
 mod block;
+mod compressive;
 mod config;
 mod embedding;
 mod generate;
 mod hf_names;
+mod memory;
 mod model;
 pub mod presets;
 mod pretrained;
@@ -23,6 +25,7 @@ pub mod reversible;
 mod stack;
 
 pub use crate::block::{FeedForward, LayerNorm, Norm, TransformerLayer};
+pub use crate::compressive::{Compression, CompressiveConfig, CompressiveMemory, Compressor};
 pub use crate::config::{
     FeedForwardKind, ModelConfigError, NormKind, NormPlacement, PositionKind, StackConfig,
 };
@@ -31,10 +34,11 @@ pub use crate::generate::{SampleRng, Sampler};
 pub use crate::hf_names::{
     CLASSIFIER_FROM_HF, CLASSIFIER_TO_HF, load_classifier_hf, save_classifier_hf,
 };
+pub use crate::memory::{Segment, SegmentMemory};
 pub use crate::model::{
     ClassifierConfig, DecodeState, Encoder, EncoderConfig, EncoderInput, LanguageModel,
-    LanguageModelConfig, LmHead, Pooling, SegmentMemory, Seq2Seq, Seq2SeqConfig,
-    SequenceClassifier, TokenClassifier, mean_pool,
+    LanguageModelConfig, LmHead, Pooling, Seq2Seq, Seq2SeqConfig, SequenceClassifier,
+    TokenClassifier, mean_pool,
 };
 pub use crate::pretrained::{
     BERT_KEY_MAP, BertCheckpoint, ConversionReport, HfBertConfig, ImportError, convert,

@@ -14,8 +14,10 @@ use efficient_attn::{
     ProjectedContext, WithExtras,
 };
 
+use crate::compressive::{CompressiveConfig, CompressiveMemory};
 use crate::config::{ModelConfigError, StackConfig};
 use crate::embedding::{EmbeddingSettings, TokenEmbedding};
+use crate::memory::{Segment, SegmentMemory};
 use crate::stack::{Stack, StackSpec};
 
 /// What an encoder reads: tokens, optional token types, and the [`Extras`] the sequence
@@ -352,6 +354,9 @@ pub struct LanguageModelConfig<A = AttentionConfig> {
     pub stack: StackConfig<A>,
     /// Tie the output layer to the token embedding (Press & Wolf 2017).
     pub tie_embeddings: bool,
+    /// A compressed memory beside the segment memory (Compressive Transformer); read only by
+    /// [`LanguageModel::forward_segment`].
+    pub compressive: Option<CompressiveConfig>,
 }
 
 impl<A: CoreConfig> LanguageModelConfig<A> {
@@ -381,6 +386,13 @@ impl<A: CoreConfig> LanguageModelConfig<A> {
                 self.embedding.vocab_size,
                 device,
             ),
+            compressive: match &self.compressive {
+                Some(c) => {
+                    c.check("compressive")?;
+                    Some(c.init(self.stack.n_layers, self.stack.d_model, device))
+                }
+                None => None,
+            },
         })
     }
 }
@@ -394,29 +406,8 @@ pub struct LanguageModel<C = Attention> {
     pub stack: Stack<C>,
     /// Output head.
     pub head: LmHead,
-}
-
-/// What each layer remembers of the positions before the current segment (Transformer-XL's
-/// segment recurrence): its inputs over the last `m` positions, detached, `[batch, m, d_model]`
-/// per layer; no tensors before the first segment. Passed explicitly from segment to segment
-/// ([`LanguageModel::forward_segment`]); clear it at a document boundary with
-/// [`SegmentMemory::default`].
-#[derive(Clone, Debug, Default)]
-pub struct SegmentMemory {
-    /// One per layer, or none.
-    pub layers: Vec<Tensor<3>>,
-}
-
-impl SegmentMemory {
-    /// Positions remembered.
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |m| m.dims()[1])
-    }
-
-    /// Whether nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    /// The Compressive Transformer's compressors, if configured (stream mode).
+    pub compressive: Option<CompressiveMemory>,
 }
 
 /// The decoding state of a model: one cache per layer.
@@ -467,49 +458,42 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> LanguageModel<C> {
     }
 
     /// Next-token logits of a segment that follows the positions `memory` holds, and the
-    /// memory the next segment reads: each layer's inputs over `[memory; segment]`, the last
-    /// `mem_len` positions, detached (no gradient reaches an earlier segment). Position
+    /// memory the next segment reads ([`SegmentMemory::advance`]): each layer's inputs over
+    /// `[memory; segment]`, the last `mem_len` positions, detached (no gradient reaches an
+    /// earlier segment); with a [`CompressiveMemory`], the evicted positions compressed into
+    /// the second memory and, on an autodiff device, the reconstruction loss. Position
     /// embeddings, if the model has absolute ones, restart at 0 in every segment
     /// (Transformer-XL's layers bring relative positions and take `positions = "none"`).
     ///
     /// # Shapes
     /// - tokens: `[batch, seq]`, mask_pad: `[batch, seq]`
-    /// - output: `[batch, seq, vocab]`
+    /// - output: logits `[batch, seq, vocab]`
     pub fn forward_segment(
         &self,
         tokens: Tensor<2, Int>,
         mask_pad: Option<Tensor<2, Bool>>,
         memory: &SegmentMemory,
         mem_len: usize,
-    ) -> (Tensor<3>, SegmentMemory) {
+    ) -> Segment {
         let extras = Extras {
             mask_pad,
             ..Default::default()
         };
         let x = self.embedding.forward(tokens, None, 0);
-        let (h, inputs) = self.stack.forward_with_memory(x, extras, &memory.layers);
-        if mem_len == 0 {
-            return (
-                self.head.forward(h, &self.embedding),
-                SegmentMemory::default(),
-            );
+        let (h, inputs) = self
+            .stack
+            .forward_with_memory(x, extras, &memory.attended());
+        let (memory, reconstruction) = memory.advance(
+            &self.stack.layers,
+            inputs,
+            mem_len,
+            self.compressive.as_ref(),
+        );
+        Segment {
+            logits: self.head.forward(h, &self.embedding),
+            memory,
+            reconstruction,
         }
-        let layers = inputs
-            .into_iter()
-            .enumerate()
-            .map(|(l, input)| {
-                let all = match memory.layers.get(l) {
-                    Some(m) if m.dims()[1] > 0 => Tensor::cat(vec![m.clone(), input.detach()], 1),
-                    _ => input.detach(),
-                };
-                let n = all.dims()[1];
-                all.narrow(1, n - n.min(mem_len), n.min(mem_len))
-            })
-            .collect();
-        (
-            self.head.forward(h, &self.embedding),
-            SegmentMemory { layers },
-        )
     }
 
     /// An empty decoding state for `batch` sequences of up to `max_len` positions, or an error

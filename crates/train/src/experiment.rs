@@ -37,6 +37,13 @@ pub struct TrainOptions {
 /// # Errors
 /// The key and what was expected.
 pub fn validate(config: &ExperimentConfig) -> Result<(), String> {
+    if config.model.compressive.is_some() && config.task != TaskKind::LanguageModel {
+        return Err(
+            "model.compressive: a compressed memory belongs to language models read as \
+             streams (task = \"language-model\", lm.mode = \"stream\")"
+                .into(),
+        );
+    }
     match config.task {
         TaskKind::Listops | TaskKind::LraText | TaskKind::TextClassification => {
             ClassificationTask::check_config(config)?;

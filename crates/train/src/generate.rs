@@ -252,20 +252,20 @@ impl Generator {
                 let mut memory = SegmentMemory::default();
                 let mut logits = None;
                 for chunk in ids.chunks(window) {
-                    let (l, m) = self
+                    let segment = self
                         .model
                         .forward_segment(tensor(chunk), None, &memory, window);
-                    (logits, memory) = (Some(l), m);
+                    (logits, memory) = (Some(segment.logits), segment.memory);
                 }
                 let mut logits = logits.expect("a non-empty prompt");
                 for _ in 0..max_new {
                     let id = next_of(logits);
                     ids.push(id);
                     show(&ids, &mut shown)?;
-                    let (l, m) = self
+                    let segment = self
                         .model
                         .forward_segment(tensor(&[id]), None, &memory, window);
-                    (logits, memory) = (l, m);
+                    (logits, memory) = (segment.logits, segment.memory);
                 }
                 Decoding::Memory(window)
             }

@@ -1,6 +1,7 @@
 //! Whole-model tests on tiny shapes: padding invariance of an encoder, causality of a decoder,
 //! cross-attention masking, incremental decoding, per-layer attention, config errors, presets.
 
+mod compressive;
 mod fused;
 mod memory;
 mod pretrained;
@@ -112,6 +113,7 @@ fn decoder_logits_never_see_the_future() {
             embedding: embedding(PositionKind::Rotary),
             stack: stack(attention.clone()),
             tie_embeddings: true,
+            compressive: None,
         }
         .init(&device)
         .unwrap();
@@ -176,6 +178,7 @@ fn incremental_decoding_gives_the_same_logits_as_one_forward() {
                 embedding: embedding(positions),
                 stack: stack(attention.clone()),
                 tie_embeddings: false,
+                compressive: None,
             }
             .init(&device)
             .unwrap();
@@ -203,6 +206,7 @@ fn generation_is_greedy_or_seeded() {
         embedding: embedding(PositionKind::Learned),
         stack: stack(PerformerAttentionConfig::default()),
         tie_embeddings: true,
+        compressive: None,
     }
     .init(&device)
     .unwrap();
@@ -300,6 +304,7 @@ fn a_non_causal_variant_in_a_decoder_is_an_error_naming_layer_and_variant() {
         embedding: embedding(PositionKind::Learned),
         stack: s,
         tie_embeddings: true,
+        compressive: None,
     }
     .init(&device)
     .unwrap_err()

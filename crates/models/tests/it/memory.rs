@@ -20,6 +20,7 @@ fn lm(
         embedding: embedding(PositionKind::None),
         stack,
         tie_embeddings,
+        compressive: None,
     }
     .init(device)
     .unwrap()
@@ -41,12 +42,13 @@ fn a_segment_after_its_memory_equals_the_tail_of_one_causal_pass() {
             let whole = model
                 .forward(tokens(&[both.clone(), both.clone()], &device), None)
                 .narrow(1, s1.len(), s2.len());
-            let (first, memory) = model.forward_segment(
+            let first = model.forward_segment(
                 tokens(&[s1.clone(), s1.clone()], &device),
                 None,
                 &SegmentMemory::default(),
                 16,
             );
+            let (first, memory) = (first.logits, first.memory);
             assert_eq!(memory.len(), s1.len());
             // An empty memory is the plain forward.
             let plain = model.forward(tokens(&[s1.clone(), s1.clone()], &device), None);
@@ -54,13 +56,15 @@ fn a_segment_after_its_memory_equals_the_tail_of_one_causal_pass() {
                 max_diff(first, plain) < 1e-6,
                 "{kind} {placement:?}: empty memory"
             );
-            let (second, next) =
+            let second =
                 model.forward_segment(tokens(&[s2.clone(), s2.clone()], &device), None, &memory, 9);
+            let (second, next) = (second.logits, second.memory);
             let d = max_diff(whole, second.clone());
             assert!(d < 1e-5, "{kind} {placement:?}: segment 2 differs by {d:e}");
             assert_eq!(next.len(), 9, "the memory keeps the last mem_len positions");
-            let (none, empty) =
+            let none =
                 model.forward_segment(tokens(&[s2.clone(), s2.clone()], &device), None, &memory, 0);
+            let (none, empty) = (none.logits, none.memory);
             assert!(empty.is_empty(), "mem_len 0 remembers nothing");
             assert!(
                 max_diff(none, second.clone()) < 1e-6,
@@ -84,8 +88,10 @@ fn no_gradient_flows_into_the_previous_segment() {
     );
     let s1 = tokens(&[vec![1, 2, 3, 4]], &device);
     let s2 = tokens(&[vec![5, 6, 7]], &device);
-    let (_, memory) = model.forward_segment(s1, None, &SegmentMemory::default(), 8);
-    let (logits, _) = model.forward_segment(s2, None, &memory, 8);
+    let memory = model
+        .forward_segment(s1, None, &SegmentMemory::default(), 8)
+        .memory;
+    let logits = model.forward_segment(s2, None, &memory, 8).logits;
     let grads = logits.sum().backward();
     let table = model
         .embedding

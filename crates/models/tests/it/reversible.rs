@@ -173,6 +173,7 @@ fn a_reversible_decoder_decodes_incrementally() {
         embedding: embedding(PositionKind::Rotary),
         stack: reversible(AttentionConfig::default(), 2, 0.0),
         tie_embeddings: false,
+        compressive: None,
     }
     .init(&device)
     .unwrap();

@@ -354,6 +354,9 @@ pub struct ModelSection {
     pub head_dropout: f64,
     /// Tie the output layer of language models to the token embedding.
     pub tie_embeddings: bool,
+    /// A language model's compressed memory beside its segment memory (Compressive
+    /// Transformer; `lm.mode = "stream"`).
+    pub compressive: Option<models::CompressiveConfig>,
     /// Number of leading tokens that are global (the CLS token; for Longformer, ETC, BigBird).
     pub global_prefix: usize,
     /// Lay the sequence out as a `[rows, columns]` grid for 2-D variants (Image Transformer 2-D,
@@ -404,6 +407,7 @@ impl Default for ModelSection {
             pooling: models::Pooling::Cls,
             head_dropout: 0.1,
             tie_embeddings: true,
+            compressive: None,
             global_prefix: 0,
             grid: None,
             pretrained: None,

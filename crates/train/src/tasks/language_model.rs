@@ -68,8 +68,13 @@ impl StreamMemory {
     }
 
     /// The logits of the next segment of every stream, after the memory of the previous ones
-    /// (a training forward on an autodiff device, an evaluation one otherwise).
-    fn forward(&self, model: &LanguageModel, tokens: Tensor<2, Int>) -> Tensor<3> {
+    /// (a training forward on an autodiff device, an evaluation one otherwise), and a
+    /// compressed memory's reconstruction loss (training).
+    fn forward(
+        &self,
+        model: &LanguageModel,
+        tokens: Tensor<2, Int>,
+    ) -> (Tensor<3>, Option<Tensor<1>>) {
         let training = tokens.device().is_autodiff();
         let (state, mem_len, per_epoch) = if training {
             (
@@ -88,9 +93,9 @@ impl StreamMemory {
         if state.1 % per_epoch.max(1) == 0 {
             state.0 = SegmentMemory::default();
         }
-        let (logits, memory) = model.forward_segment(tokens, None, &state.0, mem_len);
-        *state = (memory, state.1 + 1);
-        logits
+        let segment = model.forward_segment(tokens, None, &state.0, mem_len);
+        *state = (segment.memory, state.1 + 1);
+        (segment.logits, segment.reconstruction)
     }
 }
 
@@ -130,13 +135,13 @@ impl LanguageModelWithLoss {
         if let Some(tape) = tape {
             extras.side.insert(tape);
         }
-        let logits = match &self.stream {
+        let (logits, reconstruction) = match &self.stream {
             Some(stream) => stream.forward(&self.model, batch.inputs),
-            None => self.model.forward_extras(batch.inputs, extras),
+            None => (self.model.forward_extras(batch.inputs, extras), None),
         };
         let aux = self.model.aux_loss(&logits.device());
         let mut out = token_output(logits, batch.targets, self.pad);
-        out.loss = super::with_aux(out.loss, aux);
+        out.loss = super::with_aux(super::with_aux(out.loss, aux), reconstruction);
         out
     }
 }
@@ -208,6 +213,18 @@ impl LanguageModelTask {
                 return Err("lm.mem_len: expected a positive number of positions, got 0".into());
             }
         }
+        if let Some(compressive) = &config.model.compressive {
+            if config.lm.mode != LmMode::Stream {
+                return Err(
+                    "model.compressive: a compressed memory needs lm.mode = \"stream\" \
+                            (it holds what segments of a stream evicted from their memory)"
+                        .into(),
+                );
+            }
+            compressive
+                .check("model.compressive")
+                .map_err(|e| format!("{}: {}", e.path, e.message))?;
+        }
         super::check_grid(&config.model.stack, "model.stack", config.model.grid, false)
     }
 }
@@ -231,6 +248,7 @@ impl Task for LanguageModelTask {
             embedding: embedding(c, self.data.vocab_size, self.data.seq_len)?,
             stack: c.model.stack.clone(),
             tie_embeddings: c.model.tie_embeddings,
+            compressive: c.model.compressive.clone(),
         })
     }
 
@@ -325,6 +343,7 @@ mod tests {
             }
             .with_attention(TransformerXlConfig::default()),
             tie_embeddings: true,
+            compressive: None,
         }
         .init(&device)
         .unwrap();
@@ -338,8 +357,8 @@ mod tests {
             Tensor::<2, Int>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), &device)
         };
         let (a, b) = ([1i64, 2, 3, 4], [5i64, 6, 7, 8]);
-        let first = memory.forward(&model, tokens(&a));
-        let second = memory.forward(&model, tokens(&b));
+        let first = memory.forward(&model, tokens(&a)).0;
+        let second = memory.forward(&model, tokens(&b)).0;
         let both = model
             .forward(tokens(&[a, b].concat()), None)
             .narrow(1, 4, 4);
@@ -351,7 +370,7 @@ mod tests {
             diff(second, model.forward(tokens(&b), None)) > 1e-4,
             "the memory matters"
         );
-        let third = memory.forward(&model, tokens(&a));
+        let third = memory.forward(&model, tokens(&a)).0;
         assert!(diff(third, first) < 1e-6, "a new epoch starts afresh");
     }
 }

@@ -791,3 +791,81 @@ kind = "in-order"
     assert!(err.contains("train.batching.kind"), "{err}");
     assert!(!dir.join("shuffled").exists(), "nothing written");
 }
+
+/// `[model.compressive]`: the Compressive Transformer trains on the same streams (its
+/// reconstruction loss in the training loss, its compressors in the checkpoint), resumes
+/// exactly and generates through its memories; the configurations it cannot serve stop
+/// before anything is written, naming the key.
+#[test]
+fn a_compressive_language_model_trains_resumes_and_generates() {
+    let data = temp_dir("compressive-data");
+    let corpus = data.join("corpus.txt");
+    std::fs::write(&corpus, "abcdefgh".repeat(400)).unwrap();
+    let config = format!(
+        r#"
+task = "language-model"
+[lm]
+train = "{}"
+encoding = "bytes"
+seq_len = 16
+mode = "stream"
+mem_len = 8
+[model.embedding]
+positions = "none"
+[model.stack]
+n_layers = 1
+d_model = 32
+n_heads = 2
+d_ff = 64
+[model.stack.attention]
+kind = "transformer-xl"
+[model.compressive]
+cmem_len = 4
+ratio = 4
+[train]
+epochs = 3
+batch_size = 4
+eval_batch_size = 2
+lr = 0.01
+[train.batching]
+kind = "in-order"
+"#,
+        corpus.display()
+    );
+    let (dir, a) = resumed_equals_uninterrupted("resume-compressive", &config);
+    let accuracy = a["valid"]["accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.5, "the model learnt the pattern: {a}");
+    let out = efformer(
+        &dir,
+        &[
+            "generate",
+            "whole",
+            "--prompt",
+            "abcdefghabcdefghabcdefgh",
+            "--max-new",
+            "9",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    for (from, to, key) in [
+        (
+            "mode = \"stream\"",
+            "mode = \"windows\"",
+            "model.compressive",
+        ),
+        ("ratio = 4", "ratio = 0", "model.compressive.ratio"),
+        (
+            "task = \"language-model\"",
+            "task = \"listops\"",
+            "model.compressive",
+        ),
+    ] {
+        std::fs::write(dir.join("bad.toml"), config.replace(from, to)).unwrap();
+        let out = efformer(&dir, &["train", "bad.toml", "--out", "bad"]);
+        assert!(!out.status.success(), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{to}: {err}");
+        assert!(!dir.join("bad").exists(), "{to}: nothing written");
+    }
+}
