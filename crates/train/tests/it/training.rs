@@ -742,9 +742,9 @@ batch_size = 16
 /// segment with its memory carried from batch to batch, and a resumed run equals the
 /// uninterrupted one (the memories restart with every epoch). Without in-order batches the
 /// run stops before writing anything, naming the key.
-#[test]
-fn a_streamed_language_model_trains_and_resumes_exactly() {
-    let data = temp_dir("stream-data");
+/// A Transformer-XL language model read as streams of `corpus` (the cat and the dog).
+fn streamed_config(name: &str) -> (crate::TestDir, String) {
+    let data = temp_dir(name);
     let corpus = data.join("corpus.txt");
     std::fs::write(
         &corpus,
@@ -779,6 +779,12 @@ kind = "in-order"
 "#,
         corpus.display()
     );
+    (data, config)
+}
+
+#[test]
+fn a_streamed_language_model_trains_and_resumes_exactly() {
+    let (_data, config) = streamed_config("stream-data");
     let (dir, a) = resumed_equals_uninterrupted("resume-stream", &config);
     let accuracy = a["valid"]["accuracy"].as_f64().unwrap();
     assert!(accuracy > 0.3, "the model learnt something: {a}");
@@ -798,39 +804,10 @@ kind = "in-order"
 /// before anything is written, naming the key.
 #[test]
 fn a_compressive_language_model_trains_resumes_and_generates() {
-    let data = temp_dir("compressive-data");
-    let corpus = data.join("corpus.txt");
-    std::fs::write(&corpus, "abcdefgh".repeat(400)).unwrap();
-    let config = format!(
-        r#"
-task = "language-model"
-[lm]
-train = "{}"
-encoding = "bytes"
-seq_len = 16
-mode = "stream"
-mem_len = 8
-[model.embedding]
-positions = "none"
-[model.stack]
-n_layers = 1
-d_model = 32
-n_heads = 2
-d_ff = 64
-[model.stack.attention]
-kind = "transformer-xl"
-[model.compressive]
-cmem_len = 4
-ratio = 4
-[train]
-epochs = 3
-batch_size = 4
-eval_batch_size = 2
-lr = 0.01
-[train.batching]
-kind = "in-order"
-"#,
-        corpus.display()
+    let (_data, config) = streamed_config("compressive-data");
+    let config = config.replace(
+        "[train]\n",
+        "[model.compressive]\ncmem_len = 4\nratio = 4\n[train]\n",
     );
     let (dir, a) = resumed_equals_uninterrupted("resume-compressive", &config);
     let accuracy = a["valid"]["accuracy"].as_f64().unwrap();
