@@ -18,6 +18,7 @@ mod embedding;
 mod generate;
 mod hf_names;
 mod memory;
+mod mixture_of_experts;
 mod model;
 pub mod presets;
 mod pretrained;
@@ -35,6 +36,9 @@ pub use crate::hf_names::{
     CLASSIFIER_FROM_HF, CLASSIFIER_TO_HF, load_classifier_hf, save_classifier_hf,
 };
 pub use crate::memory::{Segment, SegmentMemory};
+pub use crate::mixture_of_experts::{
+    MixtureOfExperts, MixtureOfExpertsConfig, Routing, RoutingReport,
+};
 pub use crate::model::{
     ClassifierConfig, DecodeState, Encoder, EncoderConfig, EncoderInput, LanguageModel,
     LanguageModelConfig, LmHead, Pooling, Seq2Seq, Seq2SeqConfig, SequenceClassifier,

@@ -4,6 +4,7 @@
 mod compressive;
 mod fused;
 mod memory;
+mod mixture_of_experts;
 mod pretrained;
 mod reversible;
 

@@ -1,0 +1,286 @@
+//! Mixture of experts (Switch top-1, GShard / ST-MoE top-2): the invariants of the notes, and
+//! the dispatch by index against a dense oracle that runs every expert on every token.
+
+use burn::module::Param;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+use efficient_attn::testing::SeededRng;
+use models::{FeedForwardKind, MixtureOfExperts, MixtureOfExpertsConfig, Routing};
+
+use super::max_diff;
+
+const D: usize = 8;
+
+fn moe(config: MixtureOfExpertsConfig, device: &Device) -> MixtureOfExperts {
+    config.check("moe").unwrap();
+    config.init(FeedForwardKind::Gelu, D, 16, 0.0, device)
+}
+
+fn input(b: usize, t: usize, seed: u64, device: &Device) -> Tensor<3> {
+    SeededRng::new(seed).normal_tensor([b, t, D], 1.0, device)
+}
+
+/// Every expert on every token, combined with the gates of the notes (top-1: `p_e`; top-2:
+/// the two best renormalised, both sent).
+fn dense_oracle(m: &MixtureOfExperts, x: Tensor<3>, top2: bool) -> Tensor<3> {
+    let [b, t, _] = x.dims();
+    let p = softmax(m.router.forward(x.clone()), 2);
+    let probs = p
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let e_count = m.experts.len();
+    let outs: Vec<Tensor<3>> = m.experts.iter().map(|f| f.forward(x.clone())).collect();
+    let mut weights = vec![0f32; b * t * e_count];
+    for i in 0..b * t {
+        let row = &probs[i * e_count..(i + 1) * e_count];
+        let mut order: Vec<usize> = (0..e_count).collect();
+        order.sort_by(|&a, &c| row[c].partial_cmp(&row[a]).unwrap().then(a.cmp(&c)));
+        if top2 {
+            let total = row[order[0]] + row[order[1]];
+            weights[i * e_count + order[0]] = row[order[0]] / total;
+            weights[i * e_count + order[1]] = row[order[1]] / total;
+        } else {
+            weights[i * e_count + order[0]] = row[order[0]];
+        }
+    }
+    let w = Tensor::<3>::from_data(TensorData::new(weights, [b, t, e_count]), &x.device());
+    outs.into_iter()
+        .enumerate()
+        .map(|(e, y)| y * w.clone().narrow(2, e, 1))
+        .reduce(|a, c| a + c)
+        .unwrap()
+}
+
+#[test]
+fn one_expert_is_the_dense_feed_forward_exactly() {
+    let device = Device::flex();
+    let m = moe(
+        MixtureOfExpertsConfig {
+            experts: 1,
+            ..Default::default()
+        },
+        &device,
+    );
+    let x = input(2, 13, 1, &device);
+    let (y, report) = m.forward(x.clone(), None, false, false);
+    assert_eq!(report.dropped, 0);
+    assert_eq!(max_diff(y, m.experts[0].forward(x)), 0.0);
+}
+
+#[test]
+fn dispatch_by_index_equals_every_expert_on_every_token() {
+    let device = Device::flex();
+    for (routing, top2) in [(Routing::Switch, false), (Routing::Top2, true)] {
+        let m = moe(
+            MixtureOfExpertsConfig {
+                routing,
+                experts: 4,
+                eval_capacity_factor: 4.0,
+                second_threshold: 0.0,
+                ..Default::default()
+            },
+            &device,
+        );
+        let x = input(3, 11, 2, &device);
+        let (y, report) = m.forward(x.clone(), None, false, false);
+        assert_eq!(report.dropped, 0, "capacity factor >= E drops nothing");
+        assert_eq!(report.assigned, 33 * if top2 { 2 } else { 1 });
+        let d = max_diff(y, dense_oracle(&m, x, top2));
+        assert!(d < 1e-5, "{routing:?}: {d:e}");
+    }
+}
+
+/// A router whose weights are zero (uniform probabilities), or that sends every token to
+/// expert 0 with probability ~1.
+fn with_router(mut m: MixtureOfExperts, collapse: bool) -> MixtureOfExperts {
+    let w = m.router.weight.val();
+    let [d, e] = w.dims();
+    let mut values = vec![0f32; d * e];
+    if collapse {
+        // Inputs are shifted positive below: a large weight from every input to expert 0.
+        for i in 0..d {
+            values[i * e] = 100.0;
+        }
+    }
+    m.router.weight = Param::from_tensor(Tensor::from_data(
+        TensorData::new(values, [d, e]),
+        &w.device(),
+    ));
+    m
+}
+
+#[test]
+fn balance_and_z_losses_take_their_reference_values() {
+    let device = Device::flex();
+    let e = 4;
+    let config = MixtureOfExpertsConfig {
+        experts: e,
+        balance_coef: 1.0,
+        z_loss_coef: 1.0,
+        ..Default::default()
+    };
+    let x = input(2, 9, 3, &device);
+    let (_, uniform) =
+        with_router(moe(config.clone(), &device), false).forward(x.clone(), None, false, false);
+    let balance = uniform.balance_loss.into_scalar::<f32>();
+    assert!((balance - 1.0).abs() < 1e-6, "uniform routing: {balance}");
+    let z = uniform.z_loss.into_scalar::<f32>();
+    let ln_e = (e as f32).ln();
+    assert!((z - ln_e * ln_e).abs() < 1e-5, "zero logits: {z}");
+    let positive = x.abs().add_scalar(0.5);
+    let (_, collapsed) =
+        with_router(moe(config, &device), true).forward(positive, None, false, false);
+    let balance = collapsed.balance_loss.into_scalar::<f32>();
+    assert!((balance - e as f32).abs() < 1e-4, "collapse: {balance}");
+    assert_eq!(
+        collapsed.load[0],
+        collapsed.capacity * 2,
+        "one expert, full"
+    );
+}
+
+#[test]
+fn permuting_experts_with_their_router_columns_changes_nothing() {
+    let device = Device::flex();
+    for routing in [Routing::Switch, Routing::Top2] {
+        let config = MixtureOfExpertsConfig {
+            routing,
+            experts: 4,
+            eval_capacity_factor: 0.75,
+            ..Default::default()
+        };
+        let m = moe(config, &device);
+        let x = input(2, 16, 4, &device);
+        let (y, report) = m.forward(x.clone(), None, false, false);
+        assert!(report.dropped > 0, "capacity binds in this case");
+        let perm = [2usize, 0, 3, 1];
+        let mut permuted = m.clone();
+        permuted.experts = perm.iter().map(|&i| m.experts[i].clone()).collect();
+        let w = m.router.weight.val();
+        let cols: Vec<Tensor<2>> = perm.iter().map(|&i| w.clone().narrow(1, i, 1)).collect();
+        permuted.router.weight = Param::from_tensor(Tensor::cat(cols, 1));
+        let (z, _) = permuted.forward(x, None, false, false);
+        let d = max_diff(y, z);
+        assert!(d < 1e-6, "{routing:?}: {d:e}");
+    }
+}
+
+#[test]
+fn no_expert_takes_more_than_its_capacity_and_drops_are_counted() {
+    let device = Device::flex();
+    for routing in [Routing::Switch, Routing::Top2] {
+        let m = moe(
+            MixtureOfExpertsConfig {
+                routing,
+                experts: 4,
+                capacity_factor: 0.5,
+                min_capacity: 1,
+                jitter: 0.0,
+                ..Default::default()
+            },
+            &device,
+        );
+        let (_, r) = m.forward(input(3, 24, 5, &device), None, false, true);
+        assert_eq!(r.capacity, 3, "⌊24 · 0.5 / 4⌋");
+        assert!(r.load.iter().all(|&l| l <= r.capacity * 3), "{r:?}");
+        assert_eq!(r.load.iter().sum::<usize>() + r.dropped, r.assigned);
+        assert!(r.dropped > 0);
+    }
+}
+
+#[test]
+fn padded_tokens_are_not_routed_and_change_nothing() {
+    let device = Device::flex();
+    let m = moe(
+        MixtureOfExpertsConfig {
+            routing: Routing::Top2,
+            experts: 3,
+            eval_capacity_factor: 3.0,
+            second_threshold: 0.0,
+            ..Default::default()
+        },
+        &device,
+    );
+    let x = input(1, 10, 6, &device);
+    let (short, _) = m.forward(x.clone().narrow(1, 0, 7), None, false, false);
+    let pad = Tensor::<2, Bool>::from_data(
+        TensorData::new((0..10).map(|i| i >= 7).collect::<Vec<_>>(), [1, 10]),
+        &device,
+    );
+    let (long, report) = m.forward(x, Some(pad), false, false);
+    assert_eq!(
+        report.assigned, 14,
+        "two assignments per real token, none for padding"
+    );
+    let padded_rows = long
+        .clone()
+        .narrow(1, 7, 3)
+        .abs()
+        .max()
+        .into_scalar::<f32>();
+    assert_eq!(padded_rows, 0.0, "padded tokens get no expert output");
+    let d = max_diff(long.narrow(1, 0, 7), short);
+    assert!(d < 1e-6, "padded = unpadded on the real tokens: {d:e}");
+}
+
+#[test]
+fn in_causal_priority_a_later_token_never_changes_an_earlier_output() {
+    let device = Device::flex();
+    for routing in [Routing::Switch, Routing::Top2] {
+        let m = moe(
+            MixtureOfExpertsConfig {
+                routing,
+                experts: 3,
+                eval_capacity_factor: 0.6,
+                min_capacity: 1,
+                second_threshold: 0.0,
+                ..Default::default()
+            },
+            &device,
+        );
+        let x = input(2, 12, 7, &device);
+        let (y, report) = m.forward(x.clone(), None, true, false);
+        assert!(report.dropped > 0, "capacity binds");
+        for at in [3usize, 8, 11] {
+            let noise = input(2, 1, 100 + at as u64, &device).mul_scalar(5.0);
+            let changed = x
+                .clone()
+                .slice_assign([0..2, at..at + 1, 0..D], x.clone().narrow(1, at, 1) + noise);
+            let (z, _) = m.forward(changed, None, true, false);
+            let d = max_diff(y.clone().narrow(1, 0, at), z.narrow(1, 0, at));
+            assert_eq!(d, 0.0, "{routing:?}: token {at} changed an earlier output");
+        }
+    }
+}
+
+#[test]
+fn the_router_and_the_chosen_experts_get_gradients() {
+    let device = Device::flex().autodiff();
+    let m = moe(
+        MixtureOfExpertsConfig {
+            routing: Routing::Top2,
+            experts: 3,
+            ..Default::default()
+        },
+        &device,
+    );
+    let (y, report) = m.forward(input(2, 8, 8, &device), None, false, true);
+    let loss = y.sum() + report.balance_loss + report.z_loss;
+    let grads = loss.backward();
+    let router = m.router.weight.val().grad(&grads).expect("router gradient");
+    assert!(router.abs().max().into_scalar::<f32>() > 0.0);
+    for (e, expert) in m.experts.iter().enumerate() {
+        if report.load[e] > 0 {
+            let g = expert
+                .linear_inner
+                .weight
+                .val()
+                .grad(&grads)
+                .expect("expert gradient");
+            assert!(g.abs().max().into_scalar::<f32>() > 0.0, "expert {e}");
+        }
+    }
+}
