@@ -5,7 +5,7 @@ use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::module::layer_norm;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 use efficient_attn::{
     Attention, AttentionCore, AttentionMode, CoreConfig, Extras, FeedForwardActivation, MhaCache,
     MhaInput, MultiHeadAttention, ProjectedContext, RotaryConfig, WithExtras, fused_feed_forward,
@@ -13,6 +13,7 @@ use efficient_attn::{
 };
 
 use crate::config::{FeedForwardKind, ModelConfigError, NormKind, NormPlacement, StackConfig};
+use crate::mixture_of_experts::MixtureOfExperts;
 
 /// Layer normalisation over the last axis, `(x - mean)/√(var + eps)·γ + β`, with the fields and
 /// record layout of Burn's `LayerNorm` (`gamma`, `beta`): on Flex one fused operation with its
@@ -204,6 +205,35 @@ impl FeedForward {
     }
 }
 
+/// The position-wise block of a layer.
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum FeedForwardBlock {
+    /// One feed-forward network (`[model.stack.ffn] kind = "dense"`).
+    Dense(FeedForward),
+    /// A mixture of experts (`kind = "switch"` or `"top2"`).
+    Experts(MixtureOfExperts),
+}
+
+impl FeedForwardBlock {
+    /// The block on a segment (`causal`: a decoder's routing priority; `mask_pad`: tokens a
+    /// mixture of experts does not route).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]`, mask_pad: `[batch, seq]` → `[batch, seq, d_model]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        mask_pad: Option<Tensor<2, Bool>>,
+        causal: bool,
+    ) -> Tensor<3> {
+        match self {
+            Self::Dense(f) => f.forward(x),
+            Self::Experts(m) => m.forward_recorded(x, mask_pad, causal),
+        }
+    }
+}
+
 /// Self-attention (+ optional cross-attention) + feed-forward, each a residual branch.
 ///
 /// `C` is the attention core: [`Attention`] (any variant of `efficient-attn`, chosen from
@@ -214,8 +244,8 @@ pub struct TransformerLayer<C = Attention> {
     pub self_attention: MultiHeadAttention<C>,
     /// Cross-attention to an encoder's output (encoder-decoder decoders only).
     pub cross_attention: Option<MultiHeadAttention<C>>,
-    /// Feed-forward.
-    pub feed_forward: FeedForward,
+    /// Feed-forward: one network, or a mixture of experts.
+    pub feed_forward: FeedForwardBlock,
     /// Norm of the self-attention branch.
     pub norm_attention: Norm,
     /// Norm of the cross-attention branch.
@@ -272,8 +302,19 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
             self_attention,
             norm_cross: cross_attention.as_ref().map(|_| norm()),
             cross_attention,
-            feed_forward: FeedForward::new(s.feed_forward, s.d_model, s.d_ff, s.dropout, device)
-                .with_chunks(s.ff_chunks),
+            feed_forward: match s.ffn.experts() {
+                None => FeedForwardBlock::Dense(
+                    FeedForward::new(s.feed_forward, s.d_model, s.d_ff, s.dropout, device)
+                        .with_chunks(s.ff_chunks),
+                ),
+                Some(moe) => FeedForwardBlock::Experts(moe.init(
+                    s.feed_forward,
+                    s.d_model,
+                    s.d_ff,
+                    s.dropout,
+                    device,
+                )),
+            },
             norm_attention: norm(),
             norm_feed_forward: norm(),
             dropout: DropoutConfig::new(s.dropout).init(),
@@ -294,9 +335,11 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
         }
     }
 
-    fn feed_forward_branch(&self, x: Tensor<3>) -> Tensor<3> {
+    fn feed_forward_branch(&self, x: Tensor<3>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<3> {
+        let causal = self.self_attention.core.mode() == AttentionMode::Causal;
         self.branch(x, &self.norm_feed_forward, |h| {
-            self.dropout.forward(self.feed_forward.forward(h))
+            self.dropout
+                .forward(self.feed_forward.forward(h, mask_pad, causal))
         })
     }
 
@@ -327,7 +370,7 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
                 .forward(MhaInput::self_attn(h).with_extras(extras.clone()))
         });
         let x = self.cross_branch(x, context);
-        self.feed_forward_branch(x)
+        self.feed_forward_branch(x, extras.mask_pad.clone())
     }
 
     /// [`forward`](Self::forward) with this layer's memory of earlier positions (its inputs
@@ -351,7 +394,7 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
             )
         });
         let x = self.cross_branch(x, None);
-        self.feed_forward_branch(x)
+        self.feed_forward_branch(x, extras.mask_pad.clone())
     }
 
     /// What the self-attention reads of `x`: `norm(x)` in a pre-norm layer, `x` itself in a
@@ -396,7 +439,12 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
     /// - x: `[batch, seq, d_model]` → `[batch, seq, d_model]`
     pub(crate) fn feed_forward_residual(&self, x: Tensor<3>, seed: Option<u64>) -> Tensor<3> {
         let h = self.norm_feed_forward.forward(x);
-        let h = self.feed_forward.forward_seeded(h, seed);
+        let h = match &self.feed_forward {
+            FeedForwardBlock::Dense(f) => f.forward_seeded(h, seed),
+            FeedForwardBlock::Experts(_) => {
+                panic!("a mixture of experts in a reversible stack (the configuration rejects it)")
+            }
+        };
         seeded_dropout(&self.dropout, h, seed.map(|s| mix_seed(s, u64::MAX)))
     }
 
@@ -414,6 +462,6 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
             self.self_attention.forward_step(h, cache)
         });
         let x = self.cross_branch(x, context);
-        self.feed_forward_branch(x)
+        self.feed_forward_branch(x, None)
     }
 }

@@ -8,6 +8,8 @@ use efficient_attn::{
     AttentionConfig, AttentionMode, ConfigError, CoreConfig, MultiHeadAttentionConfig, RotaryConfig,
 };
 
+use crate::mixture_of_experts::{MixtureOfExpertsConfig, Routing};
+
 /// Which normalisation layer the blocks use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(crate = "burn::serde", rename_all = "kebab-case")]
@@ -42,6 +44,36 @@ pub enum FeedForwardKind {
     Relu,
     /// `W₃ (SiLU(W₁ x) ⊙ W₂ x)` (Shazeer 2020).
     Swiglu,
+}
+
+/// The position-wise block of every layer (`[model.stack.ffn]`, tagged by `kind`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", tag = "kind", rename_all = "kebab-case")]
+pub enum FfnConfig {
+    /// One feed-forward network `d_model → d_ff → d_model`.
+    #[default]
+    Dense,
+    /// Switch Transformer: a mixture of experts, each token to its top-1 expert.
+    Switch(MixtureOfExpertsConfig),
+    /// GShard / ST-MoE: a mixture of experts, each token to its top-2 experts.
+    Top2(MixtureOfExpertsConfig),
+}
+
+impl FfnConfig {
+    /// The mixture of experts, if this is one, with its routing set by the kind.
+    pub fn experts(&self) -> Option<MixtureOfExpertsConfig> {
+        match self {
+            Self::Dense => None,
+            Self::Switch(c) => Some(MixtureOfExpertsConfig {
+                routing: Routing::Switch,
+                ..c.clone()
+            }),
+            Self::Top2(c) => Some(MixtureOfExpertsConfig {
+                routing: Routing::Top2,
+                ..c.clone()
+            }),
+        }
+    }
 }
 
 /// How positions enter the model.
@@ -118,8 +150,10 @@ pub struct StackConfig<A = AttentionConfig> {
     pub placement: NormPlacement,
     /// Normalisation epsilon (LayerNorm 1e-5; BERT 1e-12).
     pub norm_eps: f64,
-    /// Feed-forward block.
+    /// Feed-forward block (the activation; of every expert too).
     pub feed_forward: FeedForwardKind,
+    /// One feed-forward network per layer, or a mixture of experts (`[model.stack.ffn]`).
+    pub ffn: FfnConfig,
     /// The self-attention variant of every layer (unless a list or pattern is given).
     pub attention: A,
     /// One self-attention variant per layer.
@@ -152,6 +186,7 @@ impl<A: Default> Default for StackConfig<A> {
             placement: NormPlacement::Pre,
             norm_eps: 1e-5,
             feed_forward: FeedForwardKind::Gelu,
+            ffn: FfnConfig::Dense,
             attention: A::default(),
             attention_layers: None,
             attention_pattern: None,
@@ -184,6 +219,7 @@ impl<A: CoreConfig> StackConfig<A> {
             placement: self.placement,
             norm_eps: self.norm_eps,
             feed_forward: self.feed_forward,
+            ffn: self.ffn.clone(),
             attention,
             attention_layers: None,
             attention_pattern: None,
@@ -260,6 +296,17 @@ impl<A: CoreConfig> StackConfig<A> {
         positive("n_layers", self.n_layers)?;
         positive("d_ff", self.d_ff)?;
         positive("ff_chunks", self.ff_chunks)?;
+        if let Some(moe) = self.ffn.experts() {
+            moe.check(&format!("{stack}.ffn"))?;
+            if self.reversible {
+                return Err(ModelConfigError::new(
+                    format!("{stack}.ffn.kind"),
+                    "a mixture of experts in a reversible stack: its routing (jitter, random \
+                     second choices, capacity) would differ when the backward recomputes the \
+                     layer; use kind = \"dense\" or reversible = false",
+                ));
+            }
+        }
         if self.reversible && self.placement != NormPlacement::Pre {
             return Err(ModelConfigError::new(
                 format!("{stack}.reversible"),

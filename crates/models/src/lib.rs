@@ -25,10 +25,11 @@ mod pretrained;
 pub mod reversible;
 mod stack;
 
-pub use crate::block::{FeedForward, LayerNorm, Norm, TransformerLayer};
+pub use crate::block::{FeedForward, FeedForwardBlock, LayerNorm, Norm, TransformerLayer};
 pub use crate::compressive::{Compression, CompressiveConfig, CompressiveMemory, Compressor};
 pub use crate::config::{
-    FeedForwardKind, ModelConfigError, NormKind, NormPlacement, PositionKind, StackConfig,
+    FeedForwardKind, FfnConfig, ModelConfigError, NormKind, NormPlacement, PositionKind,
+    StackConfig,
 };
 pub use crate::embedding::{EmbeddingSettings, TokenEmbedding};
 pub use crate::generate::{SampleRng, Sampler};

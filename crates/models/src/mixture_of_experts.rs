@@ -29,6 +29,8 @@
 //! mean probability of `e`; 1 for uniform routing, `E` when every token goes to one expert
 //! with probability 1) and the router z-loss `β · mean_t (logsumexp_e logits)²` (ST-MoE).
 
+use std::sync::{Arc, Mutex};
+
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::serde::{Deserialize, Serialize};
@@ -54,7 +56,8 @@ pub enum Routing {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(crate = "burn::serde", default, deny_unknown_fields)]
 pub struct MixtureOfExpertsConfig {
-    /// Top-1 or top-2.
+    /// Top-1 or top-2 (in TOML, the `kind` of `[model.stack.ffn]`).
+    #[serde(skip)]
     pub routing: Routing,
     /// Number of experts E.
     pub experts: usize,
@@ -143,6 +146,7 @@ impl MixtureOfExpertsConfig {
                 .map(|_| FeedForward::new(kind, d_model, d_ff, dropout, device))
                 .collect(),
             settings: self.clone(),
+            reports: Reports::default(),
         }
     }
 }
@@ -156,7 +160,14 @@ pub struct MixtureOfExperts {
     pub experts: Vec<FeedForward>,
     #[module(skip)]
     settings: MixtureOfExpertsConfig,
+    #[module(skip)]
+    reports: Reports,
 }
+
+/// The reports of a block's training forwards not taken yet, per device (shared by clones,
+/// like an attention core's loss terms: the training loop takes them after every forward).
+#[derive(Clone, Debug, Default)]
+struct Reports(Arc<Mutex<Vec<(Device, RoutingReport)>>>);
 
 /// What one forward of a [`MixtureOfExperts`] gives besides its output.
 #[derive(Clone, Debug)]
@@ -187,6 +198,36 @@ impl MixtureOfExperts {
     /// The settings.
     pub fn settings(&self) -> &MixtureOfExpertsConfig {
         &self.settings
+    }
+
+    /// [`forward`](Self::forward) keeping the report of a training forward (an autodiff
+    /// device) for [`take_reports`](Self::take_reports); the layers call this.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, d_model]`, mask_pad: `[batch, seq]` → `[batch, seq, d_model]`
+    pub fn forward_recorded(
+        &self,
+        x: Tensor<3>,
+        mask_pad: Option<Tensor<2, Bool>>,
+        causal: bool,
+    ) -> Tensor<3> {
+        let device = x.device();
+        let train = device.is_autodiff();
+        let (y, report) = self.forward(x, mask_pad, causal, train);
+        if train && let Ok(mut reports) = self.reports.0.lock() {
+            reports.push((device, report));
+        }
+        y
+    }
+
+    /// The reports of the training forwards on `device` since the last call; taken.
+    pub fn take_reports(&self, device: &Device) -> Vec<RoutingReport> {
+        let Ok(mut reports) = self.reports.0.lock() else {
+            return Vec::new();
+        };
+        let (mine, rest): (Vec<_>, Vec<_>) = reports.drain(..).partition(|(d, _)| d == device);
+        *reports = rest;
+        mine.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Routes every token (training: jitter, random second choices, `capacity_factor`; else

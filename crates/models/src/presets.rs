@@ -1,6 +1,8 @@
 //! Published configurations, each citing its source.
 
-use crate::config::{FeedForwardKind, NormKind, NormPlacement, PositionKind, StackConfig};
+use crate::config::{
+    FeedForwardKind, FfnConfig, NormKind, NormPlacement, PositionKind, StackConfig,
+};
 use crate::embedding::EmbeddingSettings;
 use crate::model::{ClassifierConfig, EncoderConfig, Pooling};
 use efficient_attn::AttentionConfig;
@@ -51,6 +53,7 @@ fn lra_classifier(
                 placement: NormPlacement::Pre,
                 norm_eps: 1e-6,
                 feed_forward: FeedForwardKind::Gelu,
+                ffn: FfnConfig::Dense,
                 attention,
                 attention_layers: None,
                 attention_pattern: None,
@@ -88,6 +91,7 @@ pub fn minilm_l6(attention: AttentionConfig) -> EncoderConfig {
             placement: NormPlacement::Post,
             norm_eps: 1e-12,
             feed_forward: FeedForwardKind::Gelu,
+            ffn: FfnConfig::Dense,
             attention,
             attention_layers: None,
             attention_pattern: None,

@@ -51,7 +51,9 @@ use burn::store::{KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, Safetensors
 use burn::tensor::{Device, Tensor};
 use efficient_attn::AttentionConfig;
 
-use crate::config::{FeedForwardKind, NormKind, NormPlacement, PositionKind, StackConfig};
+use crate::config::{
+    FeedForwardKind, FfnConfig, NormKind, NormPlacement, PositionKind, StackConfig,
+};
 use crate::embedding::EmbeddingSettings;
 use crate::model::{Encoder, EncoderConfig};
 
@@ -290,6 +292,7 @@ impl BertCheckpoint {
                 placement: NormPlacement::Post,
                 norm_eps: c.layer_norm_eps,
                 feed_forward: FeedForwardKind::Gelu,
+                ffn: FfnConfig::Dense,
                 attention,
                 attention_layers: None,
                 attention_pattern: None,

@@ -9,7 +9,7 @@ use efficient_attn::{
     ProjectedContext, RotaryConfig, SharedParameter, SharedParameterSpec,
 };
 
-use crate::block::{LayerSpec, Norm, TransformerLayer};
+use crate::block::{FeedForwardBlock, LayerSpec, Norm, TransformerLayer};
 use crate::config::{ModelConfigError, NormPlacement, StackConfig};
 use crate::reversible::ReversibleTape;
 
@@ -59,15 +59,22 @@ pub struct StackSpec<'a, A = efficient_attn::AttentionConfig> {
 }
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
-    /// The sum of the layers' attention loss terms from their training forwards on `device`
-    /// since the last call ([`AttentionCore::aux_loss`]: Routing's commitment loss); taken.
+    /// The sum of the layers' loss terms from their training forwards on `device` since the
+    /// last call, taken: attention terms ([`AttentionCore::aux_loss`]: Routing's commitment
+    /// loss) and each mixture-of-experts layer's own balance and z losses (per layer, then
+    /// summed over layers).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
         self.layers
             .iter()
             .flat_map(|l| {
-                std::iter::once(&l.self_attention)
+                let attention = std::iter::once(&l.self_attention)
                     .chain(l.cross_attention.as_ref())
-                    .filter_map(|a| a.aux_loss(device))
+                    .filter_map(|a| a.aux_loss(device));
+                let experts = match &l.feed_forward {
+                    FeedForwardBlock::Experts(m) => m.take_reports(device),
+                    FeedForwardBlock::Dense(_) => Vec::new(),
+                };
+                attention.chain(experts.into_iter().map(|r| r.balance_loss + r.z_loss))
             })
             .reduce(|a, b| a.add(b))
     }

@@ -284,3 +284,82 @@ fn the_router_and_the_chosen_experts_get_gradients() {
         }
     }
 }
+
+/// A decoder language model whose layers are mixtures of experts, from TOML.
+fn moe_lm(ffn: &str, device: &Device) -> models::LanguageModel {
+    let stack: models::StackConfig = toml::from_str(&format!(
+        "n_layers = 2\nd_model = 16\nn_heads = 2\nd_ff = 32\ndropout = 0.0\n[ffn]\n{ffn}\n"
+    ))
+    .unwrap();
+    models::LanguageModelConfig {
+        embedding: super::embedding(models::PositionKind::Learned),
+        stack,
+        tie_embeddings: true,
+        compressive: None,
+    }
+    .init(device)
+    .unwrap()
+}
+
+#[test]
+fn stacks_take_experts_from_toml_and_offer_their_losses_once() {
+    let device = Device::flex().autodiff();
+    let lm = moe_lm("kind = \"top2\"\nexperts = 3", &device);
+    assert!(matches!(
+        lm.stack.layers[0].feed_forward,
+        models::FeedForwardBlock::Experts(_)
+    ));
+    let tokens = super::tokens(&[vec![1, 2, 3, 4, 5, 6], vec![6, 5, 4, 3, 2, 1]], &device);
+    let _ = lm.forward(tokens, None);
+    let aux = lm
+        .aux_loss(&device)
+        .expect("balance and z losses of both layers");
+    assert!(aux.into_scalar::<f32>() > 0.0);
+    assert!(lm.aux_loss(&device).is_none(), "taken once");
+    // Evaluation (no autodiff) keeps no report.
+    let plain = Device::flex();
+    let lm = moe_lm("kind = \"switch\"\nexperts = 2", &plain);
+    let _ = lm.forward(super::tokens(&[vec![1, 2, 3]], &plain), None);
+    assert!(lm.aux_loss(&plain).is_none());
+    // Unknown keys and bad values are errors naming them.
+    let err = toml::from_str::<models::StackConfig>("[ffn]\nkind = \"switch\"\nexpertz = 4\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expertz"), "{err}");
+    let bad: models::StackConfig =
+        toml::from_str("[ffn]\nkind = \"switch\"\nexperts = 0\n").unwrap();
+    let err = bad
+        .check("decoder", efficient_attn::AttentionMode::Causal)
+        .unwrap_err();
+    assert_eq!(err.path, "decoder.ffn.experts");
+    let reversible: models::StackConfig =
+        toml::from_str("reversible = true\n[ffn]\nkind = \"top2\"\n").unwrap();
+    let err = reversible
+        .check("decoder", efficient_attn::AttentionMode::Causal)
+        .unwrap_err();
+    assert_eq!(err.path, "decoder.ffn.kind");
+}
+
+#[test]
+fn a_decoder_with_experts_never_sees_the_future_and_decodes_incrementally() {
+    let device = Device::flex();
+    // Capacity binds in the full pass (drops happen) for the causality check.
+    let lm = moe_lm(
+        "kind = \"top2\"\nexperts = 3\neval_capacity_factor = 0.5\nmin_capacity = 1\nsecond_threshold = 0.0",
+        &device,
+    );
+    let a = vec![1i64, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    let mut b = a.clone();
+    b[7] = 15;
+    let la = lm.forward(super::tokens(&[a.clone()], &device), None);
+    let lb = lm.forward(super::tokens(&[b], &device), None);
+    let d = max_diff(la.narrow(1, 0, 7), lb.narrow(1, 0, 7));
+    assert_eq!(d, 0.0, "a later token changed earlier logits");
+    // With a capacity that never binds, one token at a time equals the full pass.
+    let lm = moe_lm(
+        "kind = \"top2\"\nexperts = 3\neval_capacity_factor = 3.0",
+        &device,
+    );
+    let d = super::decoding_error(&lm, super::tokens(&[a.clone(), a], &device), 4);
+    assert!(d < 1e-4, "decoding differs by {d:e}");
+}

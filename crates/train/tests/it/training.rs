@@ -846,3 +846,24 @@ fn a_compressive_language_model_trains_resumes_and_generates() {
         assert!(!dir.join("bad").exists(), "{to}: nothing written");
     }
 }
+
+/// `[model.stack.ffn] kind = "top2"`: a classifier whose layers are mixtures of experts trains
+/// (its balance and z losses in the training loss) and resumes exactly; a mixture of experts
+/// in a reversible stack stops before anything is written, naming the key.
+#[test]
+fn a_mixture_of_experts_classifier_trains_and_resumes_exactly() {
+    let config = TINY_LISTOPS.replace(
+        "[model.stack.attention]",
+        "[model.stack.ffn]\nkind = \"top2\"\nexperts = 3\n[model.stack.attention]",
+    );
+    let (dir, a) = resumed_equals_uninterrupted("resume-moe", &config);
+    assert!(a["valid"]["accuracy"].as_f64().is_some(), "{a}");
+
+    let reversible = config.replace("[model.stack.ffn]", "reversible = true\n[model.stack.ffn]");
+    std::fs::write(dir.join("reversible.toml"), reversible).unwrap();
+    let out = efformer(&dir, &["train", "reversible.toml", "--out", "reversible"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ffn.kind") && err.contains("reversible"), "{err}");
+    assert!(!dir.join("reversible").exists(), "nothing written");
+}
