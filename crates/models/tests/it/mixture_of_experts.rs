@@ -351,7 +351,7 @@ fn a_decoder_with_experts_never_sees_the_future_and_decodes_incrementally() {
     let a = vec![1i64, 2, 3, 4, 5, 6, 7, 8, 9, 10];
     let mut b = a.clone();
     b[7] = 15;
-    let la = lm.forward(super::tokens(&[a.clone()], &device), None);
+    let la = lm.forward(super::tokens(std::slice::from_ref(&a), &device), None);
     let lb = lm.forward(super::tokens(&[b], &device), None);
     let d = max_diff(la.narrow(1, 0, 7), lb.narrow(1, 0, 7));
     assert_eq!(d, 0.0, "a later token changed earlier logits");

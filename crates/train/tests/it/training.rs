@@ -864,6 +864,9 @@ fn a_mixture_of_experts_classifier_trains_and_resumes_exactly() {
     let out = efformer(&dir, &["train", "reversible.toml", "--out", "reversible"]);
     assert!(!out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ffn.kind") && err.contains("reversible"), "{err}");
+    assert!(
+        err.contains("ffn.kind") && err.contains("reversible"),
+        "{err}"
+    );
     assert!(!dir.join("reversible").exists(), "nothing written");
 }
