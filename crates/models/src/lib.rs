@@ -38,7 +38,7 @@ pub use crate::hf_names::{
 };
 pub use crate::memory::{Segment, SegmentMemory};
 pub use crate::mixture_of_experts::{
-    MixtureOfExperts, MixtureOfExpertsConfig, Routing, RoutingReport,
+    AuxTerms, MixtureOfExperts, MixtureOfExpertsConfig, Routing, RoutingReport, RoutingSummary,
 };
 pub use crate::model::{
     ClassifierConfig, DecodeState, Encoder, EncoderConfig, EncoderInput, LanguageModel,

@@ -184,6 +184,67 @@ pub struct RoutingReport {
     pub dropped: usize,
     /// Assignments made (kept or dropped; padded tokens make none).
     pub assigned: usize,
+    /// The balance statistic `E · Σ_e f_e P_e` itself (1 for uniform routing, E when every
+    /// token goes to one expert with probability 1; near 1 when balanced).
+    pub balance: f32,
+}
+
+impl RoutingReport {
+    /// The host numbers of this report for layer `layer` (reads the losses' values).
+    pub fn summary(&self, layer: usize) -> RoutingSummary {
+        let value = |t: &Tensor<1>| t.clone().detach().into_scalar::<f32>();
+        RoutingSummary {
+            layer,
+            balance: self.balance,
+            aux_loss: value(&self.balance_loss) + value(&self.z_loss),
+            drop_fraction: if self.assigned == 0 {
+                0.0
+            } else {
+                self.dropped as f32 / self.assigned as f32
+            },
+        }
+    }
+}
+
+/// One mixture-of-experts layer's routing in a training forward, as numbers (the metrics).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoutingSummary {
+    /// The layer, counted over the model (an encoder-decoder's decoder layers follow its
+    /// encoder's).
+    pub layer: usize,
+    /// `E · Σ_e f_e P_e` (1 for uniform routing, E when every token goes to one expert).
+    pub balance: f32,
+    /// The weighted balance and z losses this layer added to the training loss.
+    pub aux_loss: f32,
+    /// The share of assignments dropped for capacity.
+    pub drop_fraction: f32,
+}
+
+/// What a model's training forwards on a device leave besides their output, taken after each
+/// forward: the loss terms to add to the training loss, and the routing of every
+/// mixture-of-experts layer.
+#[derive(Clone, Debug, Default)]
+pub struct AuxTerms {
+    /// The attention cores' terms and the experts' balance and z losses, summed.
+    pub loss: Option<Tensor<1>>,
+    /// One per mixture-of-experts layer and forward.
+    pub routing: Vec<RoutingSummary>,
+}
+
+impl AuxTerms {
+    /// Both sets of terms, `other`'s layers counted after `offset` layers.
+    pub fn merge(mut self, other: AuxTerms, offset: usize) -> Self {
+        self.loss = match (self.loss, other.loss) {
+            (Some(a), Some(b)) => Some(a.add(b)),
+            (a, b) => a.or(b),
+        };
+        self.routing
+            .extend(other.routing.into_iter().map(|r| RoutingSummary {
+                layer: r.layer + offset,
+                ..r
+            }));
+        self
+    }
 }
 
 /// One routed assignment: token `n` (flattened), choice `k`, expert `e`.
@@ -411,6 +472,16 @@ impl MixtureOfExperts {
             .map(|&c| c as f32 / real_f as f32)
             .collect();
         let f = Tensor::<1>::from_data(TensorData::new(f, [e_count]), &device);
+        let mut host_mean = vec![0f64; e_count];
+        for i in (0..n).filter(|&i| keep[i]) {
+            for (e, m) in host_mean.iter_mut().enumerate() {
+                *m += host_p[i * e_count + e] as f64;
+            }
+        }
+        let balance = (0..e_count)
+            .map(|e| first_counts[e] as f64 / real_f * host_mean[e] / real_f)
+            .sum::<f64>() as f32
+            * e_count as f32;
         let balance_loss = (f * mean_p)
             .sum()
             .mul_scalar(self.settings.balance_coef * e_count as f64);
@@ -429,6 +500,7 @@ impl MixtureOfExperts {
                 capacity,
                 dropped,
                 assigned,
+                balance,
             },
         )
     }

@@ -18,6 +18,7 @@ use crate::compressive::{CompressiveConfig, CompressiveMemory};
 use crate::config::{ModelConfigError, StackConfig};
 use crate::embedding::{EmbeddingSettings, TokenEmbedding};
 use crate::memory::{Segment, SegmentMemory};
+use crate::mixture_of_experts::AuxTerms;
 use crate::stack::{Stack, StackSpec};
 
 /// What an encoder reads: tokens, optional token types, and the [`Extras`] the sequence
@@ -109,10 +110,15 @@ pub struct Encoder<C = Attention> {
 }
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> Encoder<C> {
-    /// The attention loss terms of the training forwards on `device` since the last call
-    /// ([`Stack::aux_loss`]).
+    /// The extra terms of the training forwards on `device` since the last call, taken
+    /// ([`Stack::aux_terms`]).
+    pub fn aux_terms(&self, device: &Device) -> AuxTerms {
+        self.stack.aux_terms(device)
+    }
+
+    /// The loss terms of [`aux_terms`](Self::aux_terms) alone (taken).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
-        self.stack.aux_loss(device)
+        self.aux_terms(device).loss
     }
 
     /// This model after optimiser step `step`: its attention cores' per-step state
@@ -244,10 +250,15 @@ pub fn mean_pool(h: Tensor<3>, mask_pad: Option<Tensor<2, Bool>>) -> Tensor<2> {
 }
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> SequenceClassifier<C> {
-    /// The attention loss terms of the training forwards on `device` since the last call
-    /// ([`Stack::aux_loss`]).
+    /// The extra terms of the training forwards on `device` since the last call, taken
+    /// ([`Stack::aux_terms`]).
+    pub fn aux_terms(&self, device: &Device) -> AuxTerms {
+        self.encoder.aux_terms(device)
+    }
+
+    /// The loss terms of [`aux_terms`](Self::aux_terms) alone (taken).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
-        self.encoder.aux_loss(device)
+        self.aux_terms(device).loss
     }
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
@@ -283,10 +294,15 @@ pub struct TokenClassifier<C = Attention> {
 }
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> TokenClassifier<C> {
-    /// The attention loss terms of the training forwards on `device` since the last call
-    /// ([`Stack::aux_loss`]).
+    /// The extra terms of the training forwards on `device` since the last call, taken
+    /// ([`Stack::aux_terms`]).
+    pub fn aux_terms(&self, device: &Device) -> AuxTerms {
+        self.encoder.aux_terms(device)
+    }
+
+    /// The loss terms of [`aux_terms`](Self::aux_terms) alone (taken).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
-        self.encoder.aux_loss(device)
+        self.aux_terms(device).loss
     }
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
@@ -420,10 +436,15 @@ pub struct DecodeState {
 }
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> LanguageModel<C> {
-    /// The attention loss terms of the training forwards on `device` since the last call
-    /// ([`Stack::aux_loss`]).
+    /// The extra terms of the training forwards on `device` since the last call, taken
+    /// ([`Stack::aux_terms`]).
+    pub fn aux_terms(&self, device: &Device) -> AuxTerms {
+        self.stack.aux_terms(device)
+    }
+
+    /// The loss terms of [`aux_terms`](Self::aux_terms) alone (taken).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
-        self.stack.aux_loss(device)
+        self.aux_terms(device).loss
     }
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
@@ -651,13 +672,18 @@ pub struct Seq2Seq<C = Attention> {
 }
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> Seq2Seq<C> {
-    /// The attention loss terms of the training forwards on `device` since the last call
-    /// ([`Stack::aux_loss`]).
+    /// The extra terms of the training forwards on `device` since the last call, taken
+    /// ([`Stack::aux_terms`]; the decoder's layers counted after the encoder's).
+    pub fn aux_terms(&self, device: &Device) -> AuxTerms {
+        let offset = self.encoder.layers.len();
+        self.encoder
+            .aux_terms(device)
+            .merge(self.decoder.aux_terms(device), offset)
+    }
+
+    /// The loss terms of [`aux_terms`](Self::aux_terms) alone (taken).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
-        [self.encoder.aux_loss(device), self.decoder.aux_loss(device)]
-            .into_iter()
-            .flatten()
-            .reduce(|a, b| a.add(b))
+        self.aux_terms(device).loss
     }
     /// This model after optimiser step `step`: its attention cores' per-step state
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).

@@ -11,6 +11,7 @@ use efficient_attn::{
 
 use crate::block::{FeedForwardBlock, LayerSpec, Norm, TransformerLayer};
 use crate::config::{ModelConfigError, NormPlacement, StackConfig};
+use crate::mixture_of_experts::AuxTerms;
 use crate::reversible::ReversibleTape;
 
 /// A stack of [`TransformerLayer`]s over the attention core `C` ([`Attention`] by default).
@@ -60,13 +61,22 @@ pub struct StackSpec<'a, A = efficient_attn::AttentionConfig> {
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
     /// The sum of the layers' loss terms from their training forwards on `device` since the
-    /// last call, taken: attention terms ([`AttentionCore::aux_loss`]: Routing's commitment
-    /// loss) and each mixture-of-experts layer's own balance and z losses (per layer, then
-    /// summed over layers).
+    /// last call, taken ([`aux_terms`](Self::aux_terms)`.loss`).
     pub fn aux_loss(&self, device: &Device) -> Option<Tensor<1>> {
-        self.layers
+        self.aux_terms(device).loss
+    }
+
+    /// The layers' extra terms from their training forwards on `device` since the last call,
+    /// taken: attention loss terms ([`AttentionCore::aux_loss`]: Routing's commitment loss),
+    /// each mixture-of-experts layer's own balance and z losses (per layer, then summed over
+    /// layers) and its routing numbers.
+    pub fn aux_terms(&self, device: &Device) -> AuxTerms {
+        let mut routing = Vec::new();
+        let loss = self
+            .layers
             .iter()
-            .flat_map(|l| {
+            .enumerate()
+            .flat_map(|(i, l)| {
                 let attention = std::iter::once(&l.self_attention)
                     .chain(l.cross_attention.as_ref())
                     .filter_map(|a| a.aux_loss(device));
@@ -74,9 +84,13 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
                     FeedForwardBlock::Experts(m) => m.take_reports(device),
                     FeedForwardBlock::Dense(_) => Vec::new(),
                 };
-                attention.chain(experts.into_iter().map(|r| r.balance_loss + r.z_loss))
+                routing.extend(experts.iter().map(|r| r.summary(i)));
+                attention
+                    .chain(experts.into_iter().map(|r| r.balance_loss + r.z_loss))
+                    .collect::<Vec<_>>()
             })
-            .reduce(|a, b| a.add(b))
+            .reduce(|a, b| a.add(b));
+        AuxTerms { loss, routing }
     }
 
     /// This stack after optimiser step `step` (every layer's, [`TransformerLayer::at_step`]).

@@ -26,7 +26,7 @@ use crate::metrics_log::{CsvMetricLogger, plot_curves};
 use crate::optim::{Schedule, optimizer};
 use crate::progress::PlainProgress;
 use crate::run_dir::AtomicCheckpointer;
-use crate::tasks::{NanGuard, Task};
+use crate::tasks::{NanGuard, RoutingMetric, RoutingQuantity, Task};
 
 /// Everything a run needs besides the task's data and model.
 pub struct RunContext {
@@ -222,6 +222,23 @@ where
     }
 }
 
+/// The layers (counted over the model: a sequence-to-sequence model's decoder after its
+/// encoder) whose feed-forward blocks are mixtures of experts.
+fn routed_layers(config: &ExperimentConfig) -> Vec<usize> {
+    let encoder = &config.model.stack;
+    let mut layers: Vec<usize> = match encoder.ffn.experts() {
+        Some(_) => (0..encoder.n_layers).collect(),
+        None => Vec::new(),
+    };
+    if config.task == crate::config::TaskKind::Seq2seq {
+        let decoder = config.model.decoder.as_ref().unwrap_or(encoder);
+        if decoder.ffn.experts().is_some() {
+            layers.extend(encoder.n_layers..encoder.n_layers + decoder.n_layers);
+        }
+    }
+    layers
+}
+
 /// Trains `model` with burn-train: optimiser, schedule, metrics, atomic checkpoints, early
 /// stopping, resume and the device strategy.
 ///
@@ -276,6 +293,15 @@ pub fn fit<T: Task>(
         )),
         None => training.metrics((AccuracyMetric::new(), LossMetric::new())),
     };
+    for layer in routed_layers(&ctx.config) {
+        for quantity in [
+            RoutingQuantity::Balance,
+            RoutingQuantity::Drops,
+            RoutingQuantity::AuxLoss,
+        ] {
+            training = training.metric_train_numeric(RoutingMetric::new(layer, quantity));
+        }
+    }
     if t.grad_accumulation > 1 {
         training = training.grads_accumulation(t.grad_accumulation);
     }

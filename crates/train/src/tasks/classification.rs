@@ -14,7 +14,7 @@ use models::{
 };
 use serde::Serialize;
 
-use super::{NanGuard, Splits, StepClock, Task, embedding, fixed_length, with_aux};
+use super::{NanGuard, Splits, StepClock, StepOutput, Task, embedding, fixed_length, with_aux};
 use crate::config::{ExperimentConfig, PretrainedInit, TaskKind};
 use crate::data::loader::{ClassBatch, ClassBatcher, ClassItem, MakeBatch};
 use crate::data::prepare::{ClassData, resolve};
@@ -55,15 +55,11 @@ impl ClassifierWithLoss {
 
     /// Loss and logits of a batch.
     pub fn forward(&self, batch: ClassBatch) -> ClassificationOutput {
-        self.forward_taped(batch, None)
+        self.forward_taped(batch, None).class
     }
 
     /// [`forward`](Self::forward), a reversible encoder recording on `tape` (training).
-    pub fn forward_taped(
-        &self,
-        batch: ClassBatch,
-        tape: Option<ReversibleTape>,
-    ) -> ClassificationOutput {
+    pub fn forward_taped(&self, batch: ClassBatch, tape: Option<ReversibleTape>) -> StepOutput {
         let mut input = EncoderInput::new(batch.tokens).mask_pad(batch.mask_pad);
         if let Some(tape) = tape {
             input = input.with_side(tape);
@@ -79,8 +75,11 @@ impl ClassifierWithLoss {
         let loss = CrossEntropyLossConfig::new()
             .init(&device)
             .forward(logits.clone(), batch.labels.clone());
-        let loss = with_aux(loss, self.model.aux_loss(&device));
-        ClassificationOutput::new(loss, logits, batch.labels)
+        let aux = self.model.aux_terms(&device);
+        StepOutput {
+            class: ClassificationOutput::new(with_aux(loss, aux.loss), logits, batch.labels),
+            routing: aux.routing,
+        }
     }
 }
 
@@ -136,6 +135,13 @@ impl ClassificationTask {
                  (with the checkpoint's tokenizer), not {:?}",
                 config.task
             ));
+        }
+        if config.model.stack.ffn.experts().is_some() {
+            return Err(
+                "model.stack.ffn.kind: a pretrained encoder keeps its dense feed-forward blocks \
+                 (the checkpoint has no experts); remove [model.stack.ffn]"
+                    .into(),
+            );
         }
         if config.model.stack.reversible {
             return Err(

@@ -119,15 +119,11 @@ impl LanguageModelWithLoss {
 
     /// Loss and flattened logits of a batch.
     pub fn forward(&self, batch: LmBatch) -> ClassificationOutput {
-        self.forward_taped(batch, None)
+        self.forward_taped(batch, None).class
     }
 
     /// [`forward`](Self::forward), a reversible decoder recording on `tape` (training).
-    pub fn forward_taped(
-        &self,
-        batch: LmBatch,
-        tape: Option<ReversibleTape>,
-    ) -> ClassificationOutput {
+    pub fn forward_taped(&self, batch: LmBatch, tape: Option<ReversibleTape>) -> super::StepOutput {
         let mut extras = Extras {
             mask_pad: Some(batch.mask_pad),
             ..Default::default()
@@ -139,10 +135,13 @@ impl LanguageModelWithLoss {
             Some(stream) => stream.forward(&self.model, batch.inputs),
             None => (self.model.forward_extras(batch.inputs, extras), None),
         };
-        let aux = self.model.aux_loss(&logits.device());
+        let aux = self.model.aux_terms(&logits.device());
         let mut out = token_output(logits, batch.targets, self.pad);
-        out.loss = super::with_aux(super::with_aux(out.loss, aux), reconstruction);
-        out
+        out.loss = super::with_aux(super::with_aux(out.loss, aux.loss), reconstruction);
+        super::StepOutput {
+            class: out,
+            routing: aux.routing,
+        }
     }
 }
 

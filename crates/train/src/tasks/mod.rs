@@ -6,8 +6,8 @@
 //! every task goes through.
 
 /// burn-train's training and inference steps for a model-with-loss type `$model` whose
-/// `forward_taped($batch, Option<ReversibleTape>) -> ClassificationOutput` gives the loss and
-/// outputs (and `forward($batch)` the same without a tape): training passes the loss through
+/// `forward_taped($batch, Option<ReversibleTape>) -> StepOutput` gives the loss, outputs and
+/// routing (and `forward($batch)` the classification output without a tape): training passes the loss through
 /// the type's [`NanGuard`] (field `guard`) and backpropagates, completing the gradients of
 /// reversible stacks from a fresh [`models::ReversibleTape`]; after every optimiser step the
 /// model's per-step state advances (field `clock`, a [`StepClock`]; field `model` with an
@@ -16,14 +16,14 @@ macro_rules! burn_train_steps {
     ($model:ty, $batch:ty) => {
         impl burn::train::TrainStep for $model {
             type Input = $batch;
-            type Output = burn::train::ClassificationOutput;
+            type Output = $crate::tasks::StepOutput;
 
             fn step(&self, batch: $batch) -> burn::train::TrainOutput<Self::Output> {
                 let tape = models::ReversibleTape::default();
                 let mut out = self.forward_taped(batch, Some(tape.clone()));
-                out.loss = self.guard.check(out.loss);
+                out.class.loss = self.guard.check(out.class.loss);
                 burn::train::TrainOutput {
-                    grads: tape.gradients(out.loss.backward(), self),
+                    grads: tape.gradients(out.class.loss.backward(), self),
                     item: out,
                 }
             }
@@ -79,7 +79,10 @@ macro_rules! burn_train_steps {
 
 mod classification;
 mod language_model;
+mod output;
 mod seq2seq;
+
+pub use self::output::{RoutingMetric, RoutingQuantity, StepOutput};
 
 use std::fmt;
 use std::path::Path;
@@ -126,7 +129,7 @@ pub trait Task {
     /// The model with its loss: what burn-train trains and evaluates.
     type Model: LearnerModel
         + Stepped
-        + TrainStep<Input = Self::Batch, Output = ClassificationOutput>
+        + TrainStep<Input = Self::Batch, Output = StepOutput>
         + InferenceStep<Input = Self::Batch, Output = ClassificationOutput>;
     /// The model's configuration.
     type ModelConfig: Clone;

@@ -40,7 +40,7 @@ impl Seq2SeqWithLoss {
 
     /// Loss and flattened logits of a batch.
     pub fn forward(&self, batch: Seq2SeqBatch) -> ClassificationOutput {
-        self.forward_taped(batch, None)
+        self.forward_taped(batch, None).class
     }
 
     /// [`forward`](Self::forward); the tape is not used: a reversible encoder of a
@@ -49,17 +49,20 @@ impl Seq2SeqWithLoss {
         &self,
         batch: Seq2SeqBatch,
         _tape: Option<models::ReversibleTape>,
-    ) -> ClassificationOutput {
+    ) -> super::StepOutput {
         let logits = self.model.forward(
             batch.source,
             Some(batch.source_pad),
             batch.target_in,
             Some(batch.target_pad),
         );
-        let aux = self.model.aux_loss(&logits.device());
+        let aux = self.model.aux_terms(&logits.device());
         let mut out = token_output(logits, batch.target_out, self.pad);
-        out.loss = super::with_aux(out.loss, aux);
-        out
+        out.loss = super::with_aux(out.loss, aux.loss);
+        super::StepOutput {
+            class: out,
+            routing: aux.routing,
+        }
     }
 }
 

@@ -858,6 +858,22 @@ fn a_mixture_of_experts_classifier_trains_and_resumes_exactly() {
     );
     let (dir, a) = resumed_equals_uninterrupted("resume-moe", &config);
     assert!(a["valid"]["accuracy"].as_f64().is_some(), "{a}");
+    // Per-layer routing in the training rows of metrics.csv: balance in (0, E], drops in [0, 1].
+    let csv = std::fs::read_to_string(dir.join("whole/metrics.csv")).unwrap();
+    for name in ["MoE balance L0", "MoE drops L0", "MoE aux loss L0"] {
+        let values: Vec<f64> = csv
+            .lines()
+            .filter(|l| l.starts_with("train,") && l.contains(name))
+            .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+            .collect();
+        assert!(!values.is_empty(), "{name} in metrics.csv");
+        let ok = |v: f64| match name {
+            "MoE balance L0" => v > 0.0 && v <= 3.0 + 1e-4,
+            "MoE drops L0" => (0.0..=1.0).contains(&v),
+            _ => v > 0.0,
+        };
+        assert!(values.iter().all(|&v| ok(v)), "{name}: {values:?}");
+    }
 
     let reversible = config.replace("[model.stack.ffn]", "reversible = true\n[model.stack.ffn]");
     std::fs::write(dir.join("reversible.toml"), reversible).unwrap();
