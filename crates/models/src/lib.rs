@@ -23,6 +23,7 @@ mod model;
 pub mod presets;
 mod pretrained;
 pub mod reversible;
+mod set_transformer;
 mod stack;
 
 pub use crate::block::{FeedForward, FeedForwardBlock, LayerNorm, Norm, TransformerLayer};
@@ -50,4 +51,7 @@ pub use crate::pretrained::{
     load_weights,
 };
 pub use crate::reversible::ReversibleTape;
+pub use crate::set_transformer::{
+    Isab, Mab, MabAttention, Pma, ReferenceAttention, Sab, SetBlockConfig, SetStyle,
+};
 pub use crate::stack::{Stack, StackSpec, Wiring};

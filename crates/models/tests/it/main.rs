@@ -7,6 +7,7 @@ mod memory;
 mod mixture_of_experts;
 mod pretrained;
 mod reversible;
+mod set_transformer;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
