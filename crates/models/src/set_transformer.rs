@@ -79,7 +79,7 @@ impl SetBlockConfig {
     /// # Errors
     /// The key under `path` and what was expected.
     pub fn check(&self, path: &str) -> Result<(), ModelConfigError> {
-        if self.n_heads == 0 || self.d_model % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.d_model.is_multiple_of(self.n_heads) {
             return Err(ModelConfigError::new(
                 format!("{path}.n_heads"),
                 format!(
