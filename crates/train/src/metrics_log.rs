@@ -168,6 +168,12 @@ pub fn per_epoch(rows: &[MetricRow], split: &str, metric: &str) -> Vec<(usize, f
         .collect()
 }
 
+/// `("MoE balance", 2)` for a per-layer metric named `MoE balance L2`.
+fn layer_of(metric: &str) -> Option<(&str, usize)> {
+    let (name, layer) = metric.rsplit_once(" L")?;
+    Some((name, layer.parse().ok()?))
+}
+
 /// Draws `curves.png` from `metrics.csv`: the training loss per step (raw and smoothed) with the
 /// validation loss per epoch, and every other metric per epoch for train and valid.
 ///
@@ -251,6 +257,50 @@ pub fn plot_curves(csv: &Path, png: &Path) -> Result<PathBuf, String> {
         .collect();
     metrics.sort();
     metrics.dedup();
+    // Per-layer metrics (`<name> L<layer>`, the mixture-of-experts routing) share one chart per
+    // name, a series per layer (training split).
+    let (layered, metrics): (Vec<String>, Vec<String>) =
+        metrics.into_iter().partition(|m| layer_of(m).is_some());
+    let mut groups: Vec<String> = layered
+        .iter()
+        .filter_map(|m| layer_of(m).map(|(name, _)| name.to_string()))
+        .collect();
+    groups.dedup();
+    for group in groups {
+        let mut members: Vec<(usize, &String)> = layered
+            .iter()
+            .filter_map(|m| {
+                layer_of(m)
+                    .filter(|(n, _)| *n == group)
+                    .map(|(_, l)| (l, m))
+            })
+            .collect();
+        members.sort();
+        let series: Vec<Series> = members
+            .into_iter()
+            .map(|(layer, metric)| Series {
+                name: format!("layer {layer}"),
+                points: per_epoch(&rows, "train", metric)
+                    .into_iter()
+                    .map(|(e, v)| (e as f64, v))
+                    .collect(),
+                markers: true,
+                color: None,
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        if !series.is_empty() {
+            charts.push(Chart {
+                title: group.clone(),
+                x_label: "epoch".into(),
+                y_label: group,
+                x_scale: Scale::Linear,
+                y_scale: Scale::Linear,
+                series,
+                legend: Legend::Inside,
+            });
+        }
+    }
     for metric in metrics {
         let series: Vec<Series> = ["train", "valid"]
             .iter()
