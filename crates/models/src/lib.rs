@@ -52,6 +52,7 @@ pub use crate::pretrained::{
 };
 pub use crate::reversible::ReversibleTape;
 pub use crate::set_transformer::{
-    Isab, Mab, MabAttention, Pma, ReferenceAttention, Sab, SetBlockConfig, SetStyle,
+    Isab, Mab, MabAttention, Pma, ReferenceAttention, Sab, SetBlockConfig, SetEncoderBlock,
+    SetStyle, SetTransformer, SetTransformerConfig,
 };
 pub use crate::stack::{Stack, StackSpec, Wiring};

@@ -332,3 +332,126 @@ impl Pma {
         self.mab.forward(self.seeds.val().expand([b, k, d]), z, pad)
     }
 }
+
+/// Configuration of a [`SetTransformer`] (`[model.set]`): the reference's `SetTransformer`
+/// with its defaults (two ISABs of 32 inducing points, PMA, two SABs, a linear head).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "burn::serde", default, deny_unknown_fields)]
+pub struct SetTransformerConfig {
+    /// Width, heads, style, LayerNorm and attention of every block.
+    pub blocks: SetBlockConfig,
+    /// Width of each input element.
+    pub d_input: usize,
+    /// Encoder blocks.
+    pub encoder_layers: usize,
+    /// Inducing points of each encoder ISAB; 0: SABs (O(n²)).
+    pub inducing: usize,
+    /// Seeds of the PMA (outputs per set).
+    pub seeds: usize,
+    /// SABs over the pooled seeds.
+    pub decoder_layers: usize,
+    /// Width of each output.
+    pub d_output: usize,
+}
+
+impl Default for SetTransformerConfig {
+    fn default() -> Self {
+        Self {
+            blocks: SetBlockConfig::default(),
+            d_input: 1,
+            encoder_layers: 2,
+            inducing: 32,
+            seeds: 1,
+            decoder_layers: 2,
+            d_output: 1,
+        }
+    }
+}
+
+impl SetTransformerConfig {
+    /// Builds the model.
+    ///
+    /// # Errors
+    /// The key path of an invalid setting.
+    pub fn init(&self, device: &Device) -> Result<SetTransformer, ModelConfigError> {
+        for (key, v) in [
+            ("d_input", self.d_input),
+            ("seeds", self.seeds),
+            ("d_output", self.d_output),
+        ] {
+            if v == 0 {
+                return Err(ModelConfigError::new(
+                    format!("set.{key}"),
+                    "a positive integer",
+                ));
+            }
+        }
+        let b = &self.blocks;
+        let encoder = (0..self.encoder_layers)
+            .map(|i| {
+                let path = format!("set.encoder[{i}]");
+                Ok(if self.inducing > 0 {
+                    SetEncoderBlock::Isab(b.isab(self.inducing, &path, device)?)
+                } else {
+                    SetEncoderBlock::Sab(b.sab(&path, device)?)
+                })
+            })
+            .collect::<Result<Vec<_>, ModelConfigError>>()?;
+        Ok(SetTransformer {
+            input: LinearConfig::new(self.d_input, b.d_model).init(device),
+            encoder,
+            pool: b.pma(self.seeds, "set.pool", device)?,
+            decoder: (0..self.decoder_layers)
+                .map(|i| b.sab(&format!("set.decoder[{i}]"), device))
+                .collect::<Result<_, _>>()?,
+            output: LinearConfig::new(b.d_model, self.d_output).init(device),
+        })
+    }
+}
+
+/// An encoder block of a [`SetTransformer`].
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum SetEncoderBlock {
+    /// `SAB`.
+    Sab(Sab),
+    /// `ISAB_m`.
+    Isab(Isab),
+}
+
+/// The Set Transformer: `Linear → (I)SAB… → PMA_k → SAB… → Linear`, permutation-invariant in
+/// the elements of each set.
+#[derive(Module, Debug)]
+pub struct SetTransformer {
+    /// Element embedding `d_input → d_model`.
+    pub input: Linear,
+    /// Encoder blocks.
+    pub encoder: Vec<SetEncoderBlock>,
+    /// Pooling.
+    pub pool: Pma,
+    /// SABs over the k pooled vectors.
+    pub decoder: Vec<Sab>,
+    /// Output layer `d_model → d_output`.
+    pub output: Linear,
+}
+
+impl SetTransformer {
+    /// One output vector per seed for every set (padded elements masked).
+    ///
+    /// # Shapes
+    /// - x: `[batch, n, d_input]`, pad: `[batch, n]` (`true` = padded) → `[batch, k, d_output]`
+    pub fn forward(&self, x: Tensor<3>, pad: Option<Tensor<2, Bool>>) -> Tensor<3> {
+        let mut h = self.input.forward(x);
+        for block in &self.encoder {
+            h = match block {
+                SetEncoderBlock::Sab(b) => b.forward(h, pad.clone()),
+                SetEncoderBlock::Isab(b) => b.forward(h, pad.clone()),
+            };
+        }
+        let mut z = self.pool.forward(h, pad);
+        for block in &self.decoder {
+            z = block.forward(z, None);
+        }
+        self.output.forward(z)
+    }
+}

@@ -129,3 +129,36 @@ fn a_cross_less_attention_kind_is_a_config_error_naming_the_key() {
     c.n_heads = 3;
     assert_eq!(c.sab("sab", &device).unwrap_err().path, "sab.n_heads");
 }
+
+#[test]
+fn the_set_transformer_is_permutation_invariant_and_ignores_padding() {
+    let device = Device::flex();
+    for (style, inducing) in [(SetStyle::Paper, 4), (SetStyle::Reference, 0)] {
+        let model = models::SetTransformerConfig {
+            blocks: config(style),
+            d_input: 2,
+            inducing,
+            seeds: 2,
+            d_output: 3,
+            ..Default::default()
+        }
+        .init(&device)
+        .unwrap();
+        let x = SeededRng::new(5).normal_tensor([2, 9, 2], 1.0, &device);
+        let y = model.forward(x.clone(), None);
+        assert_eq!(y.dims(), [2, 2, 3]);
+        let d = max_diff(y.clone(), model.forward(permute(x.clone(), &PERM), None));
+        assert!(
+            d < 1e-5,
+            "{style:?}: permutation changed the output by {d:e}"
+        );
+        let extra = SeededRng::new(6).normal_tensor([2, 3, 2], 1.0, &device);
+        let pad = Tensor::<2, Bool>::from_data(
+            TensorData::new((0..24).map(|i| i % 12 >= 9).collect::<Vec<_>>(), [2, 12]),
+            &device,
+        );
+        let padded = model.forward(Tensor::cat(vec![x, extra], 1), Some(pad));
+        let d = max_diff(y, padded);
+        assert!(d < 1e-5, "{style:?}: padding changed the output by {d:e}");
+    }
+}
