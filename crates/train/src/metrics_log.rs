@@ -168,6 +168,37 @@ pub fn per_epoch(rows: &[MetricRow], split: &str, metric: &str) -> Vec<(usize, f
         .collect()
 }
 
+/// A chart of per-epoch means titled `title`, one series per `(name, split, metric)` that has
+/// values; `None` if none has.
+fn epoch_chart<'a>(
+    rows: &[MetricRow],
+    title: &str,
+    lines: impl IntoIterator<Item = (String, &'a str, &'a str)>,
+) -> Option<Chart> {
+    let series: Vec<Series> = lines
+        .into_iter()
+        .map(|(name, split, metric)| Series {
+            name,
+            points: per_epoch(rows, split, metric)
+                .into_iter()
+                .map(|(e, v)| (e as f64, v))
+                .collect(),
+            markers: true,
+            color: None,
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    (!series.is_empty()).then(|| Chart {
+        title: title.to_string(),
+        x_label: "epoch".into(),
+        y_label: title.to_string(),
+        x_scale: Scale::Linear,
+        y_scale: Scale::Linear,
+        series,
+        legend: Legend::Inside,
+    })
+}
+
 /// `("MoE balance", 2)` for a per-layer metric named `MoE balance L2`.
 fn layer_of(metric: &str) -> Option<(&str, usize)> {
     let (name, layer) = metric.rsplit_once(" L")?;
@@ -276,56 +307,14 @@ pub fn plot_curves(csv: &Path, png: &Path) -> Result<PathBuf, String> {
             })
             .collect();
         members.sort();
-        let series: Vec<Series> = members
+        let lines = members
             .into_iter()
-            .map(|(layer, metric)| Series {
-                name: format!("layer {layer}"),
-                points: per_epoch(&rows, "train", metric)
-                    .into_iter()
-                    .map(|(e, v)| (e as f64, v))
-                    .collect(),
-                markers: true,
-                color: None,
-            })
-            .filter(|s| !s.points.is_empty())
-            .collect();
-        if !series.is_empty() {
-            charts.push(Chart {
-                title: group.clone(),
-                x_label: "epoch".into(),
-                y_label: group,
-                x_scale: Scale::Linear,
-                y_scale: Scale::Linear,
-                series,
-                legend: Legend::Inside,
-            });
-        }
+            .map(|(layer, metric)| (format!("layer {layer}"), "train", metric.as_str()));
+        charts.extend(epoch_chart(&rows, &group, lines));
     }
     for metric in metrics {
-        let series: Vec<Series> = ["train", "valid"]
-            .iter()
-            .map(|split| Series {
-                name: (*split).to_string(),
-                points: per_epoch(&rows, split, &metric)
-                    .into_iter()
-                    .map(|(e, v)| (e as f64, v))
-                    .collect(),
-                markers: true,
-                color: None,
-            })
-            .filter(|s| !s.points.is_empty())
-            .collect();
-        if !series.is_empty() {
-            charts.push(Chart {
-                title: metric.clone(),
-                x_label: "epoch".into(),
-                y_label: metric.clone(),
-                x_scale: Scale::Linear,
-                y_scale: Scale::Linear,
-                series,
-                legend: Legend::Inside,
-            });
-        }
+        let lines = ["train", "valid"].map(|split| (split.to_string(), split, metric.as_str()));
+        charts.extend(epoch_chart(&rows, &metric, lines));
     }
     save_charts(&charts, 2, png)?;
     Ok(png.to_path_buf())
