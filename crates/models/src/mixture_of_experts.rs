@@ -429,7 +429,9 @@ impl MixtureOfExperts {
         };
         let g1 = gather(best.iter().map(|b| b[0]).collect());
         let gates = match self.settings.routing {
+            // One expert has no second choice: its gate stays p = 1.
             Routing::Switch => g1,
+            Routing::Top2 if e_count == 1 => g1,
             Routing::Top2 => {
                 let g2 = gather(best.iter().map(|b| b[1]).collect());
                 let total = g1.clone() + g2.clone();

@@ -57,17 +57,20 @@ fn dense_oracle(m: &MixtureOfExperts, x: Tensor<3>, top2: bool) -> Tensor<3> {
 #[test]
 fn one_expert_is_the_dense_feed_forward_exactly() {
     let device = Device::flex();
-    let m = moe(
-        MixtureOfExpertsConfig {
-            experts: 1,
-            ..Default::default()
-        },
-        &device,
-    );
-    let x = input(2, 13, 1, &device);
-    let (y, report) = m.forward(x.clone(), None, false, false);
-    assert_eq!(report.dropped, 0);
-    assert_eq!(max_diff(y, m.experts[0].forward(x)), 0.0);
+    for routing in [Routing::Switch, Routing::Top2] {
+        let m = moe(
+            MixtureOfExpertsConfig {
+                routing,
+                experts: 1,
+                ..Default::default()
+            },
+            &device,
+        );
+        let x = input(2, 13, 1, &device);
+        let (y, report) = m.forward(x.clone(), None, false, false);
+        assert_eq!(report.dropped, 0);
+        assert_eq!(max_diff(y, m.experts[0].forward(x)), 0.0, "{routing:?}");
+    }
 }
 
 #[test]
