@@ -21,7 +21,7 @@
 //! (compressed memories are stored detached, like Transformer-XL's). The training loss adds
 //! the layers' mean reconstruction loss times `recon_weight`.
 //!
-//! Invariants (tested in `tests/it/memory.rs`): `cmem_len = 0` is Transformer-XL; until the
+//! Invariants (tested in `tests/it/compressive.rs`): `cmem_len = 0` is Transformer-XL; until the
 //! first eviction the outputs are Transformer-XL's; `c = 1` with an identity compressor is
 //! Transformer-XL with a memory of `mem_len + cmem_len`; the reconstruction loss gives
 //! gradients to the compressors only.
@@ -59,7 +59,9 @@ pub struct CompressiveConfig {
     /// 0 is Transformer-XL.
     pub cmem_len: Option<usize>,
     /// Compression rate `c`: evicted positions per compressed slot (the paper uses 3–4,
-    /// lucidrains 4). The segment length and the memory lengths must be multiples of it.
+    /// lucidrains 4). With segment and memory lengths that are multiples of it, every
+    /// eviction is compressed at once; otherwise up to `c − 1` evicted positions wait in the
+    /// memory for the next eviction.
     pub ratio: usize,
     /// The compression function.
     pub compression: Compression,
@@ -181,8 +183,9 @@ impl CompressiveMemory {
     }
 
     /// Layer `l`'s compressed slots for its `evicted` positions (tracked: the reconstruction
-    /// loss trains the compressor through them) and, when `train`, the weighted
-    /// attention-reconstruction loss of `layer` reading `segment`.
+    /// loss trains the compressor through them) and, when `train` and the compressor has
+    /// parameters (the convolution), the weighted attention-reconstruction loss of `layer`
+    /// reading `segment`.
     ///
     /// # Shapes
     /// - segment: `[batch, seq, d_model]`, evicted: `[batch, n, d_model]`
@@ -196,7 +199,9 @@ impl CompressiveMemory {
         train: bool,
     ) -> (Tensor<3>, Option<Tensor<1>>) {
         let compressed = self.compressors[l].forward(evicted.clone());
-        let loss = train.then(|| {
+        // Only a compressor with parameters learns from the loss (pooling has none).
+        let learns = self.compressors[l].conv.is_some();
+        let loss = (train && learns).then(|| {
             reconstruction_loss(layer, segment, evicted, compressed.clone())
                 .mul_scalar(self.settings.recon_weight)
         });

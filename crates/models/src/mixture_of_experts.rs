@@ -9,7 +9,7 @@
 //! policy; at evaluation when `g₂ ≥ threshold`, so evaluation is deterministic). Jitter
 //! (training only) multiplies the router's input by `U(1 − ε, 1 + ε)`.
 //!
-//! **Capacity.** Each sequence is a group of `T` tokens; an expert takes at most
+//! **Capacity.** Each sequence is a group of `T` real (unpadded) tokens; an expert takes at most
 //! `C = max(min_capacity, min(T, ⌊T · cf / E⌋))` of a group's assignments (`cf` =
 //! `capacity_factor` in training, `eval_capacity_factor` at evaluation). Assignments beyond
 //! `C` are dropped: that token gets no output from that expert (a token dropped everywhere
@@ -178,7 +178,8 @@ pub struct RoutingReport {
     pub z_loss: Tensor<1>,
     /// Kept assignments per expert, summed over the groups.
     pub load: Vec<usize>,
-    /// The capacity of each expert in each group.
+    /// The capacity of each expert in the longest group (a group's capacity follows its real,
+    /// unpadded length).
     pub capacity: usize,
     /// Assignments dropped for capacity.
     pub dropped: usize,
@@ -353,11 +354,14 @@ impl MixtureOfExperts {
         } else {
             self.settings.eval_capacity_factor
         };
-        let capacity = self
-            .settings
-            .min_capacity
-            .max(t.min((t as f64 * cf / e_count as f64).floor() as usize))
-            .max(1);
+        // A group's capacity follows its real (unpadded) length, so a sequence routes the same
+        // whatever it is batched with.
+        let capacity_of = |real: usize| {
+            self.settings
+                .min_capacity
+                .max(real.min((real as f64 * cf / e_count as f64).floor() as usize))
+                .max(1)
+        };
 
         // First and second choices (ties to the lower index), and which second choices go.
         let mut choices: Vec<[Option<usize>; 2]> = Vec::with_capacity(n);
@@ -396,9 +400,12 @@ impl MixtureOfExperts {
         let mut kept: Vec<Vec<Assignment>> = vec![Vec::new(); e_count];
         let mut dropped = 0usize;
         let mut assigned = 0usize;
+        let mut capacity = 0;
         for g in 0..b {
             let mut fill = vec![0usize; e_count];
             let tokens = g * t..(g + 1) * t;
+            let group_capacity = capacity_of(tokens.clone().filter(|&i| keep[i]).count());
+            capacity = capacity.max(group_capacity);
             let order: Vec<(usize, usize)> = if causal {
                 tokens.flat_map(|i| [(i, 0), (i, 1)]).collect()
             } else {
@@ -411,7 +418,7 @@ impl MixtureOfExperts {
             for (i, k) in order {
                 let Some(e) = choices[i][k] else { continue };
                 assigned += 1;
-                if fill[e] < capacity {
+                if fill[e] < group_capacity {
                     fill[e] += 1;
                     kept[e].push(Assignment { n: i, k, e });
                 } else {

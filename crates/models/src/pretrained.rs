@@ -472,6 +472,7 @@ pub fn convert(
     check("stack.d_model", p.stack.d_model, t.stack.d_model)?;
     check("stack.n_heads", p.stack.n_heads, t.stack.n_heads)?;
     check("stack.d_ff", p.stack.d_ff, t.stack.d_ff)?;
+    check("stack.ffn", p.stack.ffn.clone(), t.stack.ffn.clone())?;
     check("stack.norm", p.stack.norm, t.stack.norm)?;
     check("stack.placement", p.stack.placement, t.stack.placement)?;
     check(

@@ -133,11 +133,13 @@ impl SetBlockConfig {
         })
     }
 
-    /// `count` learned vectors (inducing points or seeds), Xavier-uniform as the reference.
+    /// `count` learned vectors (inducing points or seeds), `[1, count, d]`, Xavier-uniform with
+    /// the fans PyTorch's `xavier_uniform_` gives that shape in the reference (fan in
+    /// `count · d`, fan out `d`).
     fn points(&self, count: usize, device: &Device) -> Param<Tensor<3>> {
         Initializer::XavierUniform { gain: 1.0 }.init_with(
             [1, count, self.d_model],
-            Some(count),
+            Some(count * self.d_model),
             Some(self.d_model),
             device,
         )
@@ -333,8 +335,11 @@ impl Pma {
     }
 }
 
-/// Configuration of a [`SetTransformer`] (`[model.set]`): the reference's `SetTransformer`
-/// with its defaults (two ISABs of 32 inducing points, PMA, two SABs, a linear head).
+/// Configuration of a [`SetTransformer`]: the reference's `SetTransformer` shape (width 128,
+/// 4 heads, two ISABs of 32 inducing points, PMA, two SABs, a linear head), with the paper's
+/// blocks by default ([`SetBlockConfig`]: LayerNorm on; the reference runs without) and an
+/// input layer `d_input → d_model` before the first block (the reference's first ISAB
+/// projects its input width itself).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(crate = "burn::serde", default, deny_unknown_fields)]
 pub struct SetTransformerConfig {
