@@ -12,15 +12,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::Module;
-use burn::store::ModuleRecord;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use models::{LanguageModel, PositionKind, Sampler, SegmentMemory};
 
 use crate::config::TextEncoding;
 use crate::data::tokenize::{self, TextTokenizer};
 use crate::device::DeviceChoice;
-use crate::run_dir::{checkpoint_file, last_complete_checkpoint};
+use crate::run_dir::{checkpoint_file, last_complete_checkpoint, load_checkpoint};
 use crate::tasks::{LanguageModelWithLoss, NanGuard, SavedLanguageModel};
 
 /// A trained language model ready to continue text.
@@ -117,22 +115,16 @@ impl Generator {
             TextEncoding::Tokenizer => Some(TextTokenizer::load(&run.join("tokenizer.json"))?),
         };
         let dev = device.device()?;
-        let record = ModuleRecord::load(&checkpoint)
-            .map_err(|e| format!("cannot load checkpoint {}: {e}", checkpoint.display()))?;
         let model = saved
             .model
             .init(&dev)
             .map_err(|e| format!("{}: model.{e}", saved_path.display()))?;
-        let model = LanguageModelWithLoss::new(model, saved.pad as usize, NanGuard::default())
-            .try_load_record(record)
-            .map_err(|e| {
-                format!(
-                    "checkpoint {} does not fit {}: {e}",
-                    checkpoint.display(),
-                    saved_path.display()
-                )
-            })?
-            .model;
+        let model = load_checkpoint(
+            LanguageModelWithLoss::new(model, saved.pad as usize, NanGuard::default()),
+            &checkpoint,
+            &saved_path.display().to_string(),
+        )?
+        .model;
         Ok(Self {
             model,
             saved,

@@ -14,8 +14,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
-use burn::store::ModuleRecord;
 use burn::tensor::Device;
 use burn::tensor::activation::softmax;
 use serde::{Deserialize, Serialize};
@@ -26,7 +24,7 @@ use crate::data::loader::{ClassBatcher, ClassItem, MakeBatch};
 use crate::data::prepare::resolve;
 use crate::data::tokenize::{self, TextTokenizer};
 use crate::device::DeviceChoice;
-use crate::run_dir::run_dir_of;
+use crate::run_dir::{load_checkpoint, run_dir_of};
 use crate::tasks::{ClassifierWithLoss, NanGuard, SavedClassifier};
 
 /// The prediction for one document.
@@ -114,22 +112,15 @@ impl Predictor {
             Some((tok, file))
         };
         let dev = device.device()?;
-        let record = ModuleRecord::load(checkpoint)
-            .map_err(|e| format!("cannot load checkpoint {}: {e}", checkpoint.display()))?;
         let model = saved
             .model
             .init_sequence(&dev)
             .map_err(|e| format!("{}: model.{e}", saved_path.display()))?;
-        let task =
-            ClassifierWithLoss::new(model, saved.global_prefix, saved.grid, NanGuard::default())
-                .try_load_record(record)
-                .map_err(|e| {
-                    format!(
-                        "checkpoint {} does not fit {}: {e}",
-                        checkpoint.display(),
-                        saved_path.display()
-                    )
-                })?;
+        let task = load_checkpoint(
+            ClassifierWithLoss::new(model, saved.global_prefix, saved.grid, NanGuard::default()),
+            checkpoint,
+            &saved_path.display().to_string(),
+        )?;
         Ok(Self {
             task,
             saved,

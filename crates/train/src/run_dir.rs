@@ -7,7 +7,25 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
+use burn::store::ModuleRecord;
 use burn::train::checkpoint::{Checkpoint, Checkpointer, CheckpointerError};
+
+/// `module` with the parameters of the model checkpoint `checkpoint`; `fits` names what the
+/// checkpoint must fit (a configuration or a saved model description) in the error.
+///
+/// # Errors
+/// A checkpoint that cannot be read, or does not fit `module`, naming the file.
+pub fn load_checkpoint<M: Module>(module: M, checkpoint: &Path, fits: &str) -> Result<M, String> {
+    let record = ModuleRecord::load(checkpoint)
+        .map_err(|e| format!("cannot load checkpoint {}: {e}", checkpoint.display()))?;
+    module.try_load_record(record).map_err(|e| {
+        format!(
+            "checkpoint {} does not fit {fits}: {e}",
+            checkpoint.display()
+        )
+    })
+}
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, renamed.
 ///

@@ -91,7 +91,6 @@ use std::sync::{Arc, Mutex};
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::store::ModuleRecord;
 use burn::tensor::{Device, Int, Tensor};
 use burn::train::{ClassificationOutput, InferenceStep, Interrupter, LearnerModel, TrainStep};
 use efficient_attn::CoreConfig;
@@ -369,16 +368,11 @@ fn load_model<T: Task>(
     device: &Device,
     checkpoint: &Path,
 ) -> Result<T::Model, String> {
-    let record = ModuleRecord::load(checkpoint)
-        .map_err(|e| format!("cannot load checkpoint {}: {e}", checkpoint.display()))?;
-    task.build(model_config, device, NanGuard::default())?
-        .try_load_record(record)
-        .map_err(|e| {
-            format!(
-                "checkpoint {} does not fit this configuration's model: {e}",
-                checkpoint.display()
-            )
-        })
+    crate::run_dir::load_checkpoint(
+        task.build(model_config, device, NanGuard::default())?,
+        checkpoint,
+        "this configuration's model",
+    )
 }
 
 /// The count of optimiser steps taken, shared by a model's clones: what
