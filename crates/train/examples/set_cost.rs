@@ -2,13 +2,13 @@
 //! and backward, in this process (run one case per process):
 //!
 //! ```sh
-//! cargo run --release -p models --example set_cost -- isab 16384
-//! cargo run --release -p models --example set_cost -- sab 4096 reference
+//! cargo run --release -p train --example set_cost -- isab 16384
+//! cargo run --release -p train --example set_cost -- sab 4096 reference
 //! ```
 //!
 //! Prints `block style n ms peak_mib`: the median of three forward+backward passes and the
-//! process's resident-set high-water mark above its value once the input exists (`VmHWM`, as
-//! `efformer bench`). Width 128, 4 heads, 32 inducing points, batch 1 (the reference's
+//! process's resident-set high-water mark above its value once the input exists (`VmHWM`,
+//! read by `efformer bench`'s own [`train::bench::memory_status`]). Width 128, 4 heads, 32 inducing points, batch 1 (the reference's
 //! defaults), on Flex.
 
 use std::time::Instant;
@@ -17,17 +17,9 @@ use burn::tensor::{Device, Tensor};
 use efficient_attn::testing::SeededRng;
 use models::{SetBlockConfig, SetStyle};
 
+/// The process's resident-set high-water mark, bytes.
 fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
+    train::bench::memory_status().map_or(0, |(_, peak)| peak)
 }
 
 fn main() {
