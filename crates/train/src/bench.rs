@@ -9,6 +9,9 @@
 //!
 //! Cases whose score matrix would exceed the memory budget are skipped with a note instead of
 //! being run into the out-of-memory killer.
+//!
+//! Over 600 lines on purpose: the sweep, the one-case process it spawns and the memory reading
+//! both sides share, and the GEMM-rate probe are one measurement protocol.
 
 use std::process::Command;
 use std::time::Instant;

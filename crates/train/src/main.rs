@@ -1,4 +1,7 @@
 //! `efformer`: the command-line front end.
+//!
+//! Over 600 lines on purpose: the clap command tree (every subcommand's flags with their help)
+//! and its one dispatch; each command's work lives in its own module of the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

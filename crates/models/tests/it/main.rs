@@ -1,5 +1,6 @@
 //! Whole-model tests on tiny shapes: padding invariance of an encoder, causality of a decoder,
-//! cross-attention masking, incremental decoding, per-layer attention, config errors, presets.
+//! cross-attention masking, incremental decoding, per-layer attention, config errors, presets
+//! (over 600 lines: these share the tiny-model fixtures the sibling test files import).
 
 mod compressive;
 mod fused;

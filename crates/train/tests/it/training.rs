@@ -1,4 +1,7 @@
 //! Training runs on tiny configurations.
+//!
+//! Over 600 lines on purpose: every run-level behaviour of `efformer train` (run directory,
+//! resume, NaN guard, streams, memories, experts), sharing the resume helper and fixtures.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
