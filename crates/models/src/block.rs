@@ -373,6 +373,32 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> TransformerLayer<C> {
         self.feed_forward_branch(x, extras.mask_pad.clone())
     }
 
+    /// A funnel's pooling layer ([`crate::FunnelConfig`]): the queries and the residual
+    /// stream are the pooled sequence, the keys and values the unpooled `source` (normalised
+    /// like the queries in a pre-norm layer). The layer's attention is in cross mode.
+    ///
+    /// # Shapes
+    /// - pooled: `[batch, m, d_model]`, source: `[batch, n, d_model]` → `[batch, m, d_model]`
+    /// - extras: what the pooled sequence carries (padding `[batch, m]`); mask_pad_source:
+    ///   `[batch, n]`
+    pub fn forward_pooled(
+        &self,
+        pooled: Tensor<3>,
+        source: Tensor<3>,
+        extras: &Extras,
+        mask_pad_source: Option<Tensor<2, Bool>>,
+    ) -> Tensor<3> {
+        let source = self.attention_input(source);
+        let x = self.branch(pooled, &self.norm_attention, |h| {
+            let input = MhaInput::cross(h, source).with_extras(extras.clone());
+            self.self_attention.forward(match mask_pad_source {
+                Some(mask) => input.mask_pad_context(mask),
+                None => input,
+            })
+        });
+        self.feed_forward_branch(x, extras.mask_pad.clone())
+    }
+
     /// [`forward`](Self::forward) with this layer's memory of earlier positions (its inputs
     /// over the previous segments; Transformer-XL): the self-attention's keys and values come
     /// from `[memory; x]` (normalised like `x` in a pre-norm layer), its queries from `x`.

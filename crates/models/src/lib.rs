@@ -15,6 +15,7 @@ mod block;
 mod compressive;
 mod config;
 mod embedding;
+mod funnel;
 mod generate;
 mod hf_names;
 mod memory;
@@ -33,6 +34,7 @@ pub use crate::config::{
     StackConfig,
 };
 pub use crate::embedding::{EmbeddingSettings, TokenEmbedding};
+pub use crate::funnel::{FunnelConfig, FunnelPlan, FunnelPool};
 pub use crate::generate::{SampleRng, Sampler};
 pub use crate::hf_names::{
     CLASSIFIER_FROM_HF, CLASSIFIER_TO_HF, load_classifier_hf, save_classifier_hf,

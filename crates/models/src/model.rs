@@ -17,6 +17,7 @@ use efficient_attn::{
 use crate::compressive::{CompressiveConfig, CompressiveMemory};
 use crate::config::{ModelConfigError, StackConfig};
 use crate::embedding::{EmbeddingSettings, TokenEmbedding};
+use crate::funnel::{FunnelConfig, FunnelPlan};
 use crate::memory::{Segment, SegmentMemory};
 use crate::mixture_of_experts::AuxTerms;
 use crate::stack::{Stack, StackSpec};
@@ -72,6 +73,8 @@ pub struct EncoderConfig<A = AttentionConfig> {
     pub embedding: EmbeddingSettings,
     /// Layers (bidirectional self-attention).
     pub stack: StackConfig<A>,
+    /// Funnel pooling between blocks of layers (`[model.funnel]`; [`FunnelConfig`]).
+    pub funnel: Option<FunnelConfig<A>>,
 }
 
 impl<A: CoreConfig> EncoderConfig<A> {
@@ -80,21 +83,41 @@ impl<A: CoreConfig> EncoderConfig<A> {
     /// # Errors
     /// The key path of an invalid setting.
     pub fn init(&self, device: &Device) -> Result<Encoder<A::Core>, ModelConfigError> {
+        fn spec<'a, A>(
+            config: &'a StackConfig<A>,
+            rotary: Option<efficient_attn::RotaryConfig>,
+            funnel: Option<&'a FunnelConfig<A>>,
+        ) -> StackSpec<'a, A> {
+            StackSpec {
+                config,
+                name: "encoder",
+                mode: AttentionMode::Bidirectional,
+                rotary,
+                cross: None,
+                d_context: config.d_model,
+                funnel,
+            }
+        }
+        let rotary = self.embedding.rotary();
+        let upsample = match &self.funnel {
+            Some(f) if f.upsample_layers > 0 => {
+                let config = StackConfig {
+                    n_layers: f.upsample_layers,
+                    attention_layers: None,
+                    attention_pattern: None,
+                    ..self.stack.clone()
+                };
+                Some(Stack::new(spec(&config, rotary.clone(), None), device)?)
+            }
+            _ => None,
+        };
         Ok(Encoder {
             embedding: self
                 .embedding
                 .init(self.stack.d_model, "embedding", device)?,
-            stack: Stack::new(
-                StackSpec {
-                    config: &self.stack,
-                    name: "encoder",
-                    mode: AttentionMode::Bidirectional,
-                    rotary: self.embedding.rotary(),
-                    cross: None,
-                    d_context: self.stack.d_model,
-                },
-                device,
-            )?,
+            stack: Stack::new(spec(&self.stack, rotary, self.funnel.as_ref()), device)?,
+            upsample,
+            funnel: self.funnel.as_ref().map(FunnelConfig::plan),
         })
     }
 }
@@ -107,13 +130,26 @@ pub struct Encoder<C = Attention> {
     pub embedding: TokenEmbedding,
     /// Layers.
     pub stack: Stack<C>,
+    /// A funnel's up-sampling layers (full length, after the pooled blocks).
+    pub upsample: Option<Stack<C>>,
+    #[module(skip)]
+    funnel: Option<FunnelPlan>,
 }
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> Encoder<C> {
     /// The extra terms of the training forwards on `device` since the last call, taken
     /// ([`Stack::aux_terms`]).
     pub fn aux_terms(&self, device: &Device) -> AuxTerms {
-        self.stack.aux_terms(device)
+        let mut terms = self.stack.aux_terms(device);
+        if let Some(up) = &self.upsample {
+            let more = up.aux_terms(device);
+            terms.loss = match (terms.loss, more.loss) {
+                (Some(a), Some(b)) => Some(a.add(b)),
+                (a, b) => a.or(b),
+            };
+            terms.routing.extend(more.routing);
+        }
+        terms
     }
 
     /// The loss terms of [`aux_terms`](Self::aux_terms) alone (taken).
@@ -125,15 +161,47 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> Encoder<C> {
     /// ([`AttentionCore::at_step`]; the training loop calls it after every step).
     pub fn at_step(mut self, step: usize) -> Self {
         self.stack = self.stack.at_step(step);
+        self.upsample = self.upsample.map(|s| s.at_step(step));
         self
+    }
+
+    /// The funnel plan, if the encoder pools ([`FunnelConfig`]).
+    pub fn funnel(&self) -> Option<&FunnelPlan> {
+        self.funnel.as_ref()
     }
 
     /// # Shapes
     /// - input: see [`EncoderInput`]
-    /// - output: `[batch, seq, d_model]`
+    /// - output: `[batch, seq, d_model]`; a funnel without up-sampling returns its last
+    ///   block's pooled `[batch, seq', d_model]` ([`forward_masked`](Self::forward_masked)
+    ///   gives its padding)
     pub fn forward(&self, input: EncoderInput) -> Tensor<3> {
+        self.forward_masked(input).0
+    }
+
+    /// [`forward`](Self::forward) and the padding of its output (the input's, or a funnel's
+    /// pooled padding).
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq', d_model]` and `[batch, seq']`
+    pub fn forward_masked(&self, input: EncoderInput) -> (Tensor<3>, Option<Tensor<2, Bool>>) {
         let x = self.embedding.forward(input.tokens, input.token_types, 0);
-        self.stack.forward(x, input.extras, &[])
+        let Some(plan) = &self.funnel else {
+            let mask = input.extras.mask_pad.clone();
+            return (self.stack.forward(x, input.extras, &[]), mask);
+        };
+        let n = x.dims()[1];
+        let out = plan.run(&self.stack, x, input.extras);
+        match &self.upsample {
+            None => (out.output, out.extras.mask_pad),
+            Some(up) => {
+                let (first, extras) = out.first;
+                let pools = plan.blocks.len() - 1;
+                let x = plan.upsample(out.output, n, pools).add(first);
+                let mask = extras.mask_pad.clone();
+                (up.forward(x, extras, &[]), mask)
+            }
+        }
     }
 }
 
@@ -212,6 +280,18 @@ impl<A: CoreConfig> ClassifierConfig<A> {
         device: &Device,
     ) -> Result<TokenClassifier<A::Core>, ModelConfigError> {
         self.check()?;
+        if self
+            .encoder
+            .funnel
+            .as_ref()
+            .is_some_and(|f| f.upsample_layers == 0)
+        {
+            return Err(ModelConfigError::new(
+                "funnel.upsample_layers",
+                "at least 1 for token-level outputs (the pooled sequence has fewer positions \
+                 than the input; paper: 2)",
+            ));
+        }
         Ok(TokenClassifier {
             encoder: self.encoder.init(device)?,
             dropout: DropoutConfig::new(self.dropout).init(),
@@ -271,8 +351,7 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> SequenceClassifier<C> 
     /// - input: see [`EncoderInput`]
     /// - output: `[batch, n_classes]` logits
     pub fn forward(&self, input: EncoderInput) -> Tensor<2> {
-        let mask = input.extras.mask_pad.clone();
-        let h = self.encoder.forward(input); // [batch, seq, d_model]
+        let (h, mask) = self.encoder.forward_masked(input); // [batch, seq', d_model]
         let [b, _, d] = h.dims();
         let pooled = match self.pooling {
             Pooling::Cls => h.narrow(1, 0, 1).reshape([b, d]),
@@ -393,6 +472,7 @@ impl<A: CoreConfig> LanguageModelConfig<A> {
                     rotary: self.embedding.rotary(),
                     cross: None,
                     d_context: self.stack.d_model,
+                    funnel: None,
                 },
                 device,
             )?,
@@ -634,6 +714,7 @@ impl<A: CoreConfig> Seq2SeqConfig<A> {
                     rotary: rotary.clone(),
                     cross: None,
                     d_context: self.encoder.d_model,
+                    funnel: None,
                 },
                 device,
             )?,
@@ -645,6 +726,7 @@ impl<A: CoreConfig> Seq2SeqConfig<A> {
                     rotary,
                     cross: Some(&self.cross_attention),
                     d_context: self.encoder.d_model,
+                    funnel: None,
                 },
                 device,
             )?,

@@ -60,6 +60,7 @@ fn lra_classifier(
                 ff_chunks: 1,
                 reversible: false,
             },
+            funnel: None,
         },
         n_classes,
         pooling: Pooling::Cls,
@@ -98,5 +99,6 @@ pub fn minilm_l6(attention: AttentionConfig) -> EncoderConfig {
             ff_chunks: 1,
             reversible: false,
         },
+        funnel: None,
     }
 }

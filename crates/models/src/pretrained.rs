@@ -299,6 +299,7 @@ impl BertCheckpoint {
                 ff_chunks: 1,
                 reversible: false,
             },
+            funnel: None,
         }
     }
 

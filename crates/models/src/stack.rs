@@ -11,6 +11,7 @@ use efficient_attn::{
 
 use crate::block::{FeedForwardBlock, LayerSpec, Norm, TransformerLayer};
 use crate::config::{ModelConfigError, NormPlacement, StackConfig};
+use crate::funnel::FunnelConfig;
 use crate::mixture_of_experts::AuxTerms;
 use crate::reversible::ReversibleTape;
 
@@ -57,6 +58,10 @@ pub struct StackSpec<'a, A = efficient_attn::AttentionConfig> {
     pub cross: Option<&'a A>,
     /// Width of the encoder output cross-attention reads.
     pub d_context: usize,
+    /// Funnel pooling (encoders): the first layer of every block after the first is built in
+    /// cross mode, its pooled queries attending to the unpooled sequence
+    /// ([`crate::FunnelConfig`]).
+    pub funnel: Option<&'a FunnelConfig<A>>,
 }
 
 impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
@@ -142,26 +147,57 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
                 format!("attention kind \"{}\" has no cross mode", cross.info().kind),
             ));
         }
+        let c = spec.config;
+        let pool_layers = match spec.funnel {
+            Some(funnel) => {
+                funnel.check("funnel", c)?;
+                if c.reversible {
+                    return Err(ModelConfigError::new(
+                        format!("{}.reversible", spec.name),
+                        "reversible = false with a funnel (a pooling layer changes the \
+                         sequence length, which a reversible block cannot invert)",
+                    ));
+                }
+                if spec.rotary.is_some() {
+                    return Err(ModelConfigError::new(
+                        "embedding.positions",
+                        "learned or sinusoidal positions with a funnel: a pooled position has \
+                         no integer position to rotate by",
+                    ));
+                }
+                funnel.pool_layers()
+            }
+            None => Vec::new(),
+        };
         let layers = per_layer
             .iter()
             .enumerate()
             .map(|(i, attention)| {
+                let path = format!("{}.layers[{i}]", spec.name);
+                let pooling = pool_layers.contains(&i);
+                let attention = match spec.funnel {
+                    Some(funnel) => funnel.layer_attention(i, attention),
+                    None => attention,
+                };
                 TransformerLayer::new(
                     LayerSpec {
                         stack: spec.config,
                         // Each layer draws its own random state (rotations, features, noise).
                         attention: &attention.for_layer(i),
-                        mode: spec.mode,
+                        mode: if pooling {
+                            AttentionMode::Cross
+                        } else {
+                            spec.mode
+                        },
                         rotary: spec.rotary.clone(),
                         cross: spec.cross,
                         d_context: spec.d_context,
                     },
-                    &format!("{}.layers[{i}]", spec.name),
+                    &path,
                     device,
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let c = spec.config;
         if c.reversible && spec.cross.is_some() {
             return Err(ModelConfigError::new(
                 format!("{}.reversible", spec.name),
@@ -308,7 +344,7 @@ impl<C: AttentionCore + Module + ModuleDisplay + 'static> Stack<C> {
         self.finish(x)
     }
 
-    fn finish(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn finish(&self, x: Tensor<3>) -> Tensor<3> {
         match &self.final_norm {
             Some(norm) => norm.forward(x),
             None => x,

@@ -44,6 +44,18 @@ pub fn validate(config: &ExperimentConfig) -> Result<(), String> {
                 .into(),
         );
     }
+    if config.model.funnel.is_some()
+        && !matches!(
+            config.task,
+            TaskKind::Listops | TaskKind::LraText | TaskKind::TextClassification
+        )
+    {
+        return Err(
+            "model.funnel: a funnel pools a classifier's encoder (task = \"text-classification\", \
+             \"lra-text\" or \"listops\")"
+                .into(),
+        );
+    }
     match config.task {
         TaskKind::Listops | TaskKind::LraText | TaskKind::TextClassification => {
             ClassificationTask::check_config(config)?;

@@ -63,6 +63,7 @@ fn train(stack: StackConfig<CosineAttentionConfig>, steps: usize, device: &Devic
             ..Default::default()
         },
         stack,
+        funnel: None,
     };
     let mut model = Classifier {
         encoder: config.init(device).expect("a valid encoder config"),

@@ -38,6 +38,7 @@ impl TinyClassifier {
                 ..Default::default()
             },
             stack,
+            funnel: None,
         };
         Self {
             encoder: encoder.init(device).expect("a valid encoder config"),

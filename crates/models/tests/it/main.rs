@@ -3,6 +3,7 @@
 //! (over 600 lines: these share the tiny-model fixtures the sibling test files import).
 
 mod compressive;
+mod funnel;
 mod fused;
 mod memory;
 mod mixture_of_experts;
@@ -85,6 +86,7 @@ fn encoder_outputs_ignore_padded_tokens() {
             let encoder = EncoderConfig {
                 embedding: embedding(PositionKind::Learned),
                 stack: s,
+                funnel: None,
             }
             .init(&device)
             .unwrap();
@@ -345,6 +347,7 @@ fn per_layer_lists_and_repeating_patterns() {
     let encoder = EncoderConfig {
         embedding: embedding(PositionKind::Learned),
         stack: s.clone(),
+        funnel: None,
     }
     .init(&device)
     .unwrap();
@@ -377,6 +380,7 @@ fn classifiers_pool_and_count_parameters() {
         encoder: EncoderConfig {
             embedding: embedding(PositionKind::Learned),
             stack: stack(AttentionConfig::default()),
+            funnel: None,
         },
         n_classes: 3,
         pooling: Pooling::Mean,
@@ -441,6 +445,7 @@ fn too_long_inputs_are_a_clear_error() {
     let encoder = EncoderConfig {
         embedding: embedding(PositionKind::Learned),
         stack: stack(AttentionConfig::default()),
+        funnel: None,
     }
     .init(&device)
     .unwrap();
@@ -460,6 +465,7 @@ fn layerwise_linformer_shares_one_projection_across_layers() {
     let encoder = EncoderConfig {
         embedding: embedding(PositionKind::Learned),
         stack: s,
+        funnel: None,
     }
     .init(&device)
     .unwrap();
@@ -479,6 +485,7 @@ fn layerwise_linformer_shares_one_projection_across_layers() {
             max_len: 32,
             sharing: LinformerSharing::Headwise,
         }),
+        funnel: None,
     }
     .init(&device)
     .unwrap();
@@ -499,6 +506,7 @@ fn at_step_redraws_performer_features_on_their_schedule_through_the_model() {
                 redraw_interval: Some(2),
                 ..Default::default()
             }),
+            funnel: None,
         },
         n_classes: 3,
         pooling: Pooling::Mean,
@@ -556,6 +564,7 @@ fn a_classifier_saved_under_hugging_face_names_loads_back_identically() {
                 global_projections: true,
                 ..Default::default()
             }),
+            funnel: None,
         },
         n_classes: 2,
         pooling: Pooling::Cls,
@@ -625,6 +634,7 @@ fn routing_layers_offer_their_commitment_loss_and_move_their_centroids() {
                 clusters: 2,
                 ..Default::default()
             }),
+            funnel: None,
         },
         n_classes: 2,
         pooling: Pooling::Cls,

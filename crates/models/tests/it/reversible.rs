@@ -38,6 +38,7 @@ fn reversible_blocks_invert_with_dropout() {
     let encoder = EncoderConfig {
         embedding: embedding(PositionKind::Learned),
         stack: reversible(AttentionConfig::default(), 3, 0.2),
+        funnel: None,
     }
     .init(&device)
     .unwrap();
@@ -120,6 +121,7 @@ fn taped_gradients_equal_ordinary_autodiff_through_the_same_blocks() {
             encoder: EncoderConfig {
                 embedding: embedding(PositionKind::Learned),
                 stack: reversible(attention, 3, 0.1),
+                funnel: None,
             },
             n_classes: 3,
             // Dropout outside the stack would draw from the device's shared generator.
@@ -194,6 +196,7 @@ fn post_norm_and_cross_attention_cannot_be_reversible() {
     let err = EncoderConfig {
         embedding: embedding(PositionKind::Learned),
         stack: post,
+        funnel: None,
     }
     .init(&device)
     .expect_err("post-norm reversible is an error")
@@ -259,6 +262,7 @@ fn a_tape_over_chained_passes_gives_the_gradients_of_autodiff() {
     let encoder = EncoderConfig {
         embedding: embedding(PositionKind::Learned),
         stack: reversible(AttentionConfig::default(), 2, 0.1),
+        funnel: None,
     }
     .init(&device)
     .unwrap()
@@ -298,6 +302,7 @@ fn a_tape_leaves_sequential_stacks_alone() {
                 reversible: false,
                 ..reversible(AttentionConfig::default(), 2, 0.0)
             },
+            funnel: None,
         },
         n_classes: 3,
         dropout: 0.0,
@@ -329,6 +334,7 @@ fn reversible_dropout_follows_the_nonce_and_the_step() {
     let encoder = EncoderConfig {
         embedding: embedding(PositionKind::Learned),
         stack: reversible(AttentionConfig::default(), 2, 0.3),
+        funnel: None,
     }
     .init(&device)
     .unwrap();

@@ -357,6 +357,9 @@ pub struct ModelSection {
     /// A language model's compressed memory beside its segment memory (Compressive
     /// Transformer; `lm.mode = "stream"`).
     pub compressive: Option<models::CompressiveConfig>,
+    /// A classifier's encoder pools its sequence between blocks of layers (Funnel-Transformer;
+    /// `blocks`, `stride`, `pool`, `separate_cls`, `upsample_layers`, `pool_attention`).
+    pub funnel: Option<models::FunnelConfig>,
     /// Number of leading tokens that are global (the CLS token; for Longformer, ETC, BigBird).
     pub global_prefix: usize,
     /// Lay the sequence out as a `[rows, columns]` grid for 2-D variants (Image Transformer 2-D,
@@ -408,6 +411,7 @@ impl Default for ModelSection {
             head_dropout: 0.1,
             tie_embeddings: true,
             compressive: None,
+            funnel: None,
             global_prefix: 0,
             grid: None,
             pretrained: None,

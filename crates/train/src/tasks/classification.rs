@@ -126,6 +126,25 @@ impl ClassificationTask {
             .check("encoder", AttentionMode::Bidirectional)
             .map_err(|e| format!("model.{e}"))?;
         super::check_grid(&config.model.stack, "model.stack", config.model.grid, true)?;
+        if let Some(funnel) = &config.model.funnel {
+            funnel
+                .check("model.funnel", &config.model.stack)
+                .map_err(|e| format!("{}: {}", e.path, e.message))?;
+            if config.model.grid.is_some() {
+                return Err(
+                    "model.funnel: a funnel pools 1-D sequences; remove model.grid (2-D \
+                     layouts are not pooled)"
+                        .into(),
+                );
+            }
+            if config.model.pretrained.is_some() {
+                return Err(
+                    "model.funnel: a pretrained encoder is converted layer for layer, without \
+                     pooling; remove [model.funnel] or [model.pretrained]"
+                        .into(),
+                );
+            }
+        }
         if config.model.pretrained.is_none() {
             return Ok(());
         }
@@ -252,6 +271,7 @@ impl Task for ClassificationTask {
             None => EncoderConfig {
                 embedding: embedding(c, self.data.vocab_size, needed)?,
                 stack: c.model.stack.clone(),
+                funnel: c.model.funnel.clone(),
             },
         };
         let fixed_len = fixed_length(&c.model, encoder.embedding.max_len);

@@ -889,3 +889,44 @@ fn a_mixture_of_experts_classifier_trains_and_resumes_exactly() {
     );
     assert!(!dir.join("reversible").exists(), "nothing written");
 }
+
+/// A funnel classifier (3 blocks, stride 2; the pooling layers' attention chosen apart from the
+/// stack's) trains and resumes exactly; a funnel whose pooling layers lack a cross mode, or
+/// whose blocks do not cover the stack, stops before anything is written, naming the key.
+#[test]
+fn a_funnel_classifier_trains_and_resumes_exactly() {
+    let config = TINY_LISTOPS
+        .replace("n_layers = 1", "n_layers = 3")
+        .replace(
+            "[model.stack.attention]\nkind = \"performer\"\nfeatures = 16",
+            "[model.stack.attention]\nkind = \"longformer\"\nwindow = 4\n\
+             [model.funnel]\nblocks = [1, 1, 1]\npool_attention = { kind = \"memory-efficient\" }",
+        );
+    assert!(
+        config.contains("[model.funnel]"),
+        "the fixture changed: {config}"
+    );
+    let (dir, a) = resumed_equals_uninterrupted("resume-funnel", &config);
+    assert!(a["valid"]["accuracy"].as_f64().is_some(), "{a}");
+
+    for (name, broken, key) in [
+        (
+            "no-cross",
+            config.replace("pool_attention = { kind = \"memory-efficient\" }", ""),
+            "model.funnel.pool_attention",
+        ),
+        (
+            "blocks",
+            config.replace("blocks = [1, 1, 1]", "blocks = [2, 2]"),
+            "model.funnel.blocks",
+        ),
+    ] {
+        std::fs::write(dir.join(format!("{name}.toml")), broken).unwrap();
+        let out = efformer(&dir, &["train", &format!("{name}.toml"), "--out", name]);
+        assert!(!out.status.success(), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert!(!dir.join(name).exists(), "{name}: nothing written");
+    }
+}
