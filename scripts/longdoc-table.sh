@@ -53,7 +53,7 @@ run hp truncated-512 3
 run hp longformer-4096 3
 run hp performer-4096 1
 run hp scratch-longformer-4096 1
-# IMDB (2,000 training and 2,000 test reviews, configs/longdoc/imdb/base.toml): one seed each.
+# IMDB (500 training and 500 test reviews, configs/longdoc/imdb/base.toml): one seed each.
 run imdb truncated-512 1
 run imdb longformer-4096 1
 run imdb performer-4096 1
