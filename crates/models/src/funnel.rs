@@ -74,7 +74,7 @@ pub struct FunnelConfig<A = efficient_attn::AttentionConfig> {
     pub stride: usize,
     /// Mean or max pooling (paper: mean).
     pub pool: FunnelPool,
-    /// Keep the first position (CLS) out of pooling (paper: yes, "separate [cls]").
+    /// Keep the first position (CLS) out of pooling (paper: yes, "separate `[cls]`").
     pub separate_cls: bool,
     /// Full-length layers after up-sampling, for token-level outputs; 0: no up-sampling path
     /// (sequence-level outputs only). Paper: 2.
