@@ -245,6 +245,16 @@ pub struct Mab {
 }
 
 impl Mab {
+    /// This block after optimiser step `step` (its attention core's per-step state,
+    /// [`AttentionCore::at_step`](efficient_attn::AttentionCore::at_step)).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.attention = match self.attention {
+            MabAttention::Paper(mha) => MabAttention::Paper(mha.at_step(step)),
+            reference => reference,
+        };
+        self
+    }
+
     /// X attends to Y (padded elements of Y masked).
     ///
     /// # Shapes
@@ -278,6 +288,12 @@ pub struct Sab {
 }
 
 impl Sab {
+    /// This block after optimiser step `step` ([`Mab::at_step`]).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.mab = self.mab.at_step(step);
+        self
+    }
+
     /// # Shapes
     /// - x: `[batch, n, d]`, pad: `[batch, n]` → `[batch, n, d]`
     pub fn forward(&self, x: Tensor<3>, pad: Option<Tensor<2, Bool>>) -> Tensor<3> {
@@ -298,6 +314,13 @@ pub struct Isab {
 }
 
 impl Isab {
+    /// This block after optimiser step `step` ([`Mab::at_step`]).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.summarise = self.summarise.at_step(step);
+        self.read = self.read.at_step(step);
+        self
+    }
+
     /// # Shapes
     /// - x: `[batch, n, d]`, pad: `[batch, n]` → `[batch, n, d]`
     pub fn forward(&self, x: Tensor<3>, pad: Option<Tensor<2, Bool>>) -> Tensor<3> {
@@ -322,6 +345,12 @@ pub struct Pma {
 }
 
 impl Pma {
+    /// This block after optimiser step `step` ([`Mab::at_step`]).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.mab = self.mab.at_step(step);
+        self
+    }
+
     /// # Shapes
     /// - z: `[batch, n, d]`, pad: `[batch, n]` → `[batch, k, d]`
     pub fn forward(&self, z: Tensor<3>, pad: Option<Tensor<2, Bool>>) -> Tensor<3> {
@@ -441,6 +470,22 @@ pub struct SetTransformer {
 }
 
 impl SetTransformer {
+    /// This model after optimiser step `step`: its attention cores' per-step state (the
+    /// training loop calls it after every step).
+    pub fn at_step(mut self, step: usize) -> Self {
+        self.encoder = self
+            .encoder
+            .into_iter()
+            .map(|b| match b {
+                SetEncoderBlock::Sab(s) => SetEncoderBlock::Sab(s.at_step(step)),
+                SetEncoderBlock::Isab(i) => SetEncoderBlock::Isab(i.at_step(step)),
+            })
+            .collect();
+        self.pool = self.pool.at_step(step);
+        self.decoder = self.decoder.into_iter().map(|b| b.at_step(step)).collect();
+        self
+    }
+
     /// One output vector per seed for every set (padded elements masked).
     ///
     /// # Shapes

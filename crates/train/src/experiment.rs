@@ -14,7 +14,8 @@ use crate::device::DeviceChoice;
 use crate::fit::{RunContext, StopReason};
 use crate::run_dir::{RunDir, run_dir_of, write_atomic};
 use crate::tasks::{
-    self, ClassificationTask, EvalReport, LanguageModelTask, RunReport, Seq2SeqTask, Task,
+    self, ClassificationTask, EvalReport, LanguageModelTask, RunReport, Seq2SeqTask, SetMaxTask,
+    Task,
 };
 
 /// What `efformer train` was asked to do.
@@ -62,6 +63,10 @@ pub fn validate(config: &ExperimentConfig) -> Result<(), String> {
         }
         TaskKind::LanguageModel => LanguageModelTask::check_config(config)?,
         TaskKind::Seq2seq => Seq2SeqTask::check_config(config)?,
+        TaskKind::SetMax => SetMaxTask::check_config(config)?,
+    }
+    if config.model.set.is_some() && config.task != TaskKind::SetMax {
+        return Err("model.set: a set model belongs to the set tasks (task = \"set-max\")".into());
     }
     if config.train.batch_size == 0 || config.train.epochs == 0 {
         return Err("train.batch_size and train.epochs must be positive".into());
@@ -79,6 +84,7 @@ fn run_task(
         TaskData::Class(d) => checked_run(ctx, &ClassificationTask::new(d), open),
         TaskData::Lm(d) => checked_run(ctx, &LanguageModelTask::new(d, &ctx.config), open),
         TaskData::Seq2Seq(d) => checked_run(ctx, &Seq2SeqTask::new(d), open),
+        TaskData::Set(d) => checked_run(ctx, &SetMaxTask::new(d), open),
     }
 }
 
@@ -110,6 +116,7 @@ fn evaluate_task(
             tasks::evaluate_checkpoint(ctx, &LanguageModelTask::new(d, &ctx.config), checkpoint)
         }
         TaskData::Seq2Seq(d) => tasks::evaluate_checkpoint(ctx, &Seq2SeqTask::new(d), checkpoint),
+        TaskData::Set(d) => tasks::evaluate_checkpoint(ctx, &SetMaxTask::new(d), checkpoint),
     }
 }
 

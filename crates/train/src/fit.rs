@@ -14,8 +14,8 @@ use burn::train::checkpoint::KeepLastNCheckpoints;
 use burn::train::metric::store::{Aggregate, Direction, Split};
 use burn::train::metric::{AccuracyMetric, LossMetric, PerplexityMetric};
 use burn::train::{
-    ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, MetricEarlyStoppingStrategy,
-    MultiDeviceOptim, StoppingCondition, SupervisedTraining,
+    ExecutionStrategy, InferenceStep, Learner, MetricEarlyStoppingStrategy, MultiDeviceOptim,
+    StoppingCondition, SupervisedTraining,
 };
 use serde::Serialize;
 
@@ -26,7 +26,7 @@ use crate::metrics_log::{CsvMetricLogger, plot_curves};
 use crate::optim::{Schedule, optimizer};
 use crate::progress::PlainProgress;
 use crate::run_dir::AtomicCheckpointer;
-use crate::tasks::{NanGuard, RoutingMetric, RoutingQuantity, Task};
+use crate::tasks::{NanGuard, RoutingMetric, RoutingQuantity, Scored, Scoring, Task};
 
 /// Everything a run needs besides the task's data and model.
 pub struct RunContext {
@@ -56,13 +56,28 @@ impl RunContext {
 pub struct EvalResult {
     /// Mean loss per example (or per token).
     pub loss: f64,
-    /// Accuracy (per example, or per token).
-    pub accuracy: f64,
+    /// Accuracy (per example, or per token); none for values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    /// Mean absolute error (values).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mae: Option<f64>,
     /// Macro-averaged F1 over the classes (per-example tasks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub macro_f1: Option<f64>,
     /// Examples (or tokens) evaluated.
     pub count: usize,
+}
+
+impl EvalResult {
+    /// `accuracy 91.20%` or `mean absolute error 0.2085`, as the task scores.
+    pub fn score(&self) -> String {
+        match (self.accuracy, self.mae) {
+            (Some(a), _) => format!("accuracy {:.2}%", 100.0 * a),
+            (None, Some(m)) => format!("mean absolute error {m:.4}"),
+            (None, None) => "no score".into(),
+        }
+    }
 }
 
 /// Tokens a run's training passes processed and how fast (this process's epochs only, after a
@@ -249,7 +264,7 @@ pub fn fit<T: Task>(
     model: T::Model,
     loaders: &Loaders<T::Batch>,
     steps_per_epoch: usize,
-    pad: Option<usize>,
+    scoring: Scoring,
     guard: &NanGuard,
 ) -> Result<Fitted<T::Model>, String> {
     let t = &ctx.config.train;
@@ -285,13 +300,14 @@ pub fn fit<T: Task>(
                 .with_meter("valid", loaders.valid_meter.clone()),
         ));
     }
-    training = match pad {
-        Some(pad) => training.metrics((
+    training = match scoring {
+        Scoring::PerToken { pad } => training.metrics((
             AccuracyMetric::new().with_pad_token(pad),
             LossMetric::new(),
             PerplexityMetric::new().with_pad_token(pad),
         )),
-        None => training.metrics((AccuracyMetric::new(), LossMetric::new())),
+        Scoring::PerExample => training.metrics((AccuracyMetric::new(), LossMetric::new())),
+        Scoring::Values => training.metrics((LossMetric::new(),)),
     };
     for layer in routed_layers(&ctx.config) {
         for quantity in [
@@ -347,8 +363,8 @@ pub fn fit<T: Task>(
 }
 
 /// Mean loss, accuracy and (one label per example) macro-F1 of `model` over `items`, batched
-/// by `batching` (length buckets: the split sorted by length); with `pad`, per token and
-/// ignoring it.
+/// by `batching` (length buckets: the split sorted by length); per token ignoring the padding
+/// id, or for values the mean absolute error, as `scoring` says.
 pub fn evaluate<I, O, M>(
     model: &M,
     items: &[I],
@@ -356,11 +372,11 @@ pub fn evaluate<I, O, M>(
     batch_size: usize,
     batching: Batching,
     device: &Device,
-    pad: Option<usize>,
+    scoring: Scoring,
 ) -> EvalResult
 where
     I: Clone + ItemLength,
-    M: InferenceStep<Input = O, Output = ClassificationOutput>,
+    M: InferenceStep<Input = O, Output = Scored>,
 {
     let lengths: Vec<usize> = items.iter().map(ItemLength::length).collect();
     let batches = batching.batches(
@@ -369,43 +385,73 @@ where
         batch_size,
         crate::data::batching::Pass::Eval,
     );
+    let pad = match scoring {
+        Scoring::PerToken { pad } => Some(pad),
+        _ => None,
+    };
     let (mut loss_sum, mut count) = (0.0, 0usize);
     let mut pairs: Vec<(i64, i64)> = Vec::new();
+    let mut abs_error = 0.0;
+    let read = |t: burn::tensor::Tensor<2>| -> Vec<f64> {
+        t.into_data()
+            .convert::<f64>()
+            .try_to_vec()
+            .unwrap_or_default()
+    };
     for batch in batches {
         let chunk: Vec<I> = batch.iter().map(|&i| items[i].clone()).collect();
-        let out = model.step(batcher.batch(&chunk, device));
-        let targets: Vec<i64> = out
-            .targets
-            .clone()
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec()
-            .unwrap_or_default();
-        let predicted: Vec<i64> = out
-            .output
-            .clone()
-            .argmax(1)
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec()
-            .unwrap_or_default();
-        let before = pairs.len();
-        pairs.extend(
-            targets
-                .iter()
-                .zip(&predicted)
-                .filter(|(t, _)| pad.is_none_or(|p| **t != p as i64))
-                .map(|(t, p)| (*t, *p)),
-        );
-        let counted = pairs.len() - before;
-        loss_sum += out.loss.into_scalar::<f64>() * counted as f64;
+        let counted = match model.step(batcher.batch(&chunk, device)) {
+            Scored::Classes(out) => {
+                let targets: Vec<i64> = out
+                    .targets
+                    .clone()
+                    .into_data()
+                    .convert::<i64>()
+                    .try_to_vec()
+                    .unwrap_or_default();
+                let predicted: Vec<i64> = out
+                    .output
+                    .clone()
+                    .argmax(1)
+                    .into_data()
+                    .convert::<i64>()
+                    .try_to_vec()
+                    .unwrap_or_default();
+                let before = pairs.len();
+                pairs.extend(
+                    targets
+                        .iter()
+                        .zip(&predicted)
+                        .filter(|(t, _)| pad.is_none_or(|p| **t != p as i64))
+                        .map(|(t, p)| (*t, *p)),
+                );
+                let counted = pairs.len() - before;
+                loss_sum += out.loss.into_scalar::<f64>() * counted as f64;
+                counted
+            }
+            Scored::Values(out) => {
+                let predicted = read(out.output);
+                let targets = read(out.targets);
+                abs_error += predicted
+                    .iter()
+                    .zip(&targets)
+                    .map(|(p, t)| (p - t).abs())
+                    .sum::<f64>();
+                let counted = chunk.len();
+                loss_sum += out.loss.into_scalar::<f64>() * counted as f64;
+                counted
+            }
+        };
         count += counted;
     }
+    let n = count.max(1) as f64;
     let correct = pairs.iter().filter(|(t, p)| t == p).count();
+    let classes = scoring != Scoring::Values;
     EvalResult {
-        loss: loss_sum / count.max(1) as f64,
-        accuracy: correct as f64 / count.max(1) as f64,
-        macro_f1: pad.is_none().then(|| macro_f1(&pairs)),
+        loss: loss_sum / n,
+        accuracy: classes.then(|| correct as f64 / n),
+        mae: (!classes).then(|| abs_error / n),
+        macro_f1: (scoring == Scoring::PerExample).then(|| macro_f1(&pairs)),
         count,
     }
 }

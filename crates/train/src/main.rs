@@ -402,10 +402,13 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let report = train::experiment::train(&opts)?;
             if let Some(test) = report.test {
+                let baseline = report
+                    .majority_baseline
+                    .map(|m| format!(" (majority class {:.2}%)", 100.0 * m))
+                    .unwrap_or_default();
                 println!(
-                    "test accuracy {:.2}% (majority class {:.2}%), loss {:.4}, after {} epochs in {:.0} s",
-                    100.0 * test.accuracy,
-                    100.0 * report.majority_baseline.unwrap_or(0.0),
+                    "test {}{baseline}, loss {:.4}, after {} epochs in {:.0} s",
+                    test.score(),
                     test.loss,
                     report.epochs,
                     report.wall_seconds
@@ -533,18 +536,18 @@ fn run(cli: Cli) -> Result<(), String> {
             device,
         } => {
             let report = train::experiment::eval(&config, &sets, &checkpoint, device)?;
-            let (accuracy, unit) = if report.per_token {
-                ("token accuracy", "tokens")
+            let (per, unit) = if report.per_token {
+                ("token ", "tokens")
             } else {
-                ("accuracy", "examples")
+                ("", "examples")
             };
             let splits = [("test", report.test), ("valid", Some(report.valid))];
             for (name, result) in splits {
                 if let Some(r) = result {
                     println!(
-                        "{name:<6} loss {:.4}, {accuracy} {:.2}% ({} {unit})",
+                        "{name:<6} loss {:.4}, {per}{} ({} {unit})",
                         r.loss,
-                        100.0 * r.accuracy,
+                        r.score(),
                         r.count
                     );
                 }

@@ -40,6 +40,9 @@ pub enum TaskKind {
     LanguageModel,
     /// A generated sequence-to-sequence task (reverse, sort); `[seq2seq]`.
     Seq2seq,
+    /// The Set Transformer's maximum-value regression (Lee et al. 2019, §5.1): the largest of
+    /// a set of numbers; `[set]` data, `[model.set]` model.
+    SetMax,
 }
 
 /// A whole experiment.
@@ -58,6 +61,8 @@ pub struct ExperimentConfig {
     pub lm: LmTask,
     /// Sequence-to-sequence data.
     pub seq2seq: Seq2SeqTask,
+    /// Set data (`set-max`).
+    pub set: SetTask,
     /// The model.
     pub model: ModelSection,
     /// Optimisation.
@@ -278,6 +283,45 @@ pub enum Seq2SeqProblem {
     Sort,
 }
 
+/// Sets of numbers, generated from a seed (`set-max`); defaults are the paper's (Lee et al.
+/// 2019, supplementary §2.1: 1–10 reals uniform in [0, 100]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SetTask {
+    /// Smallest set (paper: 1).
+    pub min_size: usize,
+    /// Largest set (paper: 10).
+    pub max_size: usize,
+    /// Values are uniform in `[low, high)` (paper: 0).
+    pub low: f64,
+    /// Upper end of the values (paper: 100).
+    pub high: f64,
+    /// Training sets (the paper draws fresh sets for each of 20,000 batches of 128; a fixed
+    /// set of 256,000 seen for 10 epochs is as many).
+    pub train: usize,
+    /// Validation sets.
+    pub valid: usize,
+    /// Test sets.
+    pub test: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl Default for SetTask {
+    fn default() -> Self {
+        Self {
+            min_size: 1,
+            max_size: 10,
+            low: 0.0,
+            high: 100.0,
+            train: 256_000,
+            valid: 2_000,
+            test: 2_000,
+            seed: 0,
+        }
+    }
+}
+
 /// Sequence-to-sequence data, generated from a seed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -360,6 +404,9 @@ pub struct ModelSection {
     /// A classifier's encoder pools its sequence between blocks of layers (Funnel-Transformer;
     /// `blocks`, `stride`, `pool`, `separate_cls`, `upsample_layers`, `pool_attention`).
     pub funnel: Option<models::FunnelConfig>,
+    /// The set model of set tasks (`[model.set]`: blocks, inducing points, seeds; the Set
+    /// Transformer's defaults).
+    pub set: Option<models::SetTransformerConfig>,
     /// Number of leading tokens that are global (the CLS token; for Longformer, ETC, BigBird).
     pub global_prefix: usize,
     /// Lay the sequence out as a `[rows, columns]` grid for 2-D variants (Image Transformer 2-D,
@@ -412,6 +459,7 @@ impl Default for ModelSection {
             tie_embeddings: true,
             compressive: None,
             funnel: None,
+            set: None,
             global_prefix: 0,
             grid: None,
             pretrained: None,

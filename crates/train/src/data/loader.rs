@@ -59,6 +59,69 @@ pub struct Seq2SeqItem {
     pub target: Vec<u32>,
 }
 
+/// A set of numbers and its target value (set tasks).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SetItem {
+    /// The elements.
+    pub values: Vec<f32>,
+    /// The value to predict.
+    pub target: f32,
+}
+
+impl ItemLength for SetItem {
+    fn length(&self) -> usize {
+        self.values.len()
+    }
+}
+
+/// A batch of sets.
+///
+/// # Shapes
+/// - values: `[batch, n, 1]`; mask_pad: `[batch, n]`; targets: `[batch, 1]`
+#[derive(Clone, Debug)]
+pub struct SetBatch {
+    /// Elements, padded with zeros to the largest set.
+    pub values: Tensor<3>,
+    /// Padding (`true` = padded).
+    pub mask_pad: Tensor<2, Bool>,
+    /// Targets.
+    pub targets: Tensor<2>,
+}
+
+/// Batches sets, padded to the largest.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetBatcher;
+
+impl MakeBatch<SetItem, SetBatch> for SetBatcher {
+    fn batch(&self, items: &[SetItem], device: &Device) -> SetBatch {
+        let b = items.len();
+        let n = items
+            .iter()
+            .map(|i| i.values.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut values = vec![0.0f32; b * n];
+        let mut pad = vec![true; b * n];
+        for (r, item) in items.iter().enumerate() {
+            for (j, &v) in item.values.iter().enumerate() {
+                values[r * n + j] = v;
+                pad[r * n + j] = false;
+            }
+        }
+        let targets: Vec<f32> = items.iter().map(|i| i.target).collect();
+        SetBatch {
+            values: Tensor::from_data(TensorData::new(values, [b, n, 1]), device),
+            mask_pad: Tensor::from_data(TensorData::new(pad, [b, n]), device),
+            targets: Tensor::from_data(TensorData::new(targets, [b, 1]), device),
+        }
+    }
+
+    fn tokens(&self, items: &[&SetItem]) -> (u64, u64) {
+        padded_counts(items.iter().map(|i| i.values.len()), None)
+    }
+}
+
 /// A classification batch.
 ///
 /// # Shapes

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use crate::rng::DataRng;
 
 use super::listops::{self, ListOpsExample};
-use super::loader::{ClassItem, LmItem, Seq2SeqItem};
+use super::loader::{ClassItem, LmItem, Seq2SeqItem, SetItem};
 use super::text::{LabeledTexts, read_labeled};
 use super::tokenize::{self, TextTokenizer};
 use crate::config::{
-    ExperimentConfig, LmMode, LmTask, Seq2SeqProblem, Seq2SeqTask, TaskKind, TextEncoding,
+    ExperimentConfig, LmMode, LmTask, Seq2SeqProblem, Seq2SeqTask, SetTask, TaskKind, TextEncoding,
     TextTask, TokenizerSection,
 };
 
@@ -71,6 +71,19 @@ pub enum TaskData {
     Lm(LmData),
     /// Sequence to sequence.
     Seq2Seq(Seq2SeqData),
+    /// Sets.
+    Set(SetData),
+}
+
+/// Generated sets of numbers.
+#[derive(Clone, Debug)]
+pub struct SetData {
+    /// Training sets.
+    pub train: Vec<SetItem>,
+    /// Validation sets.
+    pub valid: Vec<SetItem>,
+    /// Test sets.
+    pub test: Vec<SetItem>,
 }
 
 /// Where relative data paths are resolved: the working directory if they exist there,
@@ -115,6 +128,7 @@ pub fn prepare(
         )
         .map(TaskData::Lm),
         TaskKind::Seq2seq => Ok(TaskData::Seq2Seq(seq2seq_data(&config.seq2seq)?)),
+        TaskKind::SetMax => set_max_data(&config.set).map(TaskData::Set),
     }
 }
 
@@ -430,6 +444,46 @@ fn lm_data(
     })
 }
 
+/// Sets of `min_size..=max_size` values uniform in `[low, high)`, each with its maximum; the
+/// three splits drawn one after another from one seeded stream.
+///
+/// # Errors
+/// Sizes or bounds that describe no set, naming the key.
+pub fn set_max_data(task: &SetTask) -> Result<SetData, String> {
+    if task.min_size == 0 || task.min_size > task.max_size {
+        return Err(format!(
+            "set.min_size / set.max_size: need 0 < min_size <= max_size, got {} and {}",
+            task.min_size, task.max_size
+        ));
+    }
+    if !task.low.is_finite() || !task.high.is_finite() || task.low >= task.high {
+        return Err(format!(
+            "set.low / set.high: need finite low < high, got {} and {}",
+            task.low, task.high
+        ));
+    }
+    if task.train == 0 || task.valid == 0 {
+        return Err("set.train and set.valid: at least one set each".into());
+    }
+    let mut rng = DataRng::new(task.seed);
+    let mut draw = |count: usize| -> Vec<SetItem> {
+        (0..count)
+            .map(|_| {
+                let n = task.min_size + rng.below(task.max_size - task.min_size + 1);
+                let values: Vec<f32> = (0..n)
+                    .map(|_| (task.low + (task.high - task.low) * rng.uniform()) as f32)
+                    .collect();
+                let target = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                SetItem { values, target }
+            })
+            .collect()
+    };
+    let train = draw(task.train);
+    let valid = draw(task.valid);
+    let test = draw(task.test);
+    Ok(SetData { train, valid, test })
+}
+
 fn seq2seq_data(task: &Seq2SeqTask) -> Result<Seq2SeqData, String> {
     if task.min_len == 0 || task.min_len > task.max_len || task.symbols == 0 {
         return Err("seq2seq: need 0 < min_len <= max_len and symbols > 0".into());
@@ -465,6 +519,62 @@ fn seq2seq_data(task: &Seq2SeqTask) -> Result<Seq2SeqData, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_max_data_is_seeded_bounded_and_labelled_with_the_maximum() {
+        let task = SetTask {
+            train: 500,
+            valid: 50,
+            test: 50,
+            seed: 4,
+            ..SetTask::default()
+        };
+        let a = set_max_data(&task).unwrap();
+        let b = set_max_data(&task).unwrap();
+        assert_eq!(a.train, b.train);
+        assert_eq!((a.train.len(), a.valid.len(), a.test.len()), (500, 50, 50));
+        let mut sizes = std::collections::BTreeSet::new();
+        for item in a.train.iter().chain(&a.valid).chain(&a.test) {
+            sizes.insert(item.values.len());
+            assert!(item.values.iter().all(|v| (0.0..100.0).contains(v)));
+            let max = item.values.iter().copied().fold(f32::MIN, f32::max);
+            assert_eq!(item.target, max);
+        }
+        assert_eq!(sizes, (1..=10).collect());
+        let other = set_max_data(&SetTask {
+            seed: 5,
+            ..task.clone()
+        })
+        .unwrap();
+        assert_ne!(a.train, other.train);
+        for (bad, key) in [
+            (
+                SetTask {
+                    min_size: 0,
+                    ..task.clone()
+                },
+                "set.min_size",
+            ),
+            (
+                SetTask {
+                    min_size: 11,
+                    ..task.clone()
+                },
+                "set.min_size",
+            ),
+            (
+                SetTask {
+                    low: 5.0,
+                    high: 5.0,
+                    ..task.clone()
+                },
+                "set.low",
+            ),
+        ] {
+            let err = set_max_data(&bad).unwrap_err();
+            assert!(err.contains(key), "{err}");
+        }
+    }
 
     #[test]
     fn lm_windows_overlap_by_one_token() {

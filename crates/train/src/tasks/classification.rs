@@ -55,7 +55,7 @@ impl ClassifierWithLoss {
 
     /// Loss and logits of a batch.
     pub fn forward(&self, batch: ClassBatch) -> ClassificationOutput {
-        self.forward_taped(batch, None).class
+        self.forward_taped(batch, None).scored.classes()
     }
 
     /// [`forward`](Self::forward), a reversible encoder recording on `tape` (training).
@@ -77,7 +77,8 @@ impl ClassifierWithLoss {
             .forward(logits.clone(), batch.labels.clone());
         let aux = self.model.aux_terms(&device);
         StepOutput {
-            class: ClassificationOutput::new(with_aux(loss, aux.loss), logits, batch.labels),
+            scored: ClassificationOutput::new(with_aux(loss, aux.loss), logits, batch.labels)
+                .into(),
             routing: aux.routing,
         }
     }

@@ -111,7 +111,7 @@ impl LanguageModelWithLoss {
         }
     }
 
-    /// This model reading its batches as streams with `memory` ([`StreamMemory`]).
+    /// This model reading its batches as streams with `memory` (`StreamMemory`).
     pub fn with_stream(mut self, memory: StreamMemory) -> Self {
         self.stream = Some(Arc::new(memory));
         self
@@ -119,7 +119,7 @@ impl LanguageModelWithLoss {
 
     /// Loss and flattened logits of a batch.
     pub fn forward(&self, batch: LmBatch) -> ClassificationOutput {
-        self.forward_taped(batch, None).class
+        self.forward_taped(batch, None).scored.classes()
     }
 
     /// [`forward`](Self::forward), a reversible decoder recording on `tape` (training).
@@ -139,7 +139,7 @@ impl LanguageModelWithLoss {
         let mut out = token_output(logits, batch.targets, self.pad);
         out.loss = super::with_aux(super::with_aux(out.loss, aux.loss), reconstruction);
         super::StepOutput {
-            class: out,
+            scored: out.into(),
             routing: aux.routing,
         }
     }

@@ -8,7 +8,7 @@
 
 /// burn-train's training and inference steps for a model-with-loss type `$model` whose
 /// `forward_taped($batch, Option<ReversibleTape>) -> StepOutput` gives the loss, outputs and
-/// routing (and `forward($batch)` the classification output without a tape): training passes the loss through
+/// routing (and `forward($batch)` the scored output without a tape, anything `Into<Scored>`): training passes the loss through
 /// the type's [`NanGuard`] (field `guard`) and backpropagates, completing the gradients of
 /// reversible stacks from a fresh [`models::ReversibleTape`]; after every optimiser step the
 /// model's per-step state advances (field `clock`, a [`StepClock`]; field `model` with an
@@ -22,9 +22,10 @@ macro_rules! burn_train_steps {
             fn step(&self, batch: $batch) -> burn::train::TrainOutput<Self::Output> {
                 let tape = models::ReversibleTape::default();
                 let mut out = self.forward_taped(batch, Some(tape.clone()));
-                out.class.loss = self.guard.check(out.class.loss);
+                let loss = self.guard.check(out.scored.loss());
+                out.scored = out.scored.with_loss(loss.clone());
                 burn::train::TrainOutput {
-                    grads: tape.gradients(out.class.loss.backward(), self),
+                    grads: tape.gradients(loss.backward(), self),
                     item: out,
                 }
             }
@@ -69,10 +70,10 @@ macro_rules! burn_train_steps {
 
         impl burn::train::InferenceStep for $model {
             type Input = $batch;
-            type Output = burn::train::ClassificationOutput;
+            type Output = $crate::tasks::Scored;
 
             fn step(&self, batch: $batch) -> Self::Output {
-                self.forward(batch)
+                self.forward(batch).into()
             }
         }
     };
@@ -82,8 +83,9 @@ mod classification;
 mod language_model;
 mod output;
 mod seq2seq;
+mod set_max;
 
-pub use self::output::{RoutingMetric, RoutingQuantity, StepOutput};
+pub use self::output::{RoutingMetric, RoutingQuantity, Scored, Scoring, StepOutput};
 
 use std::fmt;
 use std::path::Path;
@@ -101,6 +103,7 @@ use serde::Serialize;
 pub use self::classification::{ClassificationTask, ClassifierWithLoss, SavedClassifier};
 pub use self::language_model::{LanguageModelTask, LanguageModelWithLoss, SavedLanguageModel};
 pub use self::seq2seq::{Seq2SeqTask, Seq2SeqWithLoss};
+pub use self::set_max::{SetMaxTask, SetRegressorWithLoss};
 use crate::config::{ExperimentConfig, ModelSection, TaskKind};
 use crate::data::batching::ItemLength;
 use crate::data::loader::MakeBatch;
@@ -130,7 +133,7 @@ pub trait Task {
     type Model: LearnerModel
         + Stepped
         + TrainStep<Input = Self::Batch, Output = StepOutput>
-        + InferenceStep<Input = Self::Batch, Output = ClassificationOutput>;
+        + InferenceStep<Input = Self::Batch, Output = Scored>;
     /// The model's configuration.
     type ModelConfig: Clone;
 
@@ -173,8 +176,24 @@ pub trait Task {
     /// The data.
     fn splits(&self) -> Splits<'_, Self::Item>;
 
-    /// For token-level tasks, the padding id metrics ignore; `None`: one label per example.
+    /// For token-level tasks, the padding id metrics ignore; `None`: one label per example
+    /// (or values).
     fn pad_token(&self) -> Option<usize>;
+
+    /// The attention kinds the model's layers use, for the run's report. Default: the
+    /// stack's (`model.stack`).
+    fn attention_kinds(&self, config: &ExperimentConfig) -> Vec<String> {
+        attention_kinds(&config.model.stack)
+    }
+
+    /// How outputs are scored. Default: by class, per token when [`pad_token`](Self::pad_token)
+    /// gives one, else per example.
+    fn scoring(&self) -> Scoring {
+        match self.pad_token() {
+            Some(pad) => Scoring::PerToken { pad },
+            None => Scoring::PerExample,
+        }
+    }
 
     /// One line about the data, printed when a run starts.
     fn describe(&self, parameters: usize) -> String;
@@ -272,7 +291,7 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
         splits.valid.to_vec(),
         batcher.clone(),
     );
-    let fitted = fit::<T>(ctx, model, &loaders, steps, task.pad_token(), &guard)?;
+    let fitted = fit::<T>(ctx, model, &loaders, steps, task.scoring(), &guard)?;
     plot_run_curves(&ctx.run_dir);
     let eval_device = device.clone().inner();
     let kept = last_complete_checkpoint(&ctx.run_dir).unwrap_or(0);
@@ -300,12 +319,12 @@ pub fn run<T: Task>(ctx: &RunContext, task: &T) -> Result<RunReport, String> {
             c.train.eval_batch_size,
             c.train.batching,
             &eval_device,
-            task.pad_token(),
+            task.scoring(),
         )
     };
     Ok(RunReport {
         task: c.task,
-        attention: attention_kinds(&c.model.stack),
+        attention: task.attention_kinds(c),
         parameters,
         epochs: kept,
         evaluated_epoch,
@@ -349,7 +368,7 @@ pub fn evaluate_checkpoint<T: Task>(
             c.train.eval_batch_size,
             c.train.batching,
             device,
-            task.pad_token(),
+            task.scoring(),
         )
     };
     Ok(EvalReport {

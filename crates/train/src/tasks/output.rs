@@ -1,24 +1,98 @@
-//! What a training step gives burn-train's metrics: the classification output (loss, logits,
-//! targets) and the routing of the model's mixture-of-experts layers, which the
-//! [`RoutingMetric`]s turn into `metrics.csv` rows and curves (training split only: evaluation
-//! forwards keep no routing report).
+//! What a training step gives burn-train's metrics: the task's scored output (a classifier's
+//! loss, logits and targets, or a regression's loss, predictions and targets) and the routing
+//! of the model's mixture-of-experts layers, which the [`RoutingMetric`]s turn into
+//! `metrics.csv` rows and curves (training split only: evaluation forwards keep no routing
+//! report).
 
 use std::sync::Arc;
 
 use burn::tensor::ExecutionError;
+use burn::tensor::Tensor;
 use burn::tensor::TensorReadError;
-use burn::train::ClassificationOutput;
 use burn::train::metric::state::{FormatOptions, NumericMetricState};
 use burn::train::metric::{
     AccuracyInput, Adaptor, ItemLazy, LossInput, Metric, MetricAttributes, MetricMetadata,
     MetricName, Numeric, NumericAttributes, NumericEntry, PerplexityInput, SerializedEntry,
 };
+use burn::train::{ClassificationOutput, RegressionOutput};
 use models::RoutingSummary;
+
+/// What a task's model outputs for a batch, with its loss: classes or values.
+pub enum Scored {
+    /// Logits and class targets (classification, language models, sequence-to-sequence).
+    Classes(ClassificationOutput),
+    /// Predicted and target values (regression: the set tasks).
+    Values(RegressionOutput),
+}
+
+impl Scored {
+    /// The batch's loss.
+    pub fn loss(&self) -> Tensor<1> {
+        match self {
+            Self::Classes(c) => c.loss.clone(),
+            Self::Values(v) => v.loss.clone(),
+        }
+    }
+
+    /// The same output with its loss replaced.
+    pub fn with_loss(self, loss: Tensor<1>) -> Self {
+        match self {
+            Self::Classes(c) => Self::Classes(ClassificationOutput { loss, ..c }),
+            Self::Values(v) => Self::Values(RegressionOutput { loss, ..v }),
+        }
+    }
+
+    /// The classification output.
+    ///
+    /// # Panics
+    /// On values: a classifier's own wrapper calls it on what it scored itself.
+    pub fn classes(self) -> ClassificationOutput {
+        match self {
+            Self::Classes(c) => c,
+            Self::Values(_) => panic!("a regression output where classes were scored"),
+        }
+    }
+}
+
+impl From<ClassificationOutput> for Scored {
+    fn from(c: ClassificationOutput) -> Self {
+        Self::Classes(c)
+    }
+}
+
+impl From<RegressionOutput> for Scored {
+    fn from(v: RegressionOutput) -> Self {
+        Self::Values(v)
+    }
+}
+
+impl ItemLazy for Scored {
+    fn sync(self) -> Result<Self, ExecutionError> {
+        Ok(match self {
+            Self::Classes(c) => Self::Classes(c.sync()?),
+            Self::Values(v) => Self::Values(v.sync()?),
+        })
+    }
+}
+
+/// How a task's outputs are scored: the metrics training registers and what evaluation counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// One label per example: accuracy, loss, macro-F1.
+    PerExample,
+    /// One label per token, `pad` ignored: accuracy, loss, perplexity.
+    PerToken {
+        /// The padding id.
+        pad: usize,
+    },
+    /// Values: the loss and the mean absolute error.
+    Values,
+}
 
 /// A training step's output.
 pub struct StepOutput {
-    /// Loss, logits and targets.
-    pub class: ClassificationOutput,
+    /// Loss, outputs and targets.
+    pub scored: Scored,
     /// One entry per mixture-of-experts layer (none without experts).
     pub routing: Vec<RoutingSummary>,
 }
@@ -26,27 +100,53 @@ pub struct StepOutput {
 impl ItemLazy for StepOutput {
     fn sync(self) -> Result<Self, ExecutionError> {
         Ok(Self {
-            class: self.class.sync()?,
+            scored: self.scored.sync()?,
             routing: self.routing,
         })
     }
 }
 
-impl Adaptor<AccuracyInput> for StepOutput {
+// Training registers the accuracy and perplexity metrics only for class outputs
+// ([`Scoring`]), so a value output never reaches these two adaptors.
+impl Adaptor<AccuracyInput> for Scored {
     fn adapt(&self) -> AccuracyInput {
-        self.class.adapt()
+        match self {
+            Self::Classes(c) => c.adapt(),
+            Self::Values(_) => unreachable!("no accuracy metric is registered for values"),
+        }
     }
 }
 
-impl Adaptor<LossInput> for StepOutput {
+impl Adaptor<PerplexityInput> for Scored {
+    fn adapt(&self) -> PerplexityInput {
+        match self {
+            Self::Classes(c) => c.adapt(),
+            Self::Values(_) => unreachable!("no perplexity metric is registered for values"),
+        }
+    }
+}
+
+impl Adaptor<LossInput> for Scored {
     fn adapt(&self) -> LossInput {
-        self.class.adapt()
+        LossInput::new(self.loss())
+    }
+}
+
+impl Adaptor<AccuracyInput> for StepOutput {
+    fn adapt(&self) -> AccuracyInput {
+        self.scored.adapt()
     }
 }
 
 impl Adaptor<PerplexityInput> for StepOutput {
     fn adapt(&self) -> PerplexityInput {
-        self.class.adapt()
+        self.scored.adapt()
+    }
+}
+
+impl Adaptor<LossInput> for StepOutput {
+    fn adapt(&self) -> LossInput {
+        self.scored.adapt()
     }
 }
 

@@ -40,7 +40,7 @@ impl Seq2SeqWithLoss {
 
     /// Loss and flattened logits of a batch.
     pub fn forward(&self, batch: Seq2SeqBatch) -> ClassificationOutput {
-        self.forward_taped(batch, None).class
+        self.forward_taped(batch, None).scored.classes()
     }
 
     /// [`forward`](Self::forward); the tape is not used: a reversible encoder of a
@@ -60,7 +60,7 @@ impl Seq2SeqWithLoss {
         let mut out = token_output(logits, batch.target_out, self.pad);
         out.loss = super::with_aux(out.loss, aux.loss);
         super::StepOutput {
-            class: out,
+            scored: out.into(),
             routing: aux.routing,
         }
     }

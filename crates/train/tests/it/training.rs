@@ -930,3 +930,55 @@ fn a_funnel_classifier_trains_and_resumes_exactly() {
         assert!(!dir.join(name).exists(), "{name}: nothing written");
     }
 }
+
+/// The set task: the Set Transformer learns the maximum of a set (loss and mean absolute error
+/// fall far below the error of predicting the mean target), resumes exactly, and reports the
+/// mean absolute error, not an accuracy; a set model on another task is refused.
+#[test]
+fn the_set_max_task_trains_resumes_and_reports_the_mean_absolute_error() {
+    let config = std::fs::read_to_string(workspace().join("configs/sets/max-regression.toml"))
+        .unwrap()
+        .replace("train = 256000", "train = 6144")
+        .replace("valid = 2000", "valid = 256")
+        .replace("test = 2000", "test = 256")
+        .replace("epochs = 10", "epochs = 3")
+        .replace("batch_size = 128", "batch_size = 64")
+        .replace("d_model = 64", "d_model = 32")
+        .replace("lr = 1e-3", "lr = 3e-3");
+    assert!(
+        config.contains("train = 6144"),
+        "the config changed: {config}"
+    );
+    let (dir, a) = resumed_equals_uninterrupted("resume-set", &config);
+    let test = &a["test"];
+    assert!(test.get("accuracy").is_none(), "{a}");
+    let mae = test["mae"].as_f64().expect("a mean absolute error");
+    // Predicting the mean maximum of 1-10 numbers in [0, 100] errs by about 13 on average.
+    assert!(mae < 10.0, "test MAE {mae}: {a}");
+    assert!(
+        (test["loss"].as_f64().unwrap() - mae).abs() < 1e-3,
+        "L1 loss = MAE: {a}"
+    );
+    let out = efformer(
+        &dir,
+        &[
+            "eval",
+            "tiny.toml",
+            "--checkpoint",
+            "whole/checkpoint/model-3.bpk",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("mean absolute error"), "{}", text(&out));
+
+    let wrong = TINY_LISTOPS.replace("[model]", "[model.set]\nd_input = 1\n[model]");
+    std::fs::write(dir.join("wrong.toml"), wrong).unwrap();
+    let out = efformer(&dir, &["train", "wrong.toml", "--out", "wrong"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model.set"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.join("wrong").exists(), "nothing written");
+}
