@@ -113,6 +113,17 @@ impl ModelConfigError {
     pub fn attention(path: impl Into<String>, error: ConfigError) -> Self {
         Self::new(path, error.to_string())
     }
+
+    /// The same error with its path read from inside `section` (`model` and `encoder.ffn`
+    /// give `model.encoder.ffn`), for a configuration nested in a larger file.
+    pub fn within(self, section: &str) -> Self {
+        let path = match (section.is_empty(), self.path.is_empty()) {
+            (true, _) => self.path,
+            (false, true) => section.to_string(),
+            (false, false) => format!("{section}.{}", self.path),
+        };
+        Self { path, ..self }
+    }
 }
 
 impl fmt::Display for ModelConfigError {

@@ -23,6 +23,7 @@ use models::{
 use serde::{Deserialize, Serialize};
 
 use crate::bench::{config_for_length, memory_status};
+use crate::config::load::model_error;
 use crate::device::DeviceChoice;
 
 /// Sequences per step.
@@ -137,7 +138,7 @@ pub fn run_case(
     let config = model_config(kind, n, depth)?;
     let mut model = config
         .init_sequence(&device)
-        .map_err(|e| format!("model.{e}"))?;
+        .map_err(|e| model_error(e, &[("encoder", "stack")]))?;
     let parameters = model.num_params();
     let mut optim = AdamWConfig::new().init();
     let tokens: Tensor<2, Int> =

@@ -118,7 +118,7 @@ impl Generator {
         let model = saved
             .model
             .init(&dev)
-            .map_err(|e| format!("{}: model.{e}", saved_path.display()))?;
+            .map_err(|e| format!("{}: {}", saved_path.display(), e.within("model")))?;
         let model = load_checkpoint(
             LanguageModelWithLoss::new(model, saved.pad as usize, NanGuard::default()),
             &checkpoint,

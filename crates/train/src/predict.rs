@@ -115,7 +115,7 @@ impl Predictor {
         let model = saved
             .model
             .init_sequence(&dev)
-            .map_err(|e| format!("{}: model.{e}", saved_path.display()))?;
+            .map_err(|e| format!("{}: {}", saved_path.display(), e.within("model")))?;
         let task = load_checkpoint(
             ClassifierWithLoss::new(model, saved.global_prefix, saved.grid, NanGuard::default()),
             checkpoint,
@@ -161,10 +161,13 @@ impl Predictor {
         };
         let dev = device.device()?;
         let saved = exported.classifier;
-        let mut model = saved
-            .model
-            .init_sequence(&dev)
-            .map_err(|e| format!("{}: efformer.classifier.model.{e}", config_path.display()))?;
+        let mut model = saved.model.init_sequence(&dev).map_err(|e| {
+            format!(
+                "{}: {}",
+                config_path.display(),
+                e.within("efformer.classifier.model")
+            )
+        })?;
         models::load_classifier_hf(&mut model, &dir.join("model.safetensors"))?;
         Ok(Self {
             task: ClassifierWithLoss::new(

@@ -241,3 +241,64 @@ pub fn load(path: &Path, sets: &[String]) -> Result<(ExperimentConfig, Table), C
     let config = from_table(table.clone(), Some(path))?;
     Ok((config, table))
 }
+
+/// A model that cannot be built, with its key as the experiment file spells it: `stacks` maps
+/// the model's stack names to the file's sections (a classifier's `encoder` and a language
+/// model's `decoder` are both `stack`), and a layer's own attention (`layers[i].attention`) is
+/// the section's `attention` for layer i. So `encoder.layers[0].attention` becomes
+/// `` `model.stack.attention` (layer 0) ``.
+pub fn model_error(error: models::ModelConfigError, stacks: &[(&str, &str)]) -> String {
+    let mut path = error.path;
+    if let Some((from, to)) = stacks
+        .iter()
+        .find(|(from, _)| path == *from || path.starts_with(&format!("{from}.")))
+    {
+        path = format!("{to}{}", &path[from.len()..]);
+    }
+    let mut layer = String::new();
+    if let Some(start) = path.find(".layers[")
+        && let Some(len) = path[start..].find(']')
+    {
+        layer = format!(" (layer {})", &path[start + ".layers[".len()..start + len]);
+        path = format!("{}{}", &path[..start], &path[start + len + 1..]);
+    }
+    format!("`model.{path}`{layer}: {}", error.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_error;
+    use models::ModelConfigError;
+
+    #[test]
+    fn model_errors_read_as_the_files_keys() {
+        let e = |p: &str| ModelConfigError::new(p, "why");
+        let lm = [("decoder", "stack")];
+        assert_eq!(
+            model_error(e("encoder.layers[3].attention"), &[("encoder", "stack")]),
+            "`model.stack.attention` (layer 3): why"
+        );
+        assert_eq!(
+            model_error(e("decoder.n_heads"), &lm),
+            "`model.stack.n_heads`: why"
+        );
+        assert_eq!(model_error(e("decoderish"), &lm), "`model.decoderish`: why");
+        assert_eq!(
+            model_error(e("funnel.upsample_layers"), &lm),
+            "`model.funnel.upsample_layers`: why"
+        );
+        let seq2seq = [
+            ("decoder.cross_attention", "cross_attention"),
+            ("encoder", "stack"),
+            ("decoder", "decoder"),
+        ];
+        assert_eq!(
+            model_error(e("decoder.layers[1].attention"), &seq2seq),
+            "`model.decoder.attention` (layer 1): why"
+        );
+        assert_eq!(
+            model_error(e("decoder.cross_attention"), &seq2seq),
+            "`model.cross_attention`: why"
+        );
+    }
+}

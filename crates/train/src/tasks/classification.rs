@@ -15,6 +15,7 @@ use models::{
 use serde::Serialize;
 
 use super::{NanGuard, Splits, StepClock, StepOutput, Task, embedding, fixed_length, with_aux};
+use crate::config::load::model_error;
 use crate::config::{ExperimentConfig, PretrainedInit, TaskKind};
 use crate::data::loader::{ClassBatch, ClassBatcher, ClassItem, MakeBatch};
 use crate::data::prepare::{ClassData, resolve};
@@ -125,7 +126,7 @@ impl ClassificationTask {
             .model
             .stack
             .check("encoder", AttentionMode::Bidirectional)
-            .map_err(|e| format!("model.{e}"))?;
+            .map_err(|e| model_error(e, &[("encoder", "stack")]))?;
         super::check_grid(&config.model.stack, "model.stack", config.model.grid, true)?;
         if let Some(funnel) = &config.model.funnel {
             funnel
@@ -300,7 +301,7 @@ impl Task for ClassificationTask {
         let model = config
             .model
             .init_sequence(device)
-            .map_err(|e| format!("model.{e}"))?;
+            .map_err(|e| model_error(e, &[("encoder", "stack")]))?;
         Ok(ClassifierWithLoss::new(
             model,
             config.global_prefix,

@@ -11,6 +11,7 @@ use models::{LanguageModel, LanguageModelConfig, ReversibleTape, SegmentMemory};
 use super::{NanGuard, Splits, StepClock, Task, embedding, token_output};
 use serde::{Deserialize, Serialize};
 
+use crate::config::load::model_error;
 use crate::config::{ExperimentConfig, LmMode, TextEncoding};
 use crate::data::batching::Batching;
 use crate::data::loader::{LmBatch, LmBatcher, LmItem, MakeBatch};
@@ -192,7 +193,7 @@ impl LanguageModelTask {
             .model
             .stack
             .check("decoder", AttentionMode::Causal)
-            .map_err(|e| format!("model.{e}"))?;
+            .map_err(|e| model_error(e, &[("decoder", "stack")]))?;
         if config.lm.mode == LmMode::Stream {
             if config.train.batching != Batching::InOrder {
                 return Err(
@@ -257,7 +258,9 @@ impl Task for LanguageModelTask {
         device: &Device,
         guard: NanGuard,
     ) -> Result<LanguageModelWithLoss, String> {
-        let model = config.init(device).map_err(|e| format!("model.{e}"))?;
+        let model = config
+            .init(device)
+            .map_err(|e| model_error(e, &[("decoder", "stack")]))?;
         let model = LanguageModelWithLoss::new(model, self.data.pad as usize, guard);
         Ok(match self.stream {
             Some(settings) => model.with_stream(StreamMemory::new(settings)),

@@ -10,6 +10,7 @@ use models::{Seq2Seq, Seq2SeqConfig};
 
 use super::{NanGuard, Splits, StepClock, Task, check_attention_lengths, embedding, token_output};
 use crate::config::ExperimentConfig;
+use crate::config::load::model_error;
 use crate::data::loader::{MakeBatch, Seq2SeqBatch, Seq2SeqBatcher, Seq2SeqItem};
 use crate::data::prepare::Seq2SeqData;
 use crate::fit::RunContext;
@@ -68,6 +69,14 @@ impl Seq2SeqWithLoss {
 
 burn_train_steps!(Seq2SeqWithLoss, Seq2SeqBatch);
 
+/// The experiment file's sections of a built model's stacks (the decoder's own section, where
+/// a model without `[model.decoder]` copied the encoder's, is told apart at `check_config`).
+const BUILT_KEYS: [(&str, &str); 3] = [
+    ("decoder.cross_attention", "cross_attention"),
+    ("encoder", "stack"),
+    ("decoder", "decoder"),
+];
+
 /// Sequence to sequence over prepared [`Seq2SeqData`].
 pub struct Seq2SeqTask {
     data: Seq2SeqData,
@@ -85,7 +94,17 @@ impl Seq2SeqTask {
     /// # Errors
     /// The key and what was expected.
     pub fn check_config(config: &ExperimentConfig) -> Result<(), String> {
-        let err = |e: models::ModelConfigError| format!("model.{e}");
+        let decoder_section = if config.model.decoder.is_some() {
+            "decoder"
+        } else {
+            "stack"
+        };
+        let keys = [
+            ("decoder.cross_attention", "cross_attention"),
+            ("encoder", "stack"),
+            ("decoder", decoder_section),
+        ];
+        let err = |e: models::ModelConfigError| model_error(e, &keys);
         config
             .model
             .stack
@@ -140,7 +159,9 @@ impl Task for Seq2SeqTask {
         device: &Device,
         guard: NanGuard,
     ) -> Result<Seq2SeqWithLoss, String> {
-        let model = config.init(device).map_err(|e| format!("model.{e}"))?;
+        let model = config
+            .init(device)
+            .map_err(|e| model_error(e, &BUILT_KEYS))?;
         Ok(Seq2SeqWithLoss::new(model, self.data.pad as usize, guard))
     }
 

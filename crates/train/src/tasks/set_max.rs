@@ -11,6 +11,7 @@ use models::{SetTransformer, SetTransformerConfig};
 
 use super::{NanGuard, Scoring, Splits, StepClock, StepOutput, Task};
 use crate::config::ExperimentConfig;
+use crate::config::load::model_error;
 use crate::data::loader::{MakeBatch, SetBatch, SetBatcher, SetItem};
 use crate::data::prepare::SetData;
 use crate::fit::RunContext;
@@ -128,7 +129,7 @@ impl Task for SetMaxTask {
         device: &Device,
         guard: NanGuard,
     ) -> Result<SetRegressorWithLoss, String> {
-        let model = config.init(device).map_err(|e| format!("model.{e}"))?;
+        let model = config.init(device).map_err(|e| model_error(e, &[]))?;
         Ok(SetRegressorWithLoss::new(model, guard))
     }
 

@@ -89,7 +89,7 @@ fn config_cases() -> Vec<Case> {
         train(
             listops_with("n_heads = 2", "n_heads = 3"),
             "heads do not divide the width",
-            "n_heads",
+            "`model.stack.n_heads`:",
         ),
         train(
             listops_with("d_model = 16", "d_model = 0"),
@@ -112,7 +112,7 @@ fn config_cases() -> Vec<Case> {
         train(
             attention("kind = \"performer\"\nfeatures = 0"),
             "zero random features",
-            "features",
+            "`model.stack.attention` (layer 0): `features`",
         ),
         train(
             attention("kind = \"linformer\"\nmax_len = 8"),
@@ -155,7 +155,7 @@ fn config_cases() -> Vec<Case> {
         train(
             lm("kind = \"linformer\""),
             "Linformer in a causal model",
-            "causal",
+            "`model.stack.attention` (layer 0): attention kind \"linformer\" has no causal mode",
         ),
         train(
             lm("kind = \"bigbird\""),

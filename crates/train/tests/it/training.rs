@@ -731,7 +731,7 @@ batch_size = 16
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("decoder.layers[0].attention") && err.contains("linformer"),
+        err.contains("`model.decoder.attention` (layer 0)") && err.contains("linformer"),
         "{}",
         text(&out)
     );
