@@ -2,10 +2,11 @@
 //!
 //! - Paper: Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762.
 //! - Cost: O(N²·d) time. On Flex it runs the fused CPU kernel (FlashAttention-2 forward and
-//!   backward, `kernels::fused`): O(N·d) memory when training too. On other devices
-//!   Burn's fused [`attention`] op runs it; its forward is tiled, but under autodiff Burn
-//!   decomposes it into matmul/softmax/matmul and stores the N × N weights: O(N²) memory when
-//!   training.
+//!   backward, `kernels::fused`), and on the cubecl backends (`wgpu`, `cuda`, with the `cube`
+//!   feature) a CubeCL kernel with its own backward (`kernels::cube::flash`): O(N·d) memory
+//!   when training too. On other devices Burn's fused [`attention`] op runs it; its forward is
+//!   tiled, but under autodiff Burn decomposes it into matmul/softmax/matmul and stores the
+//!   N × N weights: O(N²) memory when training.
 //! - Exact: yes. It is the baseline every other variant is measured against.
 //! - Modes: bidirectional, causal (bottom-right aligned, so keys may include a memory), cross.
 //! - Deviation: no dropout on attention probabilities (the fused op has none);
@@ -37,7 +38,7 @@ impl FullAttentionConfig {
         paper: "Vaswani et al. 2017, Attention Is All You Need, arXiv:1706.03762",
         modes: &AttentionMode::ALL,
         time: "O(N²·d)",
-        memory: "O(N·d) on Flex (fused forward and backward); O(N²) under autodiff elsewhere",
+        memory: "O(N·d) on Flex and cubecl (fused forward and backward); O(N²) under autodiff elsewhere",
         exactness: Exactness::Exact,
         needs_grid: false,
         global_tokens: false,
@@ -69,8 +70,9 @@ impl CoreConfig for FullAttentionConfig {
         })
     }
 
-    /// Off Flex, autodiff stores the probabilities and their gradient: about four `N × N`
-    /// matrices per head. On Flex the fused kernel's backward recomputes them: O(N·d).
+    /// Off the fused kernels (Flex, cubecl), autodiff stores the probabilities and their
+    /// gradient: about four `N × N` matrices per head. The fused backward recomputes them:
+    /// O(N·d).
     fn memory_estimate(
         &self,
         n: usize,
@@ -79,7 +81,7 @@ impl CoreConfig for FullAttentionConfig {
         backward: bool,
         device: &Device,
     ) -> Option<u64> {
-        (backward && !fused::device_runs_fused(device)).then(|| 4 * (batch * heads * n * n * 4) as u64)
+        (backward && !fused::flash_device_runs_fused(device)).then(|| 4 * (batch * heads * n * n * 4) as u64)
     }
 }
 
@@ -104,7 +106,7 @@ impl AttentionCore for FullAttention {
                 "full attention (causal): needs seq_k >= seq_q, got seq_q {lq}, seq_k {lk}"
             );
         }
-        if fused::runs_fused(&input.query) {
+        if fused::flash_runs_fused(&input.query) {
             let scale = self.scale.unwrap_or(1.0 / (d_k as f64).sqrt());
             return fused::flash_attention(
                 input.query,

@@ -9,7 +9,9 @@
 //!   and finally `out = acc / l`.
 //! - Cost: O(N²·d) time; forward memory O(query_block · key_block) per (batch, head) for scores,
 //!   never the N × N matrix. On Flex this is the fused CPU kernel (`kernels::fused`,
-//!   blocks capped at its default tiles) with its own backward: O(N·d) memory when training.
+//!   blocks capped at its default tiles), on the cubecl backends the CubeCL kernel
+//!   (`kernels::cube::flash`, `cube` feature), each with its own backward: O(N·d) memory when
+//!   training.
 //!   Elsewhere it is composed of tensor operations, and autodiff keeps each block's
 //!   probabilities for the backward pass (O(N²) in total).
 //! - Exact: yes (equal to dense attention up to f32 rounding; the contract suite checks 1e-5).
@@ -57,7 +59,7 @@ impl MemoryEfficientAttentionConfig {
         paper: "Rabe & Staats 2021, Self-attention Does Not Need O(n²) Memory, arXiv:2112.05682",
         modes: &AttentionMode::ALL,
         time: "O(N²·d)",
-        memory: "O(query_block·key_block) forward; O(N·d) training on Flex",
+        memory: "O(query_block·key_block) forward; O(N·d) training on Flex and cubecl",
         exactness: Exactness::Exact,
         needs_grid: false,
         global_tokens: false,
@@ -93,8 +95,9 @@ impl CoreConfig for MemoryEfficientAttentionConfig {
         })
     }
 
-    /// Off Flex, autodiff stores the probabilities and their gradient: about four `N × N`
-    /// matrices per head. On Flex the fused kernel's backward recomputes them: O(N·d).
+    /// Off the fused kernels (Flex, cubecl), autodiff stores the probabilities and their
+    /// gradient: about four `N × N` matrices per head. The fused backward recomputes them:
+    /// O(N·d).
     fn memory_estimate(
         &self,
         n: usize,
@@ -103,7 +106,7 @@ impl CoreConfig for MemoryEfficientAttentionConfig {
         backward: bool,
         device: &Device,
     ) -> Option<u64> {
-        (backward && !fused::device_runs_fused(device)).then(|| 4 * (batch * heads * n * n * 4) as u64)
+        (backward && !fused::flash_device_runs_fused(device)).then(|| 4 * (batch * heads * n * n * 4) as u64)
     }
 }
 
@@ -148,7 +151,7 @@ impl AttentionCore for MemoryEfficientAttention {
             );
         }
         let scale = self.scale.unwrap_or(1.0 / (dk as f64).sqrt());
-        if fused::runs_fused(&input.query) {
+        if fused::flash_runs_fused(&input.query) {
             // The fused kernel is this algorithm with its own backward; the blocks are its
             // tiles, capped at its defaults (larger tiles only cost cache).
             let tiles = [

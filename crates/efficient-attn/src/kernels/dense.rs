@@ -35,8 +35,8 @@ pub fn masked_softmax_matmul(
 
 /// Exact attention over every key but the padded ones: `softmax(q kᵀ · scale + pad) v`, for
 /// the rows a pattern gives the whole sequence (BigBird's and ETC's global rows, Longformer's
-/// global tokens) and attention over a short projected sequence (Linformer). On `f32` Flex tensors the fused
-/// FlashAttention kernel (no `[seq_q, seq_k]` scores stored for the backward); elsewhere
+/// global tokens) and attention over a short projected sequence (Linformer). On `f32` Flex tensors (and
+/// cubecl ones with the `cube` feature) the fused FlashAttention kernel (no `[seq_q, seq_k]` scores stored for the backward); elsewhere
 /// [`masked_softmax_matmul`].
 ///
 /// # Shapes
@@ -50,7 +50,7 @@ pub fn padded_attention(
     key_pad: Option<&Tensor<2, Bool>>,
     scale: f64,
 ) -> Tensor<4> {
-    if crate::kernels::fused::runs_fused(&q) {
+    if crate::kernels::fused::flash_runs_fused(&q) {
         return crate::kernels::fused::flash_attention(
             q,
             k,

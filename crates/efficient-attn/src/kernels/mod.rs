@@ -3,6 +3,8 @@
 
 pub mod block_sparse;
 pub mod cpu;
+#[cfg(feature = "cube")]
+pub mod cube;
 pub mod dense;
 pub mod fused;
 pub mod prefix_sum;

@@ -23,11 +23,13 @@
 //! registry ([`specs`]) into `#[test]` functions for one device.
 
 mod checks;
+mod fused_checks;
 mod macros;
 pub mod patterns;
 pub mod specs;
 
 pub use self::checks::*;
+pub use self::fused_checks::*;
 
 use std::fmt;
 

@@ -7,179 +7,41 @@
 //! cases that exercise it; splitting them would scatter the shared case builders.
 
 use burn::tensor::{Bool, Device, Tensor, TensorData};
-use efficient_attn::testing::{SeededRng, composed, fused};
-use efficient_attn::{
-    Attention, AttentionConfig, AttentionCore, AttentionMode, AttnInput, FullAttentionConfig,
-    HeadDims, MemoryEfficientAttentionConfig,
+use efficient_attn::testing::{
+    FusedCase, SeededRng, bool_mask as bools, check_fused_against_composed, fused, fused_cases,
+    max_rel_diff as diff, right_padded as pad,
 };
-
-fn pad(batch: usize, seq: usize, padded: &[usize]) -> Vec<bool> {
-    (0..batch * seq)
-        .map(|i| i / seq < padded.len() && i % seq >= seq - padded[i / seq])
-        .collect()
-}
-
-fn bools(flags: Vec<bool>, dims: [usize; 2], device: &Device) -> Tensor<2, Bool> {
-    Tensor::from_data(TensorData::new(flags, dims), device)
-}
-
-/// Max relative difference `|a - b| / (1 + |b|)`.
-fn diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
-    let scale = b.clone().abs().add_scalar(1.0);
-    a.sub(b).abs().div(scale).max().into_scalar::<f32>()
-}
-
-struct Case {
-    mode: AttentionMode,
-    batch: usize,
-    heads: usize,
-    seq_q: usize,
-    seq_k: usize,
-    d_k: usize,
-    d_v: usize,
-}
-
-/// Forward and gradients of `core` (fused on Flex) against its composed implementation.
-fn check(config: AttentionConfig, case: &Case) {
-    let device = Device::flex().autodiff();
-    let dims = HeadDims {
-        heads: case.heads,
-        d_k: case.d_k,
-        d_v: case.d_v,
-    };
-    let core: Attention = config.init(case.mode, dims, &device).unwrap();
-    let mut rng = SeededRng::new(case.seq_q as u64 * 31 + case.seq_k as u64);
-    let q = rng.normal_tensor([case.batch, case.heads, case.seq_q, case.d_k], 1.0, &device);
-    let k = rng.normal_tensor([case.batch, case.heads, case.seq_k, case.d_k], 1.0, &device);
-    let v = rng.normal_tensor([case.batch, case.heads, case.seq_k, case.d_v], 1.0, &device);
-    let w = rng.normal_tensor([case.batch, case.heads, case.seq_q, case.d_v], 1.0, &device);
-    assert!(
-        fused::runs_fused(&q),
-        "Flex f32 tensors run the fused kernel"
-    );
-    let key_pad = bools(
-        pad(case.batch, case.seq_k, &[0, 3]),
-        [case.batch, case.seq_k],
-        &device,
-    );
-    let query_pad = (case.seq_q == case.seq_k).then(|| key_pad.clone());
-    let run = |fused_path: bool| {
-        let (q, k, v) = (
-            q.clone().detach().require_grad(),
-            k.clone().detach().require_grad(),
-            v.clone().detach().require_grad(),
-        );
-        let mut input =
-            AttnInput::new(q.clone(), k.clone(), v.clone()).mask_pad_keys(key_pad.clone());
-        if let Some(p) = &query_pad {
-            input = input.mask_pad_queries(p.clone());
-        }
-        let out = if fused_path {
-            core.attend(input)
-        } else {
-            composed(&core, input).expect("an exact variant has a composed form")
-        };
-        // Padded query rows are unspecified: weight them 0.
-        let keep = match &query_pad {
-            Some(p) => p
-                .clone()
-                .bool_not()
-                .float()
-                .reshape([case.batch, 1, case.seq_q, 1])
-                .expand([case.batch, case.heads, case.seq_q, case.d_v]),
-            None => w.ones_like(),
-        };
-        let grads = out
-            .clone()
-            .mul(w.clone())
-            .mul(keep.clone())
-            .sum()
-            .backward();
-        (
-            out.mul(keep).inner(),
-            q.grad(&grads).unwrap(),
-            k.grad(&grads).unwrap(),
-            v.grad(&grads).unwrap(),
-        )
-    };
-    let (fo, fq, fk, fv) = run(true);
-    let (co, cq, ck, cv) = run(false);
-    let name = config.info().kind;
-    for (what, a, b, tol) in [
-        ("output", fo, co, 1e-5),
-        ("dq", fq, cq, 2e-5),
-        ("dk", fk, ck, 2e-5),
-        ("dv", fv, cv, 2e-5),
-    ] {
-        let d = diff(a, b);
-        assert!(d < tol, "{name} {:?}: {what} differs by {d:e}", case.mode);
-    }
-}
-
-fn cases() -> Vec<Case> {
-    vec![
-        Case {
-            mode: AttentionMode::Bidirectional,
-            batch: 2,
-            heads: 2,
-            seq_q: 37,
-            seq_k: 37,
-            d_k: 8,
-            d_v: 8,
-        },
-        Case {
-            mode: AttentionMode::Causal,
-            batch: 2,
-            heads: 3,
-            seq_q: 29,
-            seq_k: 29,
-            d_k: 8,
-            d_v: 6,
-        },
-        Case {
-            mode: AttentionMode::Causal,
-            batch: 2,
-            heads: 1,
-            seq_q: 11,
-            seq_k: 30,
-            d_k: 4,
-            d_v: 4,
-        },
-        Case {
-            mode: AttentionMode::Cross,
-            batch: 2,
-            heads: 2,
-            seq_q: 13,
-            seq_k: 41,
-            d_k: 8,
-            d_v: 5,
-        },
-    ]
-}
+use efficient_attn::{
+    AttentionMode, AttnInput, FullAttentionConfig, HeadDims, MemoryEfficientAttentionConfig,
+};
 
 #[test]
 fn fused_full_attention_equals_burns_attention_forward_and_backward() {
-    for case in cases() {
-        check(FullAttentionConfig::default().into(), &case);
+    for case in fused_cases() {
+        check_fused_against_composed(
+            FullAttentionConfig::default().into(),
+            &case,
+            &Device::flex(),
+        );
     }
 }
 
 #[test]
 fn fused_memory_efficient_attention_equals_its_streaming_composition() {
-    for case in cases() {
+    for case in fused_cases() {
         let ragged = MemoryEfficientAttentionConfig {
             query_block: 5,
             key_block: 7,
             scale: None,
         };
-        check(ragged.into(), &case);
+        check_fused_against_composed(ragged.into(), &case, &Device::flex());
     }
 }
 
 /// Several default tiles (64 × 256) in both directions, causal.
 #[test]
 fn fused_attention_spans_several_default_tiles() {
-    let case = Case {
+    let case = FusedCase {
         mode: AttentionMode::Causal,
         batch: 1,
         heads: 2,
@@ -188,7 +50,11 @@ fn fused_attention_spans_several_default_tiles() {
         d_k: 16,
         d_v: 16,
     };
-    check(FullAttentionConfig::default().into(), &case);
+    check_fused_against_composed(
+        FullAttentionConfig::default().into(),
+        &case,
+        &Device::flex(),
+    );
 }
 
 /// The fused feed-forward block with biases and a dropout mask against its composition from

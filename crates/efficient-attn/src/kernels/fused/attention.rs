@@ -11,7 +11,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, BackendTypes, Dispatch, Flex, backend_extension};
 use burn::tensor::{Bool, Tensor};
 
-use super::{flex, host, like, runs_fused, slice};
+#[cfg(feature = "cube")]
+use burn::backend::Cube;
+
+use super::{flash_runs_fused, flex, host, like, slice};
 use crate::kernels::cpu::flash::{self, Inputs, Params, Shape};
 use crate::kernels::cpu::zeros;
 
@@ -20,7 +23,7 @@ use crate::kernels::cpu::zeros;
 /// Every tensor is `[batch, heads, seq, width]` except `key_bias`, `[batch, seq_k]` (0 for a
 /// visible key, `-∞` for a padded one; ignored unless `masked`), and `lse`, `[batch, heads,
 /// seq_q]`.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub trait FusedAttention: Backend {
     /// `softmax(q kᵀ · scale + bias [+ causal mask]) v`.
     #[allow(clippy::too_many_arguments)]
@@ -186,6 +189,55 @@ impl FusedAttention for Flex {
     }
 }
 
+/// On the cubecl backends, the kernels of [`crate::kernels::cube::flash`] (tiles are a CPU
+/// setting and ignored).
+#[cfg(feature = "cube")]
+impl FusedAttention for Cube {
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        masked: bool,
+        causal: bool,
+        scale: f32,
+        _tiles: [usize; 2],
+    ) -> FloatTensor<Self> {
+        crate::kernels::cube::flash::forward(q, k, v, key_bias, masked, causal, scale).0
+    }
+
+    fn flash_attention_with_lse(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        masked: bool,
+        causal: bool,
+        scale: f32,
+        _tiles: [usize; 2],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::kernels::cube::flash::forward(q, k, v, key_bias, masked, causal, scale)
+    }
+
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        masked: bool,
+        causal: bool,
+        scale: f32,
+        _tiles: [usize; 2],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        crate::kernels::cube::flash::backward(
+            q, k, v, key_bias, out, lse, d_out, masked, causal, scale,
+        )
+    }
+}
+
 /// What the backward of [`FusedAttention::flash_attention`] keeps: the inputs, the output and
 /// the row log-sum-exp (O(N·d)), and the settings.
 #[derive(Clone, Debug)]
@@ -321,7 +373,7 @@ pub const DEFAULT_TILES: [usize; 2] = [256, 512];
 /// - output: `[batch, heads, seq_q, d_v]`
 ///
 /// # Panics
-/// Unless [`runs_fused`] holds for `q` (and `k`, `v` are on the same device).
+/// Unless [`flash_runs_fused`] holds for `q` (and `k`, `v` are on the same device).
 pub fn flash_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -332,8 +384,8 @@ pub fn flash_attention(
     tiles: [usize; 2],
 ) -> Tensor<4> {
     assert!(
-        runs_fused(&q),
-        "the fused attention runs on f32 Flex tensors"
+        flash_runs_fused(&q),
+        "the fused attention runs on f32 Flex tensors (and on cubecl devices with the `cube` feature)"
     );
     let [b, _, _, _] = q.dims();
     let seq_k = k.dims()[2];

@@ -112,6 +112,31 @@ pub fn device_runs_fused(device: &Device) -> bool {
     )
 }
 
+/// Whether the fused exact attention ([`flash_attention`]) runs on `device`: Flex, and, with
+/// the `cube` feature, Burn's cubecl backends (with or without autodiff). The other fused
+/// operations run on Flex only ([`device_runs_fused`]).
+pub fn flash_device_runs_fused(device: &Device) -> bool {
+    device_runs_fused(device) || {
+        #[cfg(feature = "cube")]
+        {
+            matches!(
+                device.clone().without_autodiff().as_dispatch(),
+                DispatchDevice::Cube(_)
+            )
+        }
+        #[cfg(not(feature = "cube"))]
+        {
+            false
+        }
+    }
+}
+
+/// Whether the fused exact attention runs on this tensor: `f32` on a device of
+/// [`flash_device_runs_fused`].
+pub fn flash_runs_fused<const D: usize>(t: &Tensor<D>) -> bool {
+    flash_device_runs_fused(&t.device()) && t.dtype() == DType::F32
+}
+
 /// Whether efformer's fused CPU kernels run on this tensor: `f32` on Flex (or autodiff over
 /// Flex). Elsewhere the layers compose Burn tensor operations.
 pub fn runs_fused<const D: usize>(t: &Tensor<D>) -> bool {
