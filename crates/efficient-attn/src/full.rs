@@ -138,7 +138,7 @@ impl AttentionCore for FullAttention {
 }
 
 impl FullAttention {
-    /// Burn's fused `attention` op: what runs off Flex, and the oracle of the fused kernel.
+    /// Burn's fused `attention` op: what runs off the fused kernels (Flex, cubecl), and their oracle.
     pub(crate) fn attend_composed(&self, input: AttnInput) -> Tensor<4> {
         let [b, h, lq, lk, _, _] = input.dims();
         let mask = input

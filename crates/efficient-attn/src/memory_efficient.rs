@@ -188,8 +188,8 @@ impl AttentionCore for MemoryEfficientAttention {
 }
 
 impl MemoryEfficientAttention {
-    /// The streaming softmax as Burn tensor operations: what runs off Flex, and the oracle of
-    /// the fused kernel.
+    /// The streaming softmax as Burn tensor operations: what runs off the fused kernels (Flex,
+    /// cubecl), and their oracle.
     pub(crate) fn attend_composed(&self, input: AttnInput) -> Tensor<4> {
         let [b, h, lq, lk, dk, dv] = input.dims();
         let scale = self.scale.unwrap_or(1.0 / (dk as f64).sqrt());

@@ -242,25 +242,31 @@ pub fn load(path: &Path, sets: &[String]) -> Result<(ExperimentConfig, Table), C
     Ok((config, table))
 }
 
-/// A model that cannot be built, with its key as the experiment file spells it: `stacks` maps
-/// the model's stack names to the file's sections (a classifier's `encoder` and a language
-/// model's `decoder` are both `stack`), and a layer's own attention (`layers[i].attention`) is
-/// the section's `attention` for layer i. So `encoder.layers[0].attention` becomes
-/// `` `model.stack.attention` (layer 0) ``.
+/// A model that cannot be built, with its key as the experiment file spells it. The layer or
+/// block index is taken out first (`layers[i]` is dropped, `encoder[i]` becomes `encoder`) and
+/// reported as "(layer i)"; then `stacks` maps the model's section names to the file's (a
+/// classifier's `encoder` and a language model's `decoder` are both `stack`; the first
+/// matching prefix wins). So `encoder.layers[0].attention` becomes
+/// `` `model.stack.attention` (layer 0) ``. Where layer i's attention came from
+/// `attention_layers` or `attention_pattern` the key named is still the section's
+/// `attention`, with the layer to look at.
 pub fn model_error(error: models::ModelConfigError, stacks: &[(&str, &str)]) -> String {
     let mut path = error.path;
+    let mut layer = String::new();
+    if let Some(open) = path.find('[')
+        && let Some(len) = path[open..].find(']')
+    {
+        layer = format!(" (layer {})", &path[open + 1..open + len]);
+        let head = path[..open]
+            .strip_suffix(".layers")
+            .unwrap_or(&path[..open]);
+        path = format!("{head}{}", &path[open + len + 1..]);
+    }
     if let Some((from, to)) = stacks
         .iter()
         .find(|(from, _)| path == *from || path.starts_with(&format!("{from}.")))
     {
         path = format!("{to}{}", &path[from.len()..]);
-    }
-    let mut layer = String::new();
-    if let Some(start) = path.find(".layers[")
-        && let Some(len) = path[start..].find(']')
-    {
-        layer = format!(" (layer {})", &path[start + ".layers[".len()..start + len]);
-        path = format!("{}{}", &path[..start], &path[start + len + 1..]);
     }
     format!("`model.{path}`{layer}: {}", error.message)
 }
@@ -299,6 +305,19 @@ mod tests {
         assert_eq!(
             model_error(e("decoder.cross_attention"), &seq2seq),
             "`model.cross_attention`: why"
+        );
+        assert_eq!(
+            model_error(e("decoder.layers[2].cross_attention"), &seq2seq),
+            "`model.cross_attention` (layer 2): why"
+        );
+        let set = [("set.encoder", "set.blocks"), ("set.pool", "set.blocks")];
+        assert_eq!(
+            model_error(e("set.encoder[1].attention"), &set),
+            "`model.set.blocks.attention` (layer 1): why"
+        );
+        assert_eq!(
+            model_error(e("set.pool.attention"), &set),
+            "`model.set.blocks.attention`: why"
         );
     }
 }

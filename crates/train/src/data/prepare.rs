@@ -456,9 +456,14 @@ pub fn set_max_data(task: &SetTask) -> Result<SetData, String> {
             task.min_size, task.max_size
         ));
     }
-    if !task.low.is_finite() || !task.high.is_finite() || task.low >= task.high {
+    let representable = |x: f64| x.is_finite() && (x as f32).is_finite();
+    if !representable(task.low)
+        || !representable(task.high)
+        || !(task.high - task.low).is_finite()
+        || task.low >= task.high
+    {
         return Err(format!(
-            "set.low / set.high: need finite low < high, got {} and {}",
+            "set.low / set.high: need low < high, both finite in f32, got {} and {}",
             task.low, task.high
         ));
     }
@@ -471,7 +476,11 @@ pub fn set_max_data(task: &SetTask) -> Result<SetData, String> {
             .map(|_| {
                 let n = task.min_size + rng.below(task.max_size - task.min_size + 1);
                 let values: Vec<f32> = (0..n)
-                    .map(|_| (task.low + (task.high - task.low) * rng.uniform()) as f32)
+                    .map(|_| {
+                        // [low, high): f32 rounding must not reach `high`.
+                        let x = (task.low + (task.high - task.low) * rng.uniform()) as f32;
+                        x.min((task.high as f32).next_down())
+                    })
                     .collect();
                 let target = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 SetItem { values, target }

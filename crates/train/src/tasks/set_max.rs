@@ -129,7 +129,16 @@ impl Task for SetMaxTask {
         device: &Device,
         guard: NanGuard,
     ) -> Result<SetRegressorWithLoss, String> {
-        let model = config.init(device).map_err(|e| model_error(e, &[]))?;
+        let model = config.init(device).map_err(|e| {
+            model_error(
+                e,
+                &[
+                    ("set.encoder", "set.blocks"),
+                    ("set.pool", "set.blocks"),
+                    ("set.decoder", "set.blocks"),
+                ],
+            )
+        })?;
         Ok(SetRegressorWithLoss::new(model, guard))
     }
 

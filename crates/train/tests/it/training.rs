@@ -953,7 +953,8 @@ fn the_set_max_task_trains_resumes_and_reports_the_mean_absolute_error() {
     let test = &a["test"];
     assert!(test.get("accuracy").is_none(), "{a}");
     let mae = test["mae"].as_f64().expect("a mean absolute error");
-    // Predicting the mean maximum of 1-10 numbers in [0, 100] errs by about 13 on average.
+    // Predicting one constant for the maximum of 1-10 numbers in [0, 100] errs by about 15 on
+    // average (about 14.5 at the median).
     assert!(mae < 10.0, "test MAE {mae}: {a}");
     assert!(
         (test["loss"].as_f64().unwrap() - mae).abs() < 1e-3,
