@@ -100,13 +100,35 @@ impl LinearTransformerAttention {
     }
 }
 
+impl LinearTransformerAttention {
+    /// The attention as Burn tensor operations (features, padding and the composed prefix
+    /// sums): what runs where the fused kernel attention does not, and its oracle.
+    ///
+    /// # Shapes
+    /// - input: see [`AttnInput`]
+    /// - output: `[batch, heads, seq_q, d_v]`
+    pub fn attend_composed(&self, input: AttnInput) -> Tensor<4> {
+        input.dims();
+        let phi_q = self.features(input.query);
+        let phi_k = prefix_sum::zero_padded(self.features(input.key), input.mask_pad_k.as_ref());
+        match self.mode {
+            AttentionMode::Causal => {
+                prefix_sum::causal_chunked_composed(phi_q, phi_k, input.value, self.chunk)
+            }
+            AttentionMode::Bidirectional | AttentionMode::Cross => {
+                prefix_sum::bidirectional_composed(phi_q, phi_k, input.value)
+            }
+        }
+    }
+}
+
 impl AttentionCore for LinearTransformerAttention {
     /// # Shapes
     /// - input: see [`AttnInput`]
     /// - output: `[batch, heads, seq_q, d_v]`
     fn attend(&self, input: AttnInput) -> Tensor<4> {
         input.dims();
-        if fused::runs_fused(&input.query) {
+        if fused::attention_runs_fused(&input.query) {
             // φ, the padding and the prefix sums in one fused operation.
             let chunk = self.mode.is_causal().then_some(self.chunk);
             return fused::linear::elu_kernel_attention(
@@ -117,16 +139,7 @@ impl AttentionCore for LinearTransformerAttention {
                 chunk,
             );
         }
-        let phi_q = self.features(input.query);
-        let phi_k = prefix_sum::zero_padded(self.features(input.key), input.mask_pad_k.as_ref());
-        match self.mode {
-            AttentionMode::Causal => {
-                prefix_sum::causal_chunked(phi_q, phi_k, input.value, self.chunk)
-            }
-            AttentionMode::Bidirectional | AttentionMode::Cross => {
-                prefix_sum::bidirectional(phi_q, phi_k, input.value)
-            }
-        }
+        self.attend_composed(input)
     }
 
     fn mode(&self) -> AttentionMode {

@@ -25,12 +25,13 @@
 //!   to itself); padding and, causally, later positions are masked. The chunks run on the
 //!   block-sparse kernel (`block_sparse_attention_with_lse`: the plan "chunk i sees chunks i
 //!   and i − 1", `ElementRule::Positions` comparing the original positions the sorted rows
-//!   carry), which on Flex reads the chunks in place and keeps O(N·d) per round for the
-//!   backward. Each round's output and log-sum-exp are unsorted and the rounds combined as
+//!   carry), which on Flex and cubecl reads the chunks in place and keeps O(N·d) per round
+//!   for the backward. Each round's output and log-sum-exp are unsorted and the rounds combined as
 //!   Σ_r softmax_r(lse_r)·o_r (the paper's multi-round attention, without the duplicate-pair
 //!   correction, as trax).
-//! - Cost: O(n_hashes·N·(log N + 2·chunk·d)) time, O(n_hashes·N·d) memory on Flex (the sorted
-//!   copies and outputs; the composed form off Flex keeps O(n_hashes·N·2·chunk) scores); never
+//! - Cost: O(n_hashes·N·(log N + 2·chunk·d)) time, O(n_hashes·N·d) memory on Flex and cubecl
+//!   (the sorted copies and outputs; the composed form elsewhere keeps O(n_hashes·N·2·chunk)
+//!   scores); never
 //!   N × N.
 //! - Exact: with `chunk ≥ N` every query sees every key in one chunk (with several rounds the
 //!   look-back chunk repeats every key, which leaves the softmax unchanged): full shared-QK
@@ -97,7 +98,7 @@ impl ReformerAttentionConfig {
         "Kitaev et al. 2020, Reformer: The Efficient Transformer, arXiv:2001.04451",
         &[AttentionMode::Bidirectional, AttentionMode::Causal],
         "O(n_hashes·N·(log N + 2c·d))",
-        "O(n_hashes·N·d) on Flex (block-sparse kernel); O(n_hashes·N·2c) composed elsewhere",
+        "O(n_hashes·N·d) on Flex and cubecl (block-sparse kernel); O(n_hashes·N·2c) composed elsewhere",
         Exactness::ExactWhen(
             "with chunk >= N (full shared-QK attention with the self penalty); otherwise LSH-approximate",
         ),

@@ -28,8 +28,8 @@
 //!   cluster, the plan "query block i sees key block i", `ElementRule::Positions` masking by
 //!   the original positions; a row's log-sum-exp tells whether it saw any key.
 //! - Cost: O(N·C·d) routing + O(C·w²·d) = O(N·w·d) attention with w = N/C: O(N^1.5·d) with
-//!   C = √N (the paper's choice); O(N·C + C·w·d) memory on Flex (O(N·C + C·w²) for the
-//!   composed form elsewhere). Never an N × N matrix.
+//!   C = √N (the paper's choice); O(N·C + C·w·d) memory on Flex and cubecl (O(N·C + C·w²)
+//!   for the composed form elsewhere). Never an N × N matrix.
 //! - Exact: C = 1 (w = N) is full attention (causal: causal full), tested; otherwise each query
 //!   sees the keys of its clusters only.
 //! - Modes: bidirectional, causal (positions masked inside clusters). Cross is a configuration
@@ -103,7 +103,7 @@ impl RoutingAttentionConfig {
         "Roy et al. 2021, Efficient Content-Based Sparse Attention with Routing Transformers, arXiv:2003.05997",
         &[AttentionMode::Bidirectional, AttentionMode::Causal],
         "O(N·C·d + N·w·d), w = N/C: O(N^1.5·d) with C = √N",
-        "O(N·C + N·d) on Flex (block-sparse kernel); O(N·C + C·w²) composed elsewhere",
+        "O(N·C + N·d) on Flex and cubecl (block-sparse kernel); O(N·C + C·w²) composed elsewhere",
         Exactness::ExactWhen("with one cluster (full attention); otherwise the keys of each query's clusters"),
     )
     .without_decoding(WHY_NOT_DECODING);

@@ -38,3 +38,55 @@ fn cube_flash_attention_equals_the_composed_attention_forward_and_backward() {
         );
     }
 }
+
+/// The CubeCL kernel attention (`kernels::cube::linear`) against the composed prefix sums on
+/// the same wgpu device: on features (bidirectional, cross lengths, causal with ragged chunks
+/// and a key prefix), with `φ = elu + 1` and key padding inside, and the Linear Transformer in
+/// every mode; outputs and gradients.
+#[test]
+fn cube_kernel_attention_equals_the_composed_prefix_sums_forward_and_backward() {
+    use efficient_attn::LinearTransformerAttentionConfig;
+    use efficient_attn::testing::{
+        check_elu_kernel_attention_against_composed, check_fused_against_composed,
+        check_kernel_attention_against_composed, fused_cases,
+    };
+    let Some(device) = wgpu_cpu() else {
+        efficient_attn::testing::skipped(
+            "cube_kernel_attention_equals_the_composed_prefix_sums_forward_and_backward",
+            "no wgpu adapter (EFFORMER_WGPU_TESTS unset or no CPU adapter)",
+        );
+        return;
+    };
+    check_kernel_attention_against_composed(&device);
+    check_elu_kernel_attention_against_composed(&device);
+    for case in fused_cases() {
+        check_fused_against_composed(
+            LinearTransformerAttentionConfig { chunk: 5 }.into(),
+            &case,
+            &device,
+        );
+    }
+}
+
+/// The CubeCL block-sparse attention (`kernels::cube::block_sparse`) against the gathered
+/// composition on the same wgpu device: windows with a band, causal blocks, per-head random
+/// blocks with masked global keys and padding, cross lengths, an explicit mask, steep scores,
+/// and permuted rows by their original positions with the self score and the row
+/// log-sum-exp; outputs and every gradient.
+#[test]
+fn cube_block_sparse_attention_equals_the_gathered_composition_forward_and_backward() {
+    use efficient_attn::testing::{
+        check_block_sparse_against_composed, check_block_sparse_with_steep_scores,
+        check_positions_against_composed,
+    };
+    let Some(device) = wgpu_cpu() else {
+        efficient_attn::testing::skipped(
+            "cube_block_sparse_attention_equals_the_gathered_composition_forward_and_backward",
+            "no wgpu adapter (EFFORMER_WGPU_TESTS unset or no CPU adapter)",
+        );
+        return;
+    };
+    check_block_sparse_against_composed(&device);
+    check_block_sparse_with_steep_scores(&device);
+    check_positions_against_composed(&device);
+}

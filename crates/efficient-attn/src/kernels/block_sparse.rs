@@ -251,22 +251,22 @@ fn gather_blocks(x: Tensor<4>, plan: &BlockPlan, device: &Device) -> Tensor<5> {
 
 /// Attention of every query over its plan's key blocks (and the extra keys), with one softmax.
 ///
-/// On `f32` Flex tensors this is the fused operation ([`fused::block_sparse`]: key blocks
-/// read in place, O(N·d) memory forward and backward); elsewhere
-/// [`block_sparse_attention_composed`].
+/// On `f32` Flex (and, with the `cube` feature, cubecl) tensors this is the fused operation
+/// ([`fused::block_sparse`]: key blocks read in place, O(N·d) memory forward and backward);
+/// elsewhere [`block_sparse_attention_composed`].
 ///
 /// # Shapes
 /// - see [`BlockSparse`]
 /// - output: `[batch, heads, seq_q, d_v]`
 pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
-    if fused::runs_fused(&input.query) {
+    if fused::attention_runs_fused(&input.query) {
         return fused::block_sparse::block_sparse_attention(input);
     }
     block_sparse_attention_composed(input)
 }
 
 /// [`block_sparse_attention`] as Burn tensor operations (key blocks gathered, one masked
-/// softmax): what runs off Flex, and the fused operation's oracle.
+/// softmax): what runs where the fused operation does not, and its oracle.
 ///
 /// # Shapes
 /// - as [`block_sparse_attention`]
@@ -285,7 +285,7 @@ pub fn block_sparse_attention_composed(input: BlockSparse<'_>) -> Tensor<4> {
 /// - see [`BlockSparse`]
 /// - output: `[batch, heads, seq_q, d_v]`, `[batch, heads, seq_q]`
 pub fn block_sparse_attention_with_lse(input: BlockSparse<'_>) -> (Tensor<4>, Tensor<3>) {
-    if fused::runs_fused(&input.query) {
+    if fused::attention_runs_fused(&input.query) {
         return fused::block_sparse::block_sparse_attention_with_lse(input);
     }
     block_sparse_attention_composed_with_lse(input)

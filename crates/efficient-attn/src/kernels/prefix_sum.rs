@@ -43,22 +43,22 @@ pub fn zero_padded(phi_k: Tensor<4>, pad: Option<&Tensor<2, Bool>>) -> Tensor<4>
     }
 }
 
-/// Every query sees every key: the fused operation on Flex, [`bidirectional_composed`]
-/// elsewhere.
+/// Every query sees every key: the fused operation on Flex and the cubecl backends,
+/// [`bidirectional_composed`] elsewhere.
 ///
 /// # Shapes
 /// - `phi_q`: `[batch, heads, seq_q, m]`, `phi_k`: `[batch, heads, seq_k, m]`,
 ///   `v`: `[batch, heads, seq_k, d_v]`
 /// - output: `[batch, heads, seq_q, d_v]`
 pub fn bidirectional(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    if fused::runs_fused(&phi_q) {
+    if fused::attention_runs_fused(&phi_q) {
         return fused::linear::kernel_attention(phi_q, phi_k, v, None);
     }
     bidirectional_composed(phi_q, phi_k, v)
 }
 
-/// [`bidirectional`] as Burn tensor operations: what runs off Flex, and the fused operation's
-/// oracle.
+/// [`bidirectional`] as Burn tensor operations: what runs where the fused operation does not,
+/// and its oracle.
 ///
 /// # Shapes
 /// - as [`bidirectional`]
@@ -72,7 +72,8 @@ pub fn bidirectional_composed(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>) 
 }
 
 /// Causal (bottom-right aligned: query `i` sees keys `j <= i + seq_k - seq_q`), in chunks of
-/// `chunk` positions: the fused operation on Flex, [`causal_chunked_composed`] elsewhere. See
+/// `chunk` positions: the fused operation on Flex and the cubecl backends,
+/// [`causal_chunked_composed`] elsewhere. See
 /// the [module docs](self).
 ///
 /// # Shapes
@@ -81,14 +82,14 @@ pub fn bidirectional_composed(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>) 
 /// - output: `[batch, heads, seq_q, d_v]`
 pub fn causal_chunked(phi_q: Tensor<4>, phi_k: Tensor<4>, v: Tensor<4>, chunk: usize) -> Tensor<4> {
     assert!(chunk > 0, "chunk must be positive");
-    if fused::runs_fused(&phi_q) {
+    if fused::attention_runs_fused(&phi_q) {
         return fused::linear::kernel_attention(phi_q, phi_k, v, Some(chunk));
     }
     causal_chunked_composed(phi_q, phi_k, v, chunk)
 }
 
-/// [`causal_chunked`] as Burn tensor operations: what runs off Flex, and the fused operation's
-/// oracle.
+/// [`causal_chunked`] as Burn tensor operations: what runs where the fused operation does
+/// not, and its oracle.
 ///
 /// # Shapes
 /// - as [`causal_chunked`]

@@ -1,12 +1,12 @@
-//! The fused exact attention against the composed tensor operations it replaces, on any
-//! device the fused kernel serves (Flex, and the cubecl backends with the `cube` feature):
-//! forward outputs and the gradients of q, k and v, with padding, causality (with a memory),
-//! cross attention and lengths that do not divide the tiles.
+//! The fused exact and kernel attentions against the composed tensor operations they replace,
+//! on any device the fused kernels serve (Flex, and the cubecl backends with the `cube`
+//! feature): forward outputs and the gradients of q, k and v, with padding, causality (with a
+//! memory), cross attention and lengths that do not divide the tiles or chunks.
 
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
 use super::{SeededRng, composed};
-use crate::kernels::fused;
+use crate::kernels::{fused, prefix_sum};
 use crate::{Attention, AttentionConfig, AttentionCore, AttentionMode, AttnInput, HeadDims};
 
 /// Padding flags `[batch × seq]` (`true` = padded): the last `padded[b]` positions of row `b`.
@@ -46,8 +46,9 @@ pub struct FusedCase {
     pub d_v: usize,
 }
 
-/// Forward and gradients of the exact attention `config` through the fused kernel on `device`
-/// (autodiff is added) against its composed implementation on the same device.
+/// Forward and gradients of the attention `config` (one with a composed form: `full`,
+/// `memory-efficient`, `linear-transformer`) through its fused kernel on `device` (autodiff is
+/// added) against its composed implementation on the same device.
 ///
 /// # Panics
 /// When `device` does not run the fused kernel, or a difference exceeds its tolerance.
@@ -65,8 +66,8 @@ pub fn check_fused_against_composed(config: AttentionConfig, case: &FusedCase, d
     let v = rng.normal_tensor([case.batch, case.heads, case.seq_k, case.d_v], 1.0, &device);
     let w = rng.normal_tensor([case.batch, case.heads, case.seq_q, case.d_v], 1.0, &device);
     assert!(
-        fused::flash_runs_fused(&q),
-        "{device:?} does not run the fused attention"
+        fused::flash_runs_fused(&q) && fused::attention_runs_fused(&q),
+        "{device:?} does not run the fused attentions"
     );
     let key_pad = bool_mask(
         right_padded(case.batch, case.seq_k, &[0, 3]),
@@ -167,4 +168,129 @@ pub fn fused_cases() -> Vec<FusedCase> {
             d_v: 5,
         },
     ]
+}
+
+/// `(output, d first input, d second input, d third input)` of a run.
+type Grads4 = (Tensor<4>, Tensor<4>, Tensor<4>, Tensor<4>);
+
+/// The output of `f(q, k, v)` and the gradients of `Σ out ⊙ w`, on autodiff leaves.
+fn run_with_grads(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    w: &Tensor<4>,
+    f: impl Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
+) -> Grads4 {
+    let (q, k, v) = (
+        q.clone().detach().require_grad(),
+        k.clone().detach().require_grad(),
+        v.clone().detach().require_grad(),
+    );
+    let out = f(q.clone(), k.clone(), v.clone());
+    let grads = out.clone().mul(w.clone()).sum().backward();
+    (
+        out.inner(),
+        q.grad(&grads).unwrap(),
+        k.grad(&grads).unwrap(),
+        v.grad(&grads).unwrap(),
+    )
+}
+
+fn assert_close(what: &str, fused: Grads4, composed: Grads4, tol: f32) {
+    for (name, a, b, t) in [
+        ("output", fused.0, composed.0, tol / 2.0),
+        ("d q", fused.1, composed.1, tol),
+        ("d k", fused.2, composed.2, tol),
+        ("d v", fused.3, composed.3, tol),
+    ] {
+        let d = max_rel_diff(a, b);
+        assert!(d < t, "{what}: {name} differs by {d:e}");
+    }
+}
+
+/// The fused kernel attention on features (`prefix_sum::bidirectional` / `causal_chunked` on
+/// positive features) against the composed prefix sums on `device`: bidirectional (and cross
+/// lengths) and causal with ragged chunks, a prefix of keys before the first query and a chunk
+/// longer than the sequence; output and gradients.
+///
+/// # Panics
+/// When `device` does not run the fused kernel attention, or a difference exceeds 2e-5.
+pub fn check_kernel_attention_against_composed(device: &Device) {
+    let device = device.clone().autodiff();
+    let mut rng = SeededRng::new(4);
+    for (seq_q, seq_k, chunk) in [
+        (29, 29, None),
+        (13, 40, None),
+        (40, 13, None),
+        (29, 29, Some(6)),
+        (11, 30, Some(4)),
+        (8, 8, Some(64)),
+    ] {
+        let phi =
+            |rng: &mut SeededRng, n: usize| rng.normal_tensor([2, 3, n, 7], 1.0, &device).exp();
+        let q = phi(&mut rng, seq_q);
+        let k = phi(&mut rng, seq_k);
+        let v = rng.normal_tensor([2, 3, seq_k, 5], 1.0, &device);
+        let w = rng.normal_tensor([2, 3, seq_q, 5], 1.0, &device);
+        assert!(
+            fused::attention_runs_fused(&q),
+            "{device:?} does not run the fused kernel attention"
+        );
+        let run = |fused_op: bool| {
+            run_with_grads(&q, &k, &v, &w, |q, k, v| match (chunk, fused_op) {
+                (None, true) => prefix_sum::bidirectional(q, k, v),
+                (None, false) => prefix_sum::bidirectional_composed(q, k, v),
+                (Some(c), true) => prefix_sum::causal_chunked(q, k, v, c),
+                (Some(c), false) => prefix_sum::causal_chunked_composed(q, k, v, c),
+            })
+        };
+        let what = format!("{seq_q}x{seq_k} chunk {chunk:?}");
+        assert_close(&what, run(true), run(false), 2e-5);
+    }
+}
+
+/// The fused kernel attention with `φ = elu + 1` and key padding applied inside
+/// (`fused::linear::elu_kernel_attention`) against the features, the zeroed padded keys and
+/// the composed prefix sums on `device`: bidirectional, cross lengths, causal with ragged
+/// chunks and a prefix of keys; output and gradients of the raw q, k, v.
+///
+/// # Panics
+/// When `device` does not run the fused kernel attention, or a difference exceeds 2e-5.
+pub fn check_elu_kernel_attention_against_composed(device: &Device) {
+    use burn::tensor::activation::elu;
+    let device = device.clone().autodiff();
+    let mut rng = SeededRng::new(5);
+    for (seq_q, seq_k, chunk, padded) in [
+        (23, 23, None, vec![0, 5]),
+        (9, 31, None, vec![3]),
+        (23, 23, Some(5), vec![4, 0]),
+        (10, 27, Some(4), vec![]),
+        (10, 27, Some(4), vec![2, 6]),
+    ] {
+        let q = rng.normal_tensor([2, 3, seq_q, 6], 1.0, &device);
+        let k = rng.normal_tensor([2, 3, seq_k, 6], 1.0, &device);
+        let v = rng.normal_tensor([2, 3, seq_k, 4], 1.0, &device);
+        let w = rng.normal_tensor([2, 3, seq_q, 4], 1.0, &device);
+        assert!(
+            fused::attention_runs_fused(&q),
+            "{device:?} does not run the fused kernel attention"
+        );
+        let key_pad = (!padded.is_empty())
+            .then(|| bool_mask(right_padded(2, seq_k, &padded), [2, seq_k], &device));
+        let run = |fused_op: bool| {
+            run_with_grads(&q, &k, &v, &w, |q, k, v| {
+                if fused_op {
+                    return fused::linear::elu_kernel_attention(q, k, v, key_pad.as_ref(), chunk);
+                }
+                let phi = |x: Tensor<4>| elu(x, 1.0).add_scalar(1.0);
+                let phi_k = prefix_sum::zero_padded(phi(k), key_pad.as_ref());
+                match chunk {
+                    None => prefix_sum::bidirectional_composed(phi(q), phi_k, v),
+                    Some(c) => prefix_sum::causal_chunked_composed(phi(q), phi_k, v, c),
+                }
+            })
+        };
+        let what = format!("{seq_q}x{seq_k} chunk {chunk:?} padded {padded:?}");
+        assert_close(&what, run(true), run(false), 2e-5);
+    }
 }

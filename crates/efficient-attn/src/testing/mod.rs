@@ -26,10 +26,12 @@ mod checks;
 mod fused_checks;
 mod macros;
 pub mod patterns;
+mod sparse_checks;
 pub mod specs;
 
 pub use self::checks::*;
 pub use self::fused_checks::*;
+pub use self::sparse_checks::*;
 
 use std::fmt;
 
@@ -46,8 +48,9 @@ pub use crate::mask::{DenseMask, causal_mask};
 pub use crate::reference::{dense_attention, oracle, oracle_mask};
 pub use crate::rng::SeededRng;
 
-/// The composed tensor-operation implementation a variant runs off Flex, where a fused kernel
-/// replaces it on Flex: the oracle of that kernel (`None` for variants without one).
+/// The composed tensor-operation implementation a variant runs where its fused kernel does not
+/// (Flex, and cubecl with the `cube` feature): the oracle of that kernel (`None` for variants
+/// without one).
 ///
 /// # Shapes
 /// - input: see [`AttnInput`]; output: `[batch, heads, seq_q, d_v]`
@@ -55,6 +58,7 @@ pub fn composed(core: &Attention, input: AttnInput) -> Option<Tensor<4>> {
     match core {
         Attention::Full(a) => Some(a.attend_composed(input)),
         Attention::MemoryEfficient(a) => Some(a.attend_composed(input)),
+        Attention::LinearTransformer(a) => Some(a.attend_composed(input)),
         _ => None,
     }
 }

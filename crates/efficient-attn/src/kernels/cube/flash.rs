@@ -14,13 +14,13 @@
 //!
 //! [`FusedAttention`]: crate::kernels::fused::attention::FusedAttention
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::DType;
 use burn_backend::cubecl::dtype_to_storage_type;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
+
+use super::{dims4, empty_like, launch_shape};
 
 /// The log-sum-exp written for a query that sees no key (WGSL has no infinite literal): large
 /// enough that `exp(s − NO_KEY_LSE)` is 0 for every score, so the backward gives it nothing.
@@ -315,33 +315,6 @@ fn backward_dkv_kernel<F: Float>(
     for e in 0..d_v {
         dv[v_at + e] = acc_v[e];
     }
-}
-
-/// `[batch, heads, seq, width]` of a 4-D tensor.
-fn dims4(t: &CubeTensor) -> [usize; 4] {
-    let s = t.meta.shape();
-    assert!(
-        s.num_dims() == 4,
-        "the cubecl attention takes [batch, heads, seq, width] tensors"
-    );
-    [s[0], s[1], s[2], s[3]]
-}
-
-fn empty_like(model: &CubeTensor, dims: &[usize]) -> CubeTensor {
-    empty_device_dtype(
-        model.client.clone(),
-        model.device.clone(),
-        Shape::from(dims.to_vec()),
-        model.dtype,
-    )
-}
-
-fn launch_shape(model: &CubeTensor, units: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&model.client, units);
-    (
-        calculate_cube_count_elemwise(&model.client, units, dim),
-        dim,
-    )
 }
 
 /// The forward: `(out [B, H, Nq, dv], lse [B, H, Nq])`.

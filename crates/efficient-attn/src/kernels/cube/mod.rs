@@ -4,6 +4,47 @@
 //! nodes are shared, and they are tested against the composed tensor operations on lavapipe.
 //!
 //! - [`flash`]: exact attention (forward with the row log-sum-exp, backward recomputing the
-//!   scores).
+//!   scores);
+//! - [`block_sparse`]: attention over a block plan (windows, bands, random and global blocks,
+//!   permuted rows by their positions) with extra keys, the plan and its inverse as index
+//!   data on the device;
+//! - [`linear`]: kernel (linear) attention on feature maps, bidirectional or causal through
+//!   chunked prefix sums (forward and backward).
 
+pub mod block_sparse;
 pub mod flash;
+pub mod linear;
+
+use burn::tensor::Shape;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
+
+/// `[batch, heads, seq, width]` of a 4-D tensor.
+pub(crate) fn dims4(t: &CubeTensor) -> [usize; 4] {
+    let s = t.meta.shape();
+    assert!(
+        s.num_dims() == 4,
+        "the cubecl attention takes [batch, heads, seq, width] tensors"
+    );
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// An uninitialised tensor of `dims` on `model`'s device, in its dtype.
+pub(crate) fn empty_like(model: &CubeTensor, dims: &[usize]) -> CubeTensor {
+    empty_device_dtype(
+        model.client.clone(),
+        model.device.clone(),
+        Shape::from(dims.to_vec()),
+        model.dtype,
+    )
+}
+
+/// A launch of `units` units, one per element of the work (the element-wise layout).
+pub(crate) fn launch_shape(model: &CubeTensor, units: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(&model.client, units);
+    (
+        calculate_cube_count_elemwise(&model.client, units, dim),
+        dim,
+    )
+}

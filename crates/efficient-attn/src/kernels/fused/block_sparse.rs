@@ -1,6 +1,8 @@
 //! Block-sparse attention as one fused operation: [`FusedBlockSparse`] for Flex by the CPU
-//! kernel [`crate::kernels::cpu::block_sparse`], and for `Autodiff<Flex>` by a node that keeps
-//! the inputs, the output and the row log-sum-exp (O(N·d)) and calls the fused backward.
+//! kernel [`crate::kernels::cpu::block_sparse`], for the cubecl backends (feature `cube`) by
+//! the CubeCL kernels of [`crate::kernels::cube::block_sparse`], and for `Autodiff` over either
+//! by a node that keeps the inputs, the output and the row statistics (O(N·d)) and calls the
+//! fused backward.
 
 use std::sync::Arc;
 
@@ -12,7 +14,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, BackendTypes, Dispatch, Flex, backend_extension};
 use burn::tensor::Tensor;
 
-use super::{flex, host, runs_fused, slice};
+#[cfg(feature = "cube")]
+use burn::backend::Cube;
+
+use super::{attention_runs_fused, flex, host, slice};
 use crate::kernels::block_sparse::{BlockPlan, BlockSparse, ElementRule, ExtraKeys};
 use crate::kernels::cpu::block_sparse::{self, ExtraBias, Inputs, Pattern, Positions, Shape};
 use crate::kernels::cpu::zeros;
@@ -45,8 +50,8 @@ pub struct SparsePattern {
 /// query sees, `[batch, heads, g, width]` (`g = 0` for none); `key_bias` `[batch, seq_k]` and
 /// `extra_bias` `[batch or 1, heads or 1, seq_q, g]` are additive masks (0 or `-∞`); the row
 /// statistics `lse` are `[batch, heads, seq_q, 2]` (shift and sum of exponentials, see
-/// [`block_sparse::forward`]).
-#[backend_extension(Flex, Autodiff)]
+/// [`block_sparse::forward`]; each backend reads back only its own).
+#[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub trait FusedBlockSparse: Backend {
     /// The attention.
     #[allow(clippy::too_many_arguments)]
@@ -330,6 +335,65 @@ impl FusedBlockSparse for Flex {
     }
 }
 
+/// On the cubecl backends, the kernels of [`crate::kernels::cube::block_sparse`].
+#[cfg(feature = "cube")]
+impl FusedBlockSparse for Cube {
+    fn block_sparse_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        extra_k: FloatTensor<Self>,
+        extra_v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        extra_bias: FloatTensor<Self>,
+        pattern: Arc<SparsePattern>,
+    ) -> FloatTensor<Self> {
+        crate::kernels::cube::block_sparse::forward(
+            q, k, v, extra_k, extra_v, key_bias, extra_bias, &pattern,
+        )
+        .0
+    }
+
+    fn block_sparse_attention_with_lse(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        extra_k: FloatTensor<Self>,
+        extra_v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        extra_bias: FloatTensor<Self>,
+        pattern: Arc<SparsePattern>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::kernels::cube::block_sparse::forward(
+            q, k, v, extra_k, extra_v, key_bias, extra_bias, &pattern,
+        )
+    }
+
+    fn block_sparse_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        extra_k: FloatTensor<Self>,
+        extra_v: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        extra_bias: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        pattern: Arc<SparsePattern>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        crate::kernels::cube::block_sparse::backward(
+            q, k, v, extra_k, extra_v, key_bias, extra_bias, out, lse, d_out, &pattern,
+        )
+    }
+}
+
 /// What the backward keeps: the inputs, the output and the row log-sum-exp.
 #[derive(Clone, Debug)]
 struct SparseState<B: BackendTypes> {
@@ -476,7 +540,8 @@ impl<B: FusedBlockSparse, C: CheckpointStrategy> FusedBlockSparse for Autodiff<B
 /// - output: `[batch, heads, seq_q, d_v]`
 ///
 /// # Panics
-/// Unless [`runs_fused`] holds for the queries, or if the plan does not cover the input.
+/// Unless [`attention_runs_fused`] holds for the queries, or if the plan does not cover the
+/// input.
 pub fn block_sparse_attention(input: BlockSparse<'_>) -> Tensor<4> {
     call(input, false)
 }
@@ -522,8 +587,8 @@ fn call(input: BlockSparse<'_>, with_lse: bool) -> Tensor<4> {
         extra,
     } = input;
     assert!(
-        runs_fused(&query),
-        "the fused block-sparse attention runs on f32 Flex tensors"
+        attention_runs_fused(&query),
+        "the fused block-sparse attention runs on f32 Flex (or cubecl) tensors"
     );
     let [b, h, _, dk] = query.dims();
     let dv = value.dims()[3];

@@ -1,7 +1,8 @@
 //! Kernel (linear) attention on feature maps as one fused operation: [`FusedKernelAttention`]
-//! for Flex by the CPU kernel [`crate::kernels::cpu::linear`], and for `Autodiff<Flex>` by a
-//! node that keeps the inputs and the output and calls the fused backward (which recomputes
-//! the chunk states).
+//! for Flex by the CPU kernel [`crate::kernels::cpu::linear`], for the cubecl backends (with
+//! the `cube` feature) by the CubeCL kernels of [`crate::kernels::cube::linear`], and for
+//! `Autodiff` over either by a node that keeps the inputs and the output and calls the fused
+//! backward (which recomputes the chunk states).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -11,7 +12,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, BackendTypes, Dispatch, Flex, backend_extension};
 use burn::tensor::{Bool, Tensor};
 
-use super::{host, like, runs_fused, slice};
+#[cfg(feature = "cube")]
+use burn::backend::Cube;
+
+use super::{attention_runs_fused, host, like, slice};
 use crate::kernels::cpu::linear::{self, Feature, Features, Inputs, Shape};
 use crate::kernels::cpu::zeros;
 
@@ -20,7 +24,7 @@ use crate::kernels::cpu::zeros;
 /// `v [B, H, Nk, dv]`; `feature` 0: `q`, `k` are the features (padded keys zero), 1:
 /// `φ = elu + 1` is applied here and `keep [B, Nk]` (1 = keep, 0 = padded; ignored unless
 /// `masked`) zeroes padded keys.
-#[backend_extension(Flex, Autodiff)]
+#[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub trait FusedKernelAttention: Backend {
     /// The attention.
     #[allow(clippy::too_many_arguments)]
@@ -144,6 +148,53 @@ impl FusedKernelAttention for Flex {
     }
 }
 
+/// On the cubecl backends, the kernels of [`crate::kernels::cube::linear`].
+#[cfg(feature = "cube")]
+impl FusedKernelAttention for Cube {
+    fn kernel_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keep: FloatTensor<Self>,
+        masked: bool,
+        feature: u8,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        crate::kernels::cube::linear::forward(q, k, v, keep, cube_options(masked, feature, chunk))
+    }
+
+    fn kernel_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        keep: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        masked: bool,
+        feature: u8,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        crate::kernels::cube::linear::backward(
+            q,
+            k,
+            v,
+            keep,
+            out,
+            d_out,
+            cube_options(masked, feature, chunk),
+        )
+    }
+}
+
+#[cfg(feature = "cube")]
+fn cube_options(masked: bool, feature: u8, chunk: usize) -> crate::kernels::cube::linear::Options {
+    crate::kernels::cube::linear::Options {
+        masked,
+        elu: feature_of(feature) == Feature::EluPlusOne,
+        chunk,
+    }
+}
+
 /// What the backward keeps: the inputs and the output.
 #[derive(Clone, Debug)]
 struct KernelState<B: BackendTypes> {
@@ -252,7 +303,7 @@ impl<B: FusedKernelAttention, C: CheckpointStrategy> FusedKernelAttention for Au
 /// - output: `[batch, heads, seq_q, d_v]`
 ///
 /// # Panics
-/// Unless [`runs_fused`] holds for `phi_q`.
+/// Unless [`attention_runs_fused`] holds for `phi_q`.
 pub fn kernel_attention(
     phi_q: Tensor<4>,
     phi_k: Tensor<4>,
@@ -260,8 +311,8 @@ pub fn kernel_attention(
     chunk: Option<usize>,
 ) -> Tensor<4> {
     assert!(
-        runs_fused(&phi_q),
-        "the fused kernel attention runs on f32 Flex tensors"
+        attention_runs_fused(&phi_q),
+        "the fused kernel attention runs on f32 Flex (or cubecl) tensors"
     );
     check_causal_lengths(&phi_q, &phi_k, chunk);
     let device = phi_q.device();
@@ -286,7 +337,7 @@ pub fn kernel_attention(
 /// - output: `[batch, heads, seq_q, d_v]`
 ///
 /// # Panics
-/// Unless [`runs_fused`] holds for `q`.
+/// Unless [`attention_runs_fused`] holds for `q`.
 pub fn elu_kernel_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -295,8 +346,8 @@ pub fn elu_kernel_attention(
     chunk: Option<usize>,
 ) -> Tensor<4> {
     assert!(
-        runs_fused(&q),
-        "the fused kernel attention runs on f32 Flex tensors"
+        attention_runs_fused(&q),
+        "the fused kernel attention runs on f32 Flex (or cubecl) tensors"
     );
     check_causal_lengths(&q, &k, chunk);
     let device = q.device();

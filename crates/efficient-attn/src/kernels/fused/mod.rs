@@ -3,9 +3,10 @@
 //! `Autodiff<Flex>` by a node whose backward calls the fused backward kernel.
 //!
 //! The tensor-level entry points run a fused operation when the tensors are `f32` on Flex
-//! (with or without autodiff, [`runs_fused`]); callers keep their composed implementation for
-//! other devices (until the GPU kernels exist) and as the oracle the fused operations are
-//! tested against.
+//! (with or without autodiff, [`runs_fused`]) and, for the three attentions with CubeCL kernels
+//! in [`crate::kernels::cube`] (exact, block-sparse, kernel; feature `cube`), on Burn's cubecl
+//! backends too ([`flash_runs_fused`], [`attention_runs_fused`]); callers keep their composed
+//! implementation for other devices and as the oracle the fused operations are tested against.
 //!
 //! - [`attention`]: exact attention (FlashAttention-2);
 //! - [`block_sparse`]: attention over a block plan (windows, bands, random and global blocks);
@@ -112,29 +113,44 @@ pub fn device_runs_fused(device: &Device) -> bool {
     )
 }
 
-/// Whether the fused exact attention ([`flash_attention`]) runs on `device`: Flex, and, with
-/// the `cube` feature, Burn's cubecl backends (with or without autodiff). The other fused
-/// operations run on Flex only ([`device_runs_fused`]).
-pub fn flash_device_runs_fused(device: &Device) -> bool {
-    device_runs_fused(device) || {
-        #[cfg(feature = "cube")]
-        {
-            matches!(
-                device.clone().without_autodiff().as_dispatch(),
-                DispatchDevice::Cube(_)
-            )
-        }
-        #[cfg(not(feature = "cube"))]
-        {
-            false
-        }
+/// Whether `device` is one of Burn's cubecl backends (with or without autodiff) and the `cube`
+/// feature, which holds the CubeCL kernels, is on.
+fn cube_device(device: &Device) -> bool {
+    #[cfg(feature = "cube")]
+    {
+        matches!(
+            device.clone().without_autodiff().as_dispatch(),
+            DispatchDevice::Cube(_)
+        )
     }
+    #[cfg(not(feature = "cube"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// Whether the fused exact attention ([`flash_attention`]) runs on `device`: Flex, and, with
+/// the `cube` feature, Burn's cubecl backends (with or without autodiff). The fused kernel
+/// attention runs on the same devices ([`attention_runs_fused`]); the other fused
+/// operations on Flex only ([`device_runs_fused`]).
+pub fn flash_device_runs_fused(device: &Device) -> bool {
+    device_runs_fused(device) || cube_device(device)
 }
 
 /// Whether the fused exact attention runs on this tensor: `f32` on a device of
 /// [`flash_device_runs_fused`].
 pub fn flash_runs_fused<const D: usize>(t: &Tensor<D>) -> bool {
     flash_device_runs_fused(&t.device()) && t.dtype() == DType::F32
+}
+
+/// Whether the fused attentions with CubeCL kernels run on this tensor: the block-sparse
+/// attention ([`block_sparse::block_sparse_attention`]) and the kernel (linear) attention
+/// ([`linear::kernel_attention`], [`linear::elu_kernel_attention`]), like the exact one
+/// ([`flash_runs_fused`]): `f32` on Flex (the CPU kernels) or, with the `cube` feature, on a
+/// cubecl backend (the CubeCL kernels), with or without autodiff.
+pub fn attention_runs_fused<const D: usize>(t: &Tensor<D>) -> bool {
+    flash_runs_fused(t)
 }
 
 /// Whether efformer's fused CPU kernels run on this tensor: `f32` on Flex (or autodiff over
