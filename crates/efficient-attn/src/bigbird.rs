@@ -58,7 +58,7 @@ impl BigBirdAttentionConfig {
         paper: "Zaheer et al. 2020, Big Bird: Transformers for Longer Sequences, arXiv:2007.14062",
         modes: &[AttentionMode::Bidirectional],
         time: "O(N·(5+r)·b·d)",
-        memory: "O(N·(5+r)·b)",
+        memory: "O(N·d) on Flex and cubecl (block-sparse kernel); O(N·(5+r)·b) composed elsewhere",
         exactness: Exactness::ExactWhen("on its block plan (full when everything is global)"),
         needs_grid: false,
         global_tokens: false,

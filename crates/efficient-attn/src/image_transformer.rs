@@ -67,7 +67,7 @@ impl ImageTransformer1dAttentionConfig {
         paper: "Parmar et al. 2018, Image Transformer, arXiv:1802.05751",
         modes: &[AttentionMode::Bidirectional, AttentionMode::Causal],
         time: "O(N·(l_q + 2·l_m)·d)",
-        memory: "O(N·(l_q + 2·l_m))",
+        memory: "O(N·d) on Flex and cubecl (block-sparse kernel); O(N·(l_q + 2·l_m)) composed elsewhere",
         exactness: Exactness::ExactWhen("on its local pattern (full when l_q >= N)"),
         needs_grid: false,
         global_tokens: false,
@@ -235,7 +235,7 @@ impl ImageTransformer2dAttentionConfig {
         paper: "Parmar et al. 2018, Image Transformer, arXiv:1802.05751",
         modes: &[AttentionMode::Bidirectional, AttentionMode::Causal],
         time: "O(N·(h_q + 2h_m)(w_q + 2w_m)·d)",
-        memory: "O(N·(h_q + 2h_m)(w_q + 2w_m))",
+        memory: "O(N·d) on Flex and cubecl (block-sparse kernel); O(N·(h_q + 2h_m)(w_q + 2w_m)) composed elsewhere",
         exactness: Exactness::ExactWhen(
             "on its 2-D local pattern (full when one block covers the image)",
         ),

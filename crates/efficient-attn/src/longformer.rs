@@ -65,7 +65,7 @@ impl LongformerAttentionConfig {
         paper: "Beltagy et al. 2020, Longformer: The Long-Document Transformer, arXiv:2004.05150",
         modes: &[AttentionMode::Bidirectional, AttentionMode::Causal],
         time: "O(N·(2w+1+g)·d)",
-        memory: "O(N·(3w+g))",
+        memory: "O(N·d) on Flex and cubecl (block-sparse kernel); O(N·(3w+g)) composed elsewhere",
         exactness: Exactness::ExactWhen(
             "on its window + global pattern (full when w >= N or all tokens are global)",
         ),

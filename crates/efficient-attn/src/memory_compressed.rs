@@ -66,7 +66,7 @@ impl MemoryCompressedLocalAttentionConfig {
         paper: "Liu et al. 2018, Generating Wikipedia by Summarizing Long Sequences, arXiv:1801.10198",
         modes: &[AttentionMode::Bidirectional, AttentionMode::Causal],
         time: "O(N·b·d)",
-        memory: "O(N·b)",
+        memory: "O(N·d) on Flex and cubecl (block-sparse kernel); O(N·b) composed elsewhere",
         exactness: Exactness::ExactWhen("on its block pattern (full when b >= N)"),
         needs_grid: false,
         global_tokens: false,

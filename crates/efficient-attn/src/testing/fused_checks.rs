@@ -210,7 +210,7 @@ fn assert_close(what: &str, fused: Grads4, composed: Grads4, tol: f32) {
 
 /// The fused kernel attention on features (`prefix_sum::bidirectional` / `causal_chunked` on
 /// positive features) against the composed prefix sums on `device`: bidirectional (and cross
-/// lengths) and causal with ragged chunks, a prefix of keys before the first query and a chunk
+/// lengths, and longer than one partial state) and causal with ragged chunks, a prefix of keys before the first query and a chunk
 /// longer than the sequence; output and gradients.
 ///
 /// # Panics
@@ -222,6 +222,8 @@ pub fn check_kernel_attention_against_composed(device: &Device) {
         (29, 29, None),
         (13, 40, None),
         (40, 13, None),
+        // Longer than one bidirectional partial state (256 positions on cubecl).
+        (300, 530, None),
         (29, 29, Some(6)),
         (11, 30, Some(4)),
         (8, 8, Some(64)),
@@ -252,7 +254,8 @@ pub fn check_kernel_attention_against_composed(device: &Device) {
 /// The fused kernel attention with `φ = elu + 1` and key padding applied inside
 /// (`fused::linear::elu_kernel_attention`) against the features, the zeroed padded keys and
 /// the composed prefix sums on `device`: bidirectional, cross lengths, causal with ragged
-/// chunks and a prefix of keys; output and gradients of the raw q, k, v.
+/// chunks and a prefix of keys, a batch row whose keys are all padded (the normaliser's
+/// floor); output and gradients of the raw q, k, v.
 ///
 /// # Panics
 /// When `device` does not run the fused kernel attention, or a difference exceeds 2e-5.
@@ -266,6 +269,9 @@ pub fn check_elu_kernel_attention_against_composed(device: &Device) {
         (23, 23, Some(5), vec![4, 0]),
         (10, 27, Some(4), vec![]),
         (10, 27, Some(4), vec![2, 6]),
+        // A batch row with every key padded: every normaliser is at its floor.
+        (12, 12, Some(4), vec![0, 12]),
+        (9, 9, None, vec![9, 0]),
     ] {
         let q = rng.normal_tensor([2, 3, seq_q, 6], 1.0, &device);
         let k = rng.normal_tensor([2, 3, seq_k, 6], 1.0, &device);

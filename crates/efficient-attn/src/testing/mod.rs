@@ -48,9 +48,9 @@ pub use crate::mask::{DenseMask, causal_mask};
 pub use crate::reference::{dense_attention, oracle, oracle_mask};
 pub use crate::rng::SeededRng;
 
-/// The composed tensor-operation implementation a variant runs where its fused kernel does not
-/// (Flex, and cubecl with the `cube` feature): the oracle of that kernel (`None` for variants
-/// without one).
+/// The composed tensor-operation implementation of a variant with a fused kernel: what runs on
+/// devices the kernel does not serve (it serves Flex, and cubecl with the `cube` feature), and
+/// the kernel's oracle (`None` for variants without one).
 ///
 /// # Shapes
 /// - input: see [`AttnInput`]; output: `[batch, heads, seq_q, d_v]`

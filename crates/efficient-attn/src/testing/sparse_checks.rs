@@ -35,7 +35,9 @@ struct SparseCase {
 /// The fused block-sparse attention against its gathered composition on `device`: windows
 /// with a band and ragged last block, causal local blocks, per-head random blocks with masked
 /// global keys and padding, cross lengths with unmasked extra keys, an explicit element mask
-/// with a row that sees nothing; soft and sharp queries; output and every gradient.
+/// with a row that sees nothing, causal cross lengths, per-head plans with a band or a
+/// per-head explicit mask, extra-key masks of every broadcast shape; soft and sharp queries,
+/// and with the row log-sum-exp as a second output; output and every gradient.
 ///
 /// # Panics
 /// When a difference exceeds its tolerance.
@@ -111,6 +113,47 @@ pub fn check_block_sparse_against_composed(device: &Device) {
             extra: Some((2, Some([2, 1]))),
             padded: vec![],
         },
+        // Causal cross lengths: queries aligned to the last keys (offset 8), a padded key and
+        // one extra key with a mask shared by every batch row and head.
+        SparseCase {
+            seq_q: 9,
+            seq_k: 17,
+            block: 4,
+            lists: vec![vec![vec![0, 1, 2], vec![1, 2, 3], vec![3, 4]]],
+            rule: ElementRule::Causal { offset: 8 },
+            extra: Some((1, Some([1, 1]))),
+            padded: vec![1, 0],
+        },
+        // Per-head plans with a band, global keys masked per batch row and head, padding.
+        SparseCase {
+            seq_q: 20,
+            seq_k: 20,
+            block: 5,
+            lists: vec![
+                vec![vec![0, 1], vec![0, 1, 2], vec![1, 2, 3], vec![2, 3]],
+                vec![vec![0], vec![1, 2], vec![2, 3], vec![3, 0]],
+                vec![vec![0, 1], vec![1], vec![1, 2, 3], vec![3]],
+            ],
+            rule: ElementRule::Band { left: 3, right: 2 },
+            extra: Some((2, Some([2, 3]))),
+            padded: vec![4, 1],
+        },
+        // Per-head plans with a per-head explicit mask.
+        SparseCase {
+            seq_q: 16,
+            seq_k: 16,
+            block: 4,
+            lists: vec![
+                vec![vec![0, 1], vec![1, 0], vec![2, 1], vec![3, 2]],
+                vec![vec![0], vec![1, 2], vec![2], vec![3, 0]],
+                vec![vec![0, 3], vec![1], vec![2, 0], vec![3]],
+            ],
+            rule: ElementRule::Explicit(Arc::new(
+                (0..3 * 4 * 4 * 8).map(|n| (n * 7907) % 7 < 3).collect(),
+            )),
+            extra: None,
+            padded: vec![0, 2],
+        },
     ];
     for (n, case) in cases.into_iter().enumerate() {
         let SparseCase {
@@ -140,7 +183,10 @@ pub fn check_block_sparse_against_composed(device: &Device) {
         });
         let key_pad = (!padded.is_empty())
             .then(|| bools(pad(batch, seq_k, &padded), [batch, seq_k], &device));
-        let run = |fused_op: bool, q: &Tensor<4>| {
+        let u = rng
+            .normal_tensor([batch, heads, seq_q, 1], 1.0, &device)
+            .reshape([batch, heads, seq_q]);
+        let run = |fused_op: bool, with_lse: bool, q: &Tensor<4>| {
             let track = |t: &Tensor<4>| t.clone().detach().require_grad();
             let (q, k, v) = (track(q), track(&k), track(&v));
             let extra = extra
@@ -159,12 +205,28 @@ pub fn check_block_sparse_against_composed(device: &Device) {
                     mask: mask.clone(),
                 }),
             };
-            let out = if fused_op {
-                block_sparse_attention(input)
-            } else {
-                block_sparse_attention_composed(input)
+            let (out, lse) = match (fused_op, with_lse) {
+                (true, false) => (block_sparse_attention(input), None),
+                (false, false) => (block_sparse_attention_composed(input), None),
+                (true, true) => {
+                    let (out, lse) = block_sparse_attention_with_lse(input);
+                    (out, Some(lse))
+                }
+                (false, true) => {
+                    let (out, lse) = block_sparse_attention_composed_with_lse(input);
+                    (out, Some(lse))
+                }
             };
-            let grads = out.clone().mul(w.clone()).sum().backward();
+            // Rows that see no key have lse = +∞: compared and differentiated where finite.
+            let lse = lse.map(|l| {
+                let seen = l.clone().lower_elem(1e30);
+                l.mask_fill(seen.bool_not(), 0.0)
+            });
+            let mut loss = out.clone().mul(w.clone()).sum();
+            if let Some(l) = &lse {
+                loss = loss + l.clone().mul(u.clone()).sum();
+            }
+            let grads = loss.backward();
             let mut all = vec![
                 ("output", out.inner()),
                 ("dq", q.grad(&grads).unwrap()),
@@ -175,29 +237,36 @@ pub fn check_block_sparse_against_composed(device: &Device) {
                 all.push(("d extra k", gk.grad(&grads).unwrap()));
                 all.push(("d extra v", gv.grad(&grads).unwrap()));
             }
+            if let Some(l) = lse {
+                let [b, h, n] = l.dims();
+                all.push(("log-sum-exp", l.inner().reshape([b, h, n, 1])));
+            }
             all
         };
         // Sharp queries (scores spread over tens) make later blocks rise far above a row's
         // first block, and fall far below it: the kernel's rare rescaling path.
-        for sharpness in [1.0, 12.0] {
+        // With the log-sum-exp as a second output (Reformer's and Routing's form), whose
+        // gradient enters every row's backward.
+        for (sharpness, with_lse) in [(1.0, false), (12.0, false), (1.0, true)] {
             let q = q.clone().mul_scalar(sharpness);
-            let (f, c) = (run(true, &q), run(false, &q));
+            let (f, c) = (run(true, with_lse, &q), run(false, with_lse, &q));
             assert_eq!(f.len(), c.len());
             for ((what, a), (_, b)) in f.into_iter().zip(c) {
                 let d = diff(a, b);
                 // Rounding in the scores grows with their size.
                 assert!(
                     d < 2e-5 * sharpness,
-                    "case {n}, sharpness {sharpness}: {what} differs by {d:e}"
+                    "case {n}, sharpness {sharpness}, lse {with_lse}: {what} differs by {d:e}"
                 );
             }
         }
     }
 }
 
-/// On `device`: scores built to climb by more than the kernel's headroom from one visited block to the next
-/// (head 0) and to fall as steeply (head 1), through a band rule and a causal rule with key
-/// padding: the kernel's rebuild-from-raw-scores path runs for certain, and the output and
+/// On `device`: scores built to climb steeply from one visited block to the next (head 0) and
+/// to fall as steeply (head 1), through a band rule and a causal rule with key padding (on the
+/// CPU kernel, more than its headroom: its rebuild-from-raw-scores path runs for certain); the
+/// output and
 /// gradients still equal the gathered composition.
 ///
 /// # Panics
@@ -307,7 +376,8 @@ fn positions(
 /// Block-sparse attention by original positions ([`ElementRule::Positions`]: Reformer's
 /// sorted buckets, Routing's clusters) through the fused operation on `device` against the
 /// gathered composition, forward (output and row log-sum-exp) and backward through both, with
-/// hidden keys, causality, the self score, positions seen twice and rows that see no key.
+/// hidden keys, key padding, causality, the self score, positions seen twice and rows that see
+/// no key.
 ///
 /// # Panics
 /// When a difference exceeds 2e-5 or the rows that see a key differ.
@@ -336,13 +406,15 @@ pub fn check_positions_against_composed(device: &Device) {
     // With every position twice, a causal query whose other keys are hidden sees its own
     // position twice at the self score: probabilities of 1/2 behind scores of −1e5, which a
     // single f32 log-sum-exp would round by 0.4%.
-    for (causal, self_score, hidden, twice) in [
-        (false, None, false, false),
-        (true, Some(-1e5), true, false),
-        (false, Some(-1e5), true, false),
-        (true, None, true, false),
-        (true, Some(-1e5), true, true),
-        (false, Some(-1e5), false, true),
+    // Key padding on top of the positions in two cases (the last keys of batch row 1).
+    let key_pad = bools(pad(b, n, &[0, 4]), [b, n], &device);
+    for (causal, self_score, hidden, twice, padded) in [
+        (false, None, false, false, false),
+        (true, Some(-1e5), true, false, false),
+        (false, Some(-1e5), true, false, true),
+        (true, None, true, false, false),
+        (true, Some(-1e5), true, true, true),
+        (false, Some(-1e5), false, true, false),
     ] {
         let (qpos, kpos) = positions(&mut rng, [b, h, n], hidden, twice, &device);
         let run = |fused_op: bool| {
@@ -352,7 +424,7 @@ pub fn check_positions_against_composed(device: &Device) {
                 query: q.clone(),
                 key: k.clone(),
                 value: v.clone(),
-                mask_pad_k: None,
+                mask_pad_k: padded.then_some(&key_pad),
                 plan: &plan,
                 rule: ElementRule::Positions(Box::new(PositionRule {
                     query: qpos.clone(),
@@ -384,7 +456,8 @@ pub fn check_positions_against_composed(device: &Device) {
             )
         };
         let what = format!(
-            "causal {causal}, self score {self_score:?}, hidden keys {hidden}, twice {twice}"
+            "causal {causal}, self score {self_score:?}, hidden keys {hidden}, twice {twice}, \
+             padded {padded}"
         );
         let (fo, fl, fs, fg) = run(true);
         let (co, cl, cs, cg) = run(false);

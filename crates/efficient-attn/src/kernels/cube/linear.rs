@@ -10,7 +10,7 @@
 //!   `[S | z]`; one unit per `(head, feature, column)` turns the chunk states into exclusive
 //!   prefix sums; one unit per query row reads the state before its chunk and adds the keys of
 //!   its own chunk up to its position (`φ(q_i)·φ(k_j)` recomputed). Bidirectional (and cross)
-//!   attention is one chunk whose whole state every query reads.
+//!   attention sums its chunks' states into one that every query reads.
 //! - backward: the same states again; one unit per query row writes `dq`, and the row's
 //!   `g / den` and `−g·out / den` (`g` the output gradient); the query-side chunk sums of those
 //!   become exclusive suffix sums, and one unit per key row writes `dk` and `dv` from the suffix
@@ -35,7 +35,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{dims4, empty_like, launch_shape};
+use super::{dims_of, dims4, empty_like, launch_shape};
 
 /// The floor of the normaliser `φ(q)·z` (as [`crate::kernels::prefix_sum::denominator_floor`]
 /// for `f32`).
@@ -184,6 +184,29 @@ fn scan_kernel<F: Float>(
     }
 }
 
+/// In place, over the chunks of every `(head, a, col)`: the sum of all chunks, into chunk 0
+/// (bidirectional attention's one state).
+#[cube(launch)]
+fn total_kernel<F: Float>(
+    sums: &mut Tensor<F>,
+    units: usize,
+    chunks: usize,
+    #[comptime] stride: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let u = ABSOLUTE_POS;
+    if u >= units {
+        terminate!();
+    }
+    let h = u / stride;
+    let at = u % stride;
+    let mut total = F::new(0.0);
+    for c in 0..chunks {
+        total += sums[(h * chunks + c) * stride + at];
+    }
+    sums[h * chunks * stride + at] = total;
+}
+
 /// `out_i = num / max(den, floor)` for every query row: the state before the row's chunk
 /// (the whole state when not `causal`) plus, causally, the keys of its chunk up to it.
 #[cube(launch)]
@@ -199,6 +222,7 @@ fn forward_rows_kernel<F: Float>(
     heads: usize,
     seq_q: usize,
     seq_k: usize,
+    offset: usize,
     chunk: usize,
     chunks: usize,
     #[comptime] m: usize,
@@ -215,7 +239,6 @@ fn forward_rows_kernel<F: Float>(
     let i = row % seq_q;
     let h = row / seq_q;
     let b = h / heads;
-    let offset = seq_k - seq_q;
     let p = i + offset;
     let mut c = 0usize.runtime();
     if causal {
@@ -280,6 +303,7 @@ fn backward_rows_kernel<F: Float>(
     heads: usize,
     seq_q: usize,
     seq_k: usize,
+    offset: usize,
     chunk: usize,
     chunks: usize,
     #[comptime] m: usize,
@@ -296,7 +320,6 @@ fn backward_rows_kernel<F: Float>(
     let i = row % seq_q;
     let h = row / seq_q;
     let b = h / heads;
-    let offset = seq_k - seq_q;
     let p = i + offset;
     let mut c = 0usize.runtime();
     if causal {
@@ -386,6 +409,7 @@ fn backward_keys_kernel<F: Float>(
     heads: usize,
     seq_q: usize,
     seq_k: usize,
+    offset: usize,
     chunk: usize,
     chunks: usize,
     #[comptime] m: usize,
@@ -402,7 +426,6 @@ fn backward_keys_kernel<F: Float>(
     let j = key_row % seq_k;
     let h = key_row / seq_k;
     let b = h / heads;
-    let offset = seq_k - seq_q;
     let mut c = 0usize.runtime();
     if causal {
         c = j / chunk;
@@ -457,7 +480,11 @@ fn backward_keys_kernel<F: Float>(
     }
 }
 
-/// The problem's sizes, and its chunks (one chunk holding every position when not causal).
+/// Chunk length of bidirectional attention's partial states, summed into one afterwards (so no
+/// unit sums a whole sequence alone).
+const BIDIRECTIONAL_CHUNK: usize = 256;
+
+/// The problem's sizes, and its chunks (bidirectional: partial states summed into chunk 0).
 struct Plan {
     batch: usize,
     heads: usize,
@@ -473,7 +500,13 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(q: &CubeTensor, k: &CubeTensor, v: &CubeTensor, opts: Options) -> Self {
+    fn new(
+        q: &CubeTensor,
+        k: &CubeTensor,
+        v: &CubeTensor,
+        keep: &CubeTensor,
+        opts: Options,
+    ) -> Self {
         let ([b, h, nq, m], [kb, kh, nk, km], [vb, vh, vk, dv]) = (dims4(q), dims4(k), dims4(v));
         assert!(
             [kb, kh, km] == [b, h, m] && [vb, vh, vk] == [b, h, nk],
@@ -487,6 +520,17 @@ impl Plan {
             DType::F32,
             "the cubecl kernel attention runs on f32"
         );
+        assert!(
+            m > 0 && dv > 0,
+            "the cubecl kernel attention needs non-empty widths, got m {m}, d_v {dv}"
+        );
+        if opts.masked {
+            assert_eq!(
+                dims_of(keep),
+                [b, nk],
+                "kernel attention: keep is [batch, seq_k]"
+            );
+        }
         let causal = opts.chunk > 0;
         assert!(
             !causal || nk >= nq,
@@ -495,7 +539,7 @@ impl Plan {
         let chunk = if causal {
             opts.chunk
         } else {
-            nq.max(nk).max(1)
+            BIDIRECTIONAL_CHUNK
         };
         Self {
             batch: b,
@@ -506,7 +550,7 @@ impl Plan {
             d_v: dv,
             causal,
             chunk,
-            chunks: if causal { nk.div_ceil(chunk).max(1) } else { 1 },
+            chunks: if causal { nk } else { nq.max(nk) }.div_ceil(chunk).max(1),
             masked: opts.masked,
             elu: opts.elu,
         }
@@ -581,10 +625,10 @@ fn chunk_states(
         last.is_none(),
         dtype,
     );
+    let stride = plan.m * (width + 1);
+    let units = bh * stride;
+    let (count, dim) = launch_shape(x, units);
     if plan.causal {
-        let stride = plan.m * (width + 1);
-        let units = bh * stride;
-        let (count, dim) = launch_shape(x, units);
         scan_kernel::launch(
             &x.client,
             count,
@@ -594,6 +638,17 @@ fn chunk_states(
             plan.chunks,
             stride,
             reverse,
+            dtype,
+        );
+    } else if plan.chunks > 1 {
+        total_kernel::launch(
+            &x.client,
+            count,
+            dim,
+            sums.clone().into_tensor_arg(),
+            units,
+            plan.chunks,
+            stride,
             dtype,
         );
     }
@@ -608,7 +663,7 @@ pub fn forward(
     keep: CubeTensor,
     opts: Options,
 ) -> CubeTensor {
-    let plan = Plan::new(&q, &k, &v, opts);
+    let plan = Plan::new(&q, &k, &v, &keep, opts);
     let [q, k, v, keep] = [q, k, v, keep].map(into_contiguous);
     let out = empty_like(&q, &[plan.batch, plan.heads, plan.seq_q, plan.d_v]);
     let rows = plan.batch * plan.heads * plan.seq_q;
@@ -641,6 +696,7 @@ pub fn forward(
         plan.heads,
         plan.seq_q,
         plan.seq_k,
+        plan.offset(),
         plan.chunk,
         plan.chunks,
         plan.m,
@@ -663,7 +719,7 @@ pub fn backward(
     d_out: CubeTensor,
     opts: Options,
 ) -> (CubeTensor, CubeTensor, CubeTensor) {
-    let plan = Plan::new(&q, &k, &v, opts);
+    let plan = Plan::new(&q, &k, &v, &keep, opts);
     let [q, k, v, keep, out, d_out] = [q, k, v, keep, out, d_out].map(into_contiguous);
     let (b, h, nq, nk, m, dv) = (
         plan.batch, plan.heads, plan.seq_q, plan.seq_k, plan.m, plan.d_v,
@@ -696,6 +752,7 @@ pub fn backward(
             h,
             nq,
             nk,
+            plan.offset(),
             plan.chunk,
             plan.chunks,
             m,
@@ -738,6 +795,7 @@ pub fn backward(
             h,
             nq,
             nk,
+            plan.offset(),
             plan.chunk,
             plan.chunks,
             m,

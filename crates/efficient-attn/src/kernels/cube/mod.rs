@@ -30,6 +30,12 @@ pub(crate) fn dims4(t: &CubeTensor) -> [usize; 4] {
     [s[0], s[1], s[2], s[3]]
 }
 
+/// The dimensions of a tensor.
+pub(crate) fn dims_of(t: &CubeTensor) -> Vec<usize> {
+    let s = t.meta.shape();
+    (0..s.num_dims()).map(|i| s[i]).collect()
+}
+
 /// An uninitialised tensor of `dims` on `model`'s device, in its dtype.
 pub(crate) fn empty_like(model: &CubeTensor, dims: &[usize]) -> CubeTensor {
     empty_device_dtype(

@@ -1,6 +1,6 @@
 //! Block-sparse attention as one fused operation: [`FusedBlockSparse`] for Flex by the CPU
 //! kernel [`crate::kernels::cpu::block_sparse`], for the cubecl backends (feature `cube`) by
-//! the CubeCL kernels of [`crate::kernels::cube::block_sparse`], and for `Autodiff` over either
+//! the CubeCL kernels of `kernels::cube::block_sparse`, and for `Autodiff` over either
 //! by a node that keeps the inputs, the output and the row statistics (O(N·d)) and calls the
 //! fused backward.
 
@@ -104,7 +104,7 @@ pub trait FusedBlockSparse: Backend {
 }
 
 /// The shape of the inputs, checked.
-fn shape_of(q: &[usize], k: &[usize], v: &[usize], ek: &[usize], ev: &[usize]) -> Shape {
+pub(crate) fn shape_of(q: &[usize], k: &[usize], v: &[usize], ek: &[usize], ev: &[usize]) -> Shape {
     assert!(
         [q, k, v, ek, ev].iter().all(|d| d.len() == 4),
         "block-sparse attention takes [batch, heads, seq, width] tensors"

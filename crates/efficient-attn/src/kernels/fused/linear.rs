@@ -1,6 +1,6 @@
 //! Kernel (linear) attention on feature maps as one fused operation: [`FusedKernelAttention`]
 //! for Flex by the CPU kernel [`crate::kernels::cpu::linear`], for the cubecl backends (with
-//! the `cube` feature) by the CubeCL kernels of [`crate::kernels::cube::linear`], and for
+//! the `cube` feature) by the CubeCL kernels of `kernels::cube::linear`, and for
 //! `Autodiff` over either by a node that keeps the inputs and the output and calls the fused
 //! backward (which recomputes the chunk states).
 
@@ -60,7 +60,7 @@ fn feature_of(code: u8) -> Feature {
     }
 }
 
-fn shape_of(q: &[usize], k: &[usize], v: &[usize]) -> Shape {
+pub(crate) fn shape_of(q: &[usize], k: &[usize], v: &[usize]) -> Shape {
     assert!(
         q.len() == 4 && k.len() == 4 && v.len() == 4,
         "kernel attention takes [batch, heads, seq, width] tensors"

@@ -1,10 +1,12 @@
 //! Fused operations with their own backward, through Burn's backend extension: each is
-//! implemented for the Flex backend by a CPU kernel of [`crate::kernels::cpu`] and for
-//! `Autodiff<Flex>` by a node whose backward calls the fused backward kernel.
+//! implemented for the Flex backend by a CPU kernel of [`crate::kernels::cpu`], the three
+//! attentions also for Burn's cubecl backend by the CubeCL kernels of `kernels::cube` (feature
+//! `cube`), and for `Autodiff` over either by a node whose backward calls the fused backward
+//! kernel.
 //!
 //! The tensor-level entry points run a fused operation when the tensors are `f32` on Flex
 //! (with or without autodiff, [`runs_fused`]) and, for the three attentions with CubeCL kernels
-//! in [`crate::kernels::cube`] (exact, block-sparse, kernel; feature `cube`), on Burn's cubecl
+//! in `kernels::cube` (exact, block-sparse, kernel; feature `cube`), on Burn's cubecl
 //! backends too ([`flash_runs_fused`], [`attention_runs_fused`]); callers keep their composed
 //! implementation for other devices and as the oracle the fused operations are tested against.
 //!
@@ -131,9 +133,10 @@ fn cube_device(device: &Device) -> bool {
 }
 
 /// Whether the fused exact attention ([`flash_attention`]) runs on `device`: Flex, and, with
-/// the `cube` feature, Burn's cubecl backends (with or without autodiff). The fused kernel
-/// attention runs on the same devices ([`attention_runs_fused`]); the other fused
-/// operations on Flex only ([`device_runs_fused`]).
+/// the `cube` feature, Burn's cubecl backends (with or without autodiff). The fused
+/// block-sparse and kernel attentions run on the same devices ([`attention_runs_fused`]); the
+/// other fused operations (Performer's features, the feed-forward block, layer normalisation)
+/// on Flex only ([`device_runs_fused`]).
 pub fn flash_device_runs_fused(device: &Device) -> bool {
     device_runs_fused(device) || cube_device(device)
 }
@@ -154,7 +157,8 @@ pub fn attention_runs_fused<const D: usize>(t: &Tensor<D>) -> bool {
 }
 
 /// Whether efformer's fused CPU kernels run on this tensor: `f32` on Flex (or autodiff over
-/// Flex). Elsewhere the layers compose Burn tensor operations.
+/// Flex). Elsewhere the layers compose Burn tensor operations, except for the three attentions
+/// with CubeCL kernels ([`flash_runs_fused`], [`attention_runs_fused`]).
 pub fn runs_fused<const D: usize>(t: &Tensor<D>) -> bool {
     device_runs_fused(&t.device()) && t.dtype() == DType::F32
 }

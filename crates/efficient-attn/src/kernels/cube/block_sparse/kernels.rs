@@ -100,6 +100,23 @@ fn sees(
     ok
 }
 
+/// The additive key bias of key `j` in batch `b` (0 unless `key_masked`; hidden keys, at
+/// `−∞`, never reach it).
+#[cube]
+fn key_bias_of(
+    key_bias: &Tensor<f32>,
+    sizes: &Sizes,
+    b: usize,
+    j: usize,
+    #[comptime] key_masked: bool,
+) -> f32 {
+    let mut bias = f32::new(0.0);
+    if key_masked {
+        bias = key_bias[b * sizes.seq_k + j];
+    }
+    bias
+}
+
 /// Whether key `j` is the query's own position and scores the self score instead of `q·k`.
 #[cube]
 fn own(
@@ -230,8 +247,9 @@ pub(super) fn forward_kernel(
                     flags,
                     key_masked,
                 ) {
-                    let mut score =
-                        sizes.scale * dot(q, k, row * d_k, (bh * sizes.seq_k + j) * d_k, d_k);
+                    let mut score = sizes.scale
+                        * dot(q, k, row * d_k, (bh * sizes.seq_k + j) * d_k, d_k)
+                        + key_bias_of(key_bias, &sizes, b, j, key_masked);
                     if own(query_pos, key_pos, &sizes, bh, i, j, flags) {
                         score = sizes.self_score;
                     }
@@ -369,7 +387,8 @@ pub(super) fn backward_dq_kernel(
                     ) && !own(query_pos, key_pos, &sizes, bh, i, j, flags)
                     {
                         let k_at = (bh * sizes.seq_k + j) * d_k;
-                        let score = sizes.scale * dot(q, k, row * d_k, k_at, d_k);
+                        let score = sizes.scale * dot(q, k, row * d_k, k_at, d_k)
+                            + key_bias_of(key_bias, &sizes, b, j, key_masked);
                         let p = (score - max).exp() * inv;
                         let dp = dot(d_out, v, o_at, (bh * sizes.seq_k + j) * d_v, d_v);
                         let ds = p * (dp - t);
@@ -481,7 +500,8 @@ pub(super) fn backward_dkv_kernel(
                     let is_own = own(query_pos, key_pos, &sizes, bh, i, j, flags);
                     let mut score = sizes.self_score;
                     if !is_own {
-                        score = sizes.scale * dot(q, k, row * d_k, k_at, d_k);
+                        score = sizes.scale * dot(q, k, row * d_k, k_at, d_k)
+                            + key_bias_of(key_bias, &sizes, b, j, key_masked);
                     }
                     let p = (score - stats[row * 2]).exp() / sum;
                     let o_at = row * stride;

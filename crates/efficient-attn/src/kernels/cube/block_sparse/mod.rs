@@ -31,9 +31,9 @@ use self::kernels::{
     RuleFlags, SizesLaunch, backward_dkv_kernel, backward_dq_kernel, backward_extra_kernel,
     forward_kernel,
 };
-use super::{dims4, empty_like, launch_shape};
+use super::{dims_of, dims4, empty_like, launch_shape};
 use crate::kernels::block_sparse::{BlockPlan, ElementRule};
-use crate::kernels::fused::block_sparse::SparsePattern;
+use crate::kernels::fused::block_sparse::{SparsePattern, shape_of};
 
 mod kernels;
 
@@ -124,10 +124,20 @@ impl Call {
         k: &CubeTensor,
         v: &CubeTensor,
         extra_k: &CubeTensor,
+        extra_v: &CubeTensor,
         key_bias: &CubeTensor,
         extra_bias: &CubeTensor,
         pattern: &SparsePattern,
     ) -> Self {
+        // The checks of the CPU path, on the host-side shapes: a kernel reading past a buffer
+        // would give wrong numbers silently, not panic.
+        shape_of(
+            &dims_of(q),
+            &dims_of(k),
+            &dims_of(v),
+            &dims_of(extra_k),
+            &dims_of(extra_v),
+        );
         let ([b, h, nq, dk], [_, _, nk, _], [_, _, _, dv], [_, _, g, _]) =
             (dims4(q), dims4(k), dims4(v), dims4(extra_k));
         assert_eq!(
@@ -135,6 +145,27 @@ impl Call {
             DType::F32,
             "the cubecl block-sparse attention runs on f32"
         );
+        assert!(
+            dk > 0 && dv > 0,
+            "the cubecl block-sparse attention needs non-empty head widths, got d_k {dk}, d_v {dv}"
+        );
+        if pattern.key_masked {
+            assert_eq!(
+                dims_of(key_bias),
+                [b, nk],
+                "block-sparse: the key bias is [batch, seq_k]"
+            );
+        }
+        if pattern.extra_masked {
+            let d = dims_of(extra_bias);
+            assert!(
+                d.len() == 4
+                    && (d[0] == 1 || d[0] == b)
+                    && (d[1] == 1 || d[1] == h)
+                    && d[2..] == [nq, g],
+                "block-sparse: the extra keys' mask {d:?} is not [{b} or 1, {h} or 1, {nq}, {g}]"
+            );
+        }
         let plan = &pattern.plan;
         assert!(
             plan.query_blocks * plan.block >= nq && plan.key_blocks * plan.block >= nk,
@@ -163,6 +194,11 @@ impl Call {
             }
             ElementRule::Explicit(mask) => {
                 flags.explicit = true;
+                assert_eq!(
+                    mask.len(),
+                    plan.heads * plan.query_blocks * plan.block * plan.per_block * plan.block,
+                    "explicit mask must be [plan heads, query blocks, b, per block · b]"
+                );
                 explicit = mask.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
             }
             ElementRule::Positions(rule) => {
@@ -176,6 +212,14 @@ impl Call {
                     flags.self_score = true;
                     self_score = score;
                 }
+                assert!(
+                    qp.len() == b * h * nq && kp.len() == b * h * nk,
+                    "block-sparse: positions for {} queries and {} keys, input has {} and {}",
+                    qp.len(),
+                    kp.len(),
+                    b * h * nq,
+                    b * h * nk
+                );
                 query_pos = qp.iter().map(|&p| p as f32).collect();
                 key_pos = kp.iter().map(|&p| p as f32).collect();
             }
@@ -265,7 +309,16 @@ pub fn forward(
     extra_bias: CubeTensor,
     pattern: &SparsePattern,
 ) -> (CubeTensor, CubeTensor) {
-    let call = Call::new(&q, &k, &v, &extra_k, &key_bias, &extra_bias, pattern);
+    let call = Call::new(
+        &q,
+        &k,
+        &v,
+        &extra_k,
+        &extra_v,
+        &key_bias,
+        &extra_bias,
+        pattern,
+    );
     let [q, k, v, extra_k, extra_v] = [q, k, v, extra_k, extra_v].map(into_contiguous);
     let [b, h, nq, _, dk, dv, _] = call.dims;
     let width = if call.packed { dv + 1 } else { dv };
@@ -320,7 +373,16 @@ pub fn backward(
     d_out: CubeTensor,
     pattern: &SparsePattern,
 ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
-    let call = Call::new(&q, &k, &v, &extra_k, &key_bias, &extra_bias, pattern);
+    let call = Call::new(
+        &q,
+        &k,
+        &v,
+        &extra_k,
+        &extra_v,
+        &key_bias,
+        &extra_bias,
+        pattern,
+    );
     let [q, k, v, extra_k, extra_v, out, stats, d_out] =
         [q, k, v, extra_k, extra_v, out, stats, d_out].map(into_contiguous);
     let [b, h, nq, nk, dk, dv, g] = call.dims;
