@@ -22,7 +22,7 @@ pub fn bool_mask(flags: Vec<bool>, dims: [usize; 2], device: &Device) -> Tensor<
 }
 
 /// Max relative difference `|a - b| / (1 + |b|)`.
-pub fn max_rel_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+pub fn max_rel_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     let scale = b.clone().abs().add_scalar(1.0);
     a.sub(b).abs().div(scale).max().into_scalar::<f32>()
 }

@@ -7,18 +7,12 @@ use std::sync::Arc;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::SeededRng;
-use super::fused_checks::{bool_mask as bools, right_padded as pad};
+use super::fused_checks::{bool_mask as bools, max_rel_diff as diff, right_padded as pad};
 use crate::kernels::block_sparse::{
     BlockPlan, BlockSparse, ElementRule, ExtraKeys, PositionRule, block_sparse_attention,
     block_sparse_attention_composed, block_sparse_attention_composed_with_lse,
     block_sparse_attention_with_lse,
 };
-
-/// Max relative difference `|a - b| / (1 + |b|)`, any rank.
-fn diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-    let scale = b.clone().abs().add_scalar(1.0);
-    a.sub(b).abs().div(scale).max().into_scalar::<f32>()
-}
 
 /// One block-sparse case: lengths, block, the plan's lists per head, the rule, extra keys
 /// (with a mask of `[batch or 1, heads or 1]`) and padded keys per batch row.

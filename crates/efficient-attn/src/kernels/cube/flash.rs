@@ -20,7 +20,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{dims4, empty_like, launch_shape};
+use super::{absorb, dims4, dot, empty_like, launch_shape};
 
 /// The log-sum-exp written for a query that sees no key (WGSL has no infinite literal): large
 /// enough that `exp(s − NO_KEY_LSE)` is 0 for every score, so the backward gives it nothing.
@@ -70,11 +70,7 @@ fn score<F: Float>(
     #[comptime] d_k: usize,
     #[comptime] masked: bool,
 ) -> F {
-    let mut s = F::new(0.0);
-    for d in 0..d_k {
-        s += q[q_at + d] * k[k_at + d];
-    }
-    s *= scale;
+    let mut s = dot::<F>(q, k, q_at, k_at, d_k) * scale;
     if masked {
         s += bias[bias_at];
     }
@@ -110,12 +106,13 @@ fn forward_kernel<F: Float>(
     let b = bh / heads;
     let scale = F::cast_from(scale);
     let none = F::new(NONE_SEEN);
-    let mut acc = Array::<F>::new(d_v);
+    // d_v weighted sums, then the running maximum and sum (see `absorb`).
+    let mut acc = Array::<F>::new(d_v + 2);
     for e in 0..d_v {
         acc[e] = F::new(0.0);
     }
-    let mut max = none;
-    let mut sum = F::new(0.0);
+    acc[d_v] = none;
+    acc[d_v + 1] = F::new(0.0);
     let last = keys_seen(i, seq_q, seq_k, causal);
     for j in 0..last {
         let s = score::<F>(
@@ -130,17 +127,11 @@ fn forward_kernel<F: Float>(
             masked,
         );
         if s > none {
-            let new_max = max.max(s);
-            let rescale = (max - new_max).exp();
-            let p = (s - new_max).exp();
-            sum = sum * rescale + p;
-            let v_at = (bh * seq_k + j) * d_v;
-            for e in 0..d_v {
-                acc[e] = acc[e] * rescale + p * v[v_at + e];
-            }
-            max = new_max;
+            absorb::<F>(&mut acc, s, v, (bh * seq_k + j) * d_v, d_v);
         }
     }
+    let max = acc[d_v];
+    let sum = acc[d_v + 1];
     let out_at = row * d_v;
     if sum > F::new(0.0) {
         for e in 0..d_v {
@@ -153,32 +144,6 @@ fn forward_kernel<F: Float>(
         }
         lse[row] = F::new(NO_KEY_LSE);
     }
-}
-
-/// `D_i = dO_i · O_i`, the row term of softmax's backward.
-#[cube]
-fn row_term<F: Float>(d_out: &Tensor<F>, out: &Tensor<F>, at: usize, #[comptime] d_v: usize) -> F {
-    let mut t = F::new(0.0);
-    for e in 0..d_v {
-        t += d_out[at + e] * out[at + e];
-    }
-    t
-}
-
-/// `dO_i · v_j`.
-#[cube]
-fn dot_v<F: Float>(
-    d_out: &Tensor<F>,
-    v: &Tensor<F>,
-    o_at: usize,
-    v_at: usize,
-    #[comptime] d_v: usize,
-) -> F {
-    let mut t = F::new(0.0);
-    for e in 0..d_v {
-        t += d_out[o_at + e] * v[v_at + e];
-    }
-    t
 }
 
 #[cube(launch)]
@@ -216,7 +181,8 @@ fn backward_dq_kernel<F: Float>(
         acc[d] = F::new(0.0);
     }
     let row_lse = lse[row];
-    let term = row_term::<F>(d_out, out, row * d_v, d_v);
+    // D_i = dO_i · O_i, the row term of softmax's backward.
+    let term = dot::<F>(d_out, out, row * d_v, row * d_v, d_v);
     let last = keys_seen(i, seq_q, seq_k, causal);
     for j in 0..last {
         let k_at = (bh * seq_k + j) * d_k;
@@ -232,7 +198,7 @@ fn backward_dq_kernel<F: Float>(
             masked,
         );
         let p = (s - row_lse).exp();
-        let dp = dot_v::<F>(d_out, v, row * d_v, (bh * seq_k + j) * d_v, d_v);
+        let dp = dot::<F>(d_out, v, row * d_v, (bh * seq_k + j) * d_v, d_v);
         let ds = p * (dp - term);
         for d in 0..d_k {
             acc[d] += ds * k[k_at + d];
@@ -303,8 +269,8 @@ fn backward_dkv_kernel<F: Float>(
         for e in 0..d_v {
             acc_v[e] += p * d_out[o_at + e];
         }
-        let dp = dot_v::<F>(d_out, v, o_at, v_at, d_v);
-        let ds = p * (dp - row_term::<F>(d_out, out, o_at, d_v));
+        let dp = dot::<F>(d_out, v, o_at, v_at, d_v);
+        let ds = p * (dp - dot::<F>(d_out, out, o_at, o_at, d_v));
         for d in 0..d_k {
             acc_k[d] += ds * q[row * d_k + d];
         }

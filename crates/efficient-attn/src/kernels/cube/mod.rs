@@ -18,6 +18,7 @@ pub mod linear;
 use burn::tensor::Shape;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 
 /// `[batch, heads, seq, width]` of a 4-D tensor.
@@ -53,4 +54,45 @@ pub(crate) fn launch_shape(model: &CubeTensor, units: usize) -> (CubeCount, Cube
         calculate_cube_count_elemwise(&model.client, units, dim),
         dim,
     )
+}
+
+/// `x[a..a + width] · y[b..b + width]`.
+#[cube]
+pub(crate) fn dot<F: Float>(
+    x: &Tensor<F>,
+    y: &Tensor<F>,
+    a: usize,
+    b: usize,
+    #[comptime] width: usize,
+) -> F {
+    let mut t = F::new(0.0);
+    for d in 0..width {
+        t += x[a + d] * y[b + d];
+    }
+    t
+}
+
+/// One step of the online softmax over a query row: `acc` holds `width` weighted sums of
+/// values, then the running maximum (at `width`) and the running sum of exponentials (at
+/// `width + 1`); the key with `score` and the values at `values[at..at + width]` joins them.
+#[cube]
+pub(crate) fn absorb<F: Float>(
+    acc: &mut Array<F>,
+    score: F,
+    values: &Tensor<F>,
+    at: usize,
+    #[comptime] width: usize,
+) {
+    let max = acc[width];
+    let mut new_max = max;
+    if score > max {
+        new_max = score;
+    }
+    let rescale = (max - new_max).exp();
+    let p = (score - new_max).exp();
+    acc[width + 1] = acc[width + 1] * rescale + p;
+    for e in 0..width {
+        acc[e] = acc[e] * rescale + p * values[at + e];
+    }
+    acc[width] = new_max;
 }

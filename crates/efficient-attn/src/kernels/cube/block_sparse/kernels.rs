@@ -4,6 +4,8 @@
 
 use cubecl::prelude::*;
 
+use crate::kernels::cube::{absorb, dot};
+
 /// Below this a running maximum is "no key yet".
 const NONE_SEEN: f32 = -3.0e38;
 
@@ -135,16 +137,6 @@ fn own(
     is_own
 }
 
-/// `x_a · y_b` over `width` entries starting at `a` and `b`.
-#[cube]
-fn dot(x: &Tensor<f32>, y: &Tensor<f32>, a: usize, b: usize, #[comptime] width: usize) -> f32 {
-    let mut t = f32::new(0.0);
-    for d in 0..width {
-        t += x[a + d] * y[b + d];
-    }
-    t
-}
-
 /// The additive bias of extra key `g` for query `i` (0 unless `extra_masked`).
 #[cube]
 fn extra_bias_of(
@@ -219,12 +211,13 @@ pub(super) fn forward_kernel(
     let hp = plan_head(hd, &sizes);
     let qb = i / sizes.block;
     let r = i % sizes.block;
-    let mut acc = Array::<f32>::new(d_v);
+    // d_v weighted sums, then the running maximum and sum (see `absorb`).
+    let mut acc = Array::<f32>::new(d_v + 2);
     for e in 0..d_v {
         acc[e] = 0.0f32;
     }
-    let mut max = f32::new(NONE_SEEN);
-    let mut sum = f32::new(0.0);
+    acc[d_v] = f32::new(NONE_SEEN);
+    acc[d_v + 1] = f32::new(0.0);
     for s in 0..sizes.per_block {
         let kb = slot_block(ids, &sizes, hp, qb, s);
         if kb < sizes.key_blocks {
@@ -253,18 +246,7 @@ pub(super) fn forward_kernel(
                     if own(query_pos, key_pos, &sizes, bh, i, j, flags) {
                         score = sizes.self_score;
                     }
-                    let mut new_max = max;
-                    if score > max {
-                        new_max = score;
-                    }
-                    let rescale = (max - new_max).exp();
-                    let p = (score - new_max).exp();
-                    sum = sum * rescale + p;
-                    let v_at = (bh * sizes.seq_k + j) * d_v;
-                    for e in 0..d_v {
-                        acc[e] = acc[e] * rescale + p * v[v_at + e];
-                    }
-                    max = new_max;
+                    absorb(&mut acc, score, v, (bh * sizes.seq_k + j) * d_v, d_v);
                 }
             }
         }
@@ -274,20 +256,11 @@ pub(super) fn forward_kernel(
         if bias > NONE_SEEN {
             let score =
                 sizes.scale * dot(q, extra_k, row * d_k, (bh * sizes.extra + g) * d_k, d_k) + bias;
-            let mut new_max = max;
-            if score > max {
-                new_max = score;
-            }
-            let rescale = (max - new_max).exp();
-            let p = (score - new_max).exp();
-            sum = sum * rescale + p;
-            let v_at = (bh * sizes.extra + g) * d_v;
-            for e in 0..d_v {
-                acc[e] = acc[e] * rescale + p * extra_v[v_at + e];
-            }
-            max = new_max;
+            absorb(&mut acc, score, extra_v, (bh * sizes.extra + g) * d_v, d_v);
         }
     }
+    let max = acc[d_v];
+    let sum = acc[d_v + 1];
     let stride = comptime!(if packed { d_v + 1 } else { d_v });
     let out_at = row * stride;
     let mut inv = f32::new(0.0);
