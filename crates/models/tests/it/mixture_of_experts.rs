@@ -295,7 +295,13 @@ fn in_causal_priority_a_later_token_never_changes_an_earlier_output() {
                 .slice_assign([0..2, at..at + 1, 0..D], x.clone().narrow(1, at, 1) + noise);
             let (z, _) = m.forward(changed, None, true, false);
             let d = max_diff(y.clone().narrow(1, 0, at), z.narrow(1, 0, at));
-            assert_eq!(d, 0.0, "{routing:?}: token {at} changed an earlier output");
+            // Rounding only: a changed token can change how many rows an expert's product
+            // holds, and under a loaded thread pool the product's split (seen in CI: 4.5e-8).
+            // A token that changed an earlier one's routing would move it by O(1).
+            assert!(
+                d < 1e-6,
+                "{routing:?}: token {at} changed an earlier output by {d:e}"
+            );
         }
     }
 }
